@@ -1,0 +1,158 @@
+//! Pure xlb control-plane logic: no I/O, no BPF, unit-tested without root.
+//!
+//! ```text
+//! source events --> ClusterState::apply --> changed Service keys
+//! desired::service_frontends(svc, slices, node, cfg) -> frontends of one Service   (pure)
+//! DesiredState (all frontends) --diff::plan(&Applied, &DesiredState, touched)--> Plan (ordered MapOps)
+//! datapath executes the ops; Applied::apply(op) records each op that succeeded
+//! ```
+//!
+//! The split mirrors kube-proxy's `ServiceChangeTracker` / `EndpointsChangeTracker`: a change to one
+//! Service or EndpointSlice recomputes and rewrites that Service only, so one endpoint change is a
+//! few map writes however many Services exist.
+
+pub mod desired;
+pub mod diff;
+pub mod manifest;
+pub mod state;
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+pub use desired::{DesiredState, FrontendState};
+pub use diff::{Applied, AppliedFrontend, MapOp, Plan};
+pub use state::{ClusterState, Config, NodeInfo, ServiceKey as SvcKey, SourceEvent};
+
+/// L4 protocol of a frontend / backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    /// IP protocol number, as used in map keys.
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => lb_common::PROTO_TCP,
+            Proto::Udp => lb_common::PROTO_UDP,
+            Proto::Sctp => lb_common::PROTO_SCTP,
+        }
+    }
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::PROTO_TCP => Some(Proto::Tcp),
+            lb_common::PROTO_UDP => Some(Proto::Udp),
+            lb_common::PROTO_SCTP => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+    /// Parse a Kubernetes protocol string ("TCP", "UDP", "SCTP"); `None` means the default TCP.
+    pub fn from_k8s(s: Option<&str>) -> Option<Self> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Some(Proto::Tcp),
+            "UDP" => Some(Proto::Udp),
+            "SCTP" => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+            Proto::Sctp => "SCTP",
+        })
+    }
+}
+
+/// A Service frontend: the (address, port, protocol, scope) a client addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+    /// `lb_common::SCOPE_EXT` or `SCOPE_INT`.
+    pub scope: u8,
+}
+
+impl Frontend {
+    /// The SERVICES map key of this frontend at `slot` (0 = master).
+    pub fn key(&self, slot: u16) -> lb_common::ServiceKey {
+        lb_common::ServiceKey::new(
+            lb_common::ip4(self.addr.octets()),
+            lb_common::port(self.port),
+            self.proto.number(),
+            self.scope,
+            slot,
+        )
+    }
+    /// Inverse of [`Frontend::key`] (ignores the slot). `None` for an unknown protocol number.
+    pub fn from_key(k: &lb_common::ServiceKey) -> Option<Self> {
+        Some(Frontend {
+            addr: Ipv4Addr::from(lb_common::ip4_from(k.addr)),
+            port: lb_common::port_from(k.port),
+            proto: Proto::from_number(k.proto)?,
+            scope: k.scope,
+        })
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// A backend endpoint: where a frontend's traffic goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl BackendAddr {
+    pub fn to_map(&self, state: u8) -> lb_common::Backend {
+        lb_common::Backend {
+            addr: lb_common::ip4(self.addr.octets()),
+            port: lb_common::port(self.port),
+            proto: self.proto.number(),
+            state,
+        }
+    }
+    pub fn from_map(b: &lb_common::Backend) -> Option<Self> {
+        Some(BackendAddr {
+            addr: Ipv4Addr::from(lb_common::ip4_from(b.addr)),
+            port: lb_common::port_from(b.port),
+            proto: Proto::from_number(b.proto)?,
+        })
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// Something in the input that was skipped, with the reason. Reported as a log line and a metric
+/// (`kind` is the metric label); never fatal, never affects other objects.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// Where: a file path (manifests source), or "namespace/name" of the object.
+    pub object: String,
+    /// Short machine-friendly class: "parse", "invalid_service", "invalid_slice", "frontend_conflict", ...
+    pub kind: &'static str,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} ({})", self.object, self.reason, self.kind)
+    }
+}

@@ -1,0 +1,12 @@
+//! The xlb agent, CLI and BPF datapath driver.
+//!
+//! `datapath` is the only module that touches aya; everything it executes is planned by the pure
+//! `lb-model` crate.
+
+pub mod datapath;
+
+/// The compiled eBPF object (all programs and maps), built by `build.rs` from `lb-ebpf`.
+pub fn ebpf_object() -> &'static [u8] {
+    static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
+    OBJ
+}
