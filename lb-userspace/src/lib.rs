@@ -3,7 +3,11 @@
 //! `datapath` is the only module that touches aya; everything it executes is planned by the pure
 //! `lb-model` crate.
 
+pub mod agent;
 pub mod datapath;
+pub mod inspect;
+pub mod metrics;
+pub mod source;
 
 /// The compiled eBPF object (all programs and maps), built by `build.rs` from `lb-ebpf`.
 pub fn ebpf_object() -> &'static [u8] {

@@ -1,1 +1,159 @@
-fn main() {}
+//! `xlb`: the agent, `inspect` and `cleanup`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use lb_userspace::agent::{self, AgentConfig, Source};
+use lb_userspace::datapath::{self, MapSizes};
+use lb_userspace::inspect;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "xlb", version, about = "Kubernetes Service load balancer on eBPF (kube-proxy replacement)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: keep the BPF maps equal to the Services of a manifests directory or the API server.
+    Agent(AgentArgs),
+    /// Print the pinned maps (works whether or not the agent runs).
+    Inspect {
+        what: inspect::What,
+        #[arg(long, default_value = "/sys/fs/bpf/xlb", env = "XLB_PIN_PATH")]
+        pin_path: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
+    /// Detach every program xlb attached and remove its pinned maps and links.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/xlb", env = "XLB_PIN_PATH")]
+        pin_path: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Directory of Service / EndpointSlice manifests (YAML), watched for changes.
+    #[arg(long, conflicts_with = "kubeconfig", required_unless_present_any = ["kubeconfig", "in_cluster"])]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API server with this kubeconfig.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Watch the Kubernetes API server with the in-cluster service account (DaemonSet).
+    #[arg(long, conflicts_with = "manifests")]
+    in_cluster: bool,
+    /// This node's name (Kubernetes source): selects its Node object and local endpoints.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// bpffs directory for the pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/xlb", env = "XLB_PIN_PATH")]
+    pin_path: PathBuf,
+    /// Comma-separated globs of pod devices (host side of pod veths) to attach to.
+    #[arg(long, default_value = "veth*,cali*,lxc*,xp*")]
+    pod_devices: String,
+    /// Address for /metrics, /healthz and /readyz; "none" disables it.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    metrics_addr: String,
+    /// Skip Services labelled service.kubernetes.io/service-proxy-name with another value.
+    #[arg(long, default_value = "xlb")]
+    service_proxy_name: String,
+    /// Capacity of the services map (entries: one per frontend plus one per backend slot).
+    #[arg(long, default_value_t = lb_common::DEFAULT_SERVICES_MAX)]
+    services_map_size: u32,
+    /// Capacity of the backends map.
+    #[arg(long, default_value_t = lb_common::DEFAULT_BACKENDS_MAX)]
+    backends_map_size: u32,
+    /// Capacity of the conntrack map (two entries per flow).
+    #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_MAX)]
+    conntrack_map_size: u32,
+    /// Log format.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Agent(args) => {
+            init_tracing(args.log_format == "json");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(run_agent(args))
+        }
+        Cmd::Inspect { what, pin_path, output } => inspect::run(&pin_path, what, output),
+        Cmd::Cleanup { pin_path } => {
+            init_tracing(false);
+            let n = datapath::cleanup(&pin_path)
+                .with_context(|| format!("cleaning up {}", pin_path.display()))?;
+            println!("removed {n} pins under {} (programs detached)", pin_path.display());
+            Ok(())
+        }
+    }
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let pod_devices = args
+        .pod_devices
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|g| glob::Pattern::new(g).with_context(|| format!("invalid --pod-devices glob {g:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let metrics_addr = match args.metrics_addr.as_str() {
+        "none" | "" => None,
+        a => Some(a.parse::<SocketAddr>().with_context(|| format!("invalid --metrics-addr {a:?}"))?),
+    };
+    let cfg = AgentConfig {
+        pin_path: args.pin_path,
+        pod_devices,
+        metrics_addr,
+        model: lb_model::Config { service_proxy_name: Some(args.service_proxy_name) },
+        map_sizes: MapSizes {
+            services: args.services_map_size,
+            backends: args.backends_map_size,
+            conntrack: args.conntrack_map_size,
+            ..MapSizes::default()
+        },
+        tick: Duration::from_millis(250),
+    };
+    let source = match (args.manifests, args.kubeconfig, args.in_cluster) {
+        (Some(dir), _, _) => Source::Manifests(dir),
+        (None, kubeconfig, _) => kube_source(kubeconfig, args.node_name).await?,
+    };
+    agent::run(cfg, source).await
+}
+
+/// Start the Kubernetes source (lb-kube) and hand its event stream to the agent.
+async fn kube_source(kubeconfig: Option<PathBuf>, node_name: Option<String>) -> anyhow::Result<Source> {
+    let node_name = node_name
+        .filter(|n| !n.is_empty())
+        .context("the Kubernetes source needs this node's name: pass --node-name or set NODE_NAME")?;
+    let client = lb_kube::client_from_kubeconfig(kubeconfig.as_deref()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let observer = std::sync::Arc::new(agent::ProblemObserver::default());
+    let slot = observer.clone();
+    tokio::spawn(async move {
+        if let Err(e) = lb_kube::run(client, node_name, tx, slot).await {
+            tracing::error!(error = %e, "Kubernetes source stopped");
+        }
+    });
+    Ok(Source::Kubernetes { rx, observer })
+}

@@ -1,0 +1,308 @@
+//! `xlb inspect`: read the pinned maps and print them as tables or JSON. Needs no running agent.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::Context as _;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use lb_common::{
+    ip4_from, port_from, BACKEND_ACTIVE, BACKEND_TERMINATING, CT_FORWARD, SVC_FLAG_AFFINITY,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_INT_LOCAL,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_TERMINATING_FALLBACK,
+};
+use lb_model::Proto;
+use serde::Serialize;
+
+use crate::datapath::PinnedMaps;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum What {
+    Services,
+    Backends,
+    Conntrack,
+    Stats,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub frontend: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: String,
+    pub scope: u8,
+    pub rev_nat_id: u32,
+    pub flags: Vec<&'static str>,
+    pub affinity_timeout: u32,
+    pub count: u32,
+    pub backends: Vec<SlotRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SlotRow {
+    pub slot: u16,
+    pub id: u32,
+    pub addr: Option<Ipv4Addr>,
+    pub port: Option<u16>,
+    pub proto: Option<String>,
+    pub state: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: String,
+    pub state: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CtRow {
+    pub dir: &'static str,
+    pub saddr: Ipv4Addr,
+    pub sport: u16,
+    pub daddr: Ipv4Addr,
+    pub dport: u16,
+    pub proto: String,
+    pub nat_addr: Ipv4Addr,
+    pub nat_port: u16,
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub age_ms: u64,
+}
+
+pub fn flag_names(flags: u32) -> Vec<&'static str> {
+    [
+        (SVC_FLAG_CLUSTER_IP, "cluster_ip"),
+        (SVC_FLAG_NODE_PORT, "node_port"),
+        (SVC_FLAG_LOAD_BALANCER, "load_balancer"),
+        (SVC_FLAG_EXTERNAL_IP, "external_ip"),
+        (SVC_FLAG_EXT_LOCAL, "ext_traffic_local"),
+        (SVC_FLAG_INT_LOCAL, "int_traffic_local"),
+        (SVC_FLAG_AFFINITY, "affinity"),
+        (SVC_FLAG_TERMINATING_FALLBACK, "terminating_fallback"),
+    ]
+    .into_iter()
+    .filter(|(f, _)| flags & f != 0)
+    .map(|(_, n)| n)
+    .collect()
+}
+
+fn state_name(s: u8) -> &'static str {
+    match s {
+        BACKEND_ACTIVE => "active",
+        BACKEND_TERMINATING => "terminating",
+        _ => "unknown",
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    Proto::from_number(p).map(|p| p.to_string()).unwrap_or_else(|| p.to_string())
+}
+
+pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceRow>> {
+    let mut masters = Vec::new();
+    let mut slots = std::collections::BTreeMap::new();
+    for item in maps.services.iter() {
+        let (k, v) = item.context("reading the services map")?;
+        if k.slot == 0 {
+            masters.push((k, v));
+        } else {
+            slots.insert(k, v.backend_id);
+        }
+    }
+    masters.sort_by_key(|(k, _)| (u32::from_be(k.addr), port_from(k.port), k.proto, k.scope));
+    let mut rows = Vec::new();
+    for (k, v) in masters {
+        let addr = Ipv4Addr::from(ip4_from(k.addr));
+        let port = port_from(k.port);
+        let mut backends = Vec::new();
+        for slot in 1..=v.count.min(u16::MAX as u32) as u16 {
+            let id = slots.get(&k.with_slot(slot)).copied().unwrap_or(0);
+            let b = maps.backends.get(&id, 0).ok();
+            backends.push(SlotRow {
+                slot,
+                id,
+                addr: b.map(|b| Ipv4Addr::from(ip4_from(b.addr))),
+                port: b.map(|b| port_from(b.port)),
+                proto: b.map(|b| proto_name(b.proto)),
+                state: b.map(|b| state_name(b.state)).unwrap_or("missing"),
+            });
+        }
+        rows.push(ServiceRow {
+            frontend: format!("{addr}:{port}/{}", proto_name(k.proto)),
+            addr,
+            port,
+            proto: proto_name(k.proto),
+            scope: k.scope,
+            rev_nat_id: v.rev_nat_id,
+            flags: flag_names(v.flags),
+            affinity_timeout: v.affinity_timeout,
+            count: v.count,
+            backends,
+        });
+    }
+    Ok(rows)
+}
+
+pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendRow>> {
+    let mut rows = Vec::new();
+    for item in maps.backends.iter() {
+        let (id, b) = item.context("reading the backends map")?;
+        rows.push(BackendRow {
+            id,
+            addr: Ipv4Addr::from(ip4_from(b.addr)),
+            port: port_from(b.port),
+            proto: proto_name(b.proto),
+            state: state_name(b.state),
+        });
+    }
+    rows.sort_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// Monotonic clock in ns, as bpf_ktime_get_ns() sees it.
+fn ktime_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+pub fn conntrack(maps: &PinnedMaps) -> anyhow::Result<Vec<CtRow>> {
+    let now = ktime_ns();
+    let mut rows = Vec::new();
+    for item in maps.conntrack.iter() {
+        let (k, v) = item.context("reading the conntrack map")?;
+        rows.push(CtRow {
+            dir: if k.dir == CT_FORWARD { "forward" } else { "reply" },
+            saddr: Ipv4Addr::from(ip4_from(k.saddr)),
+            sport: port_from(k.sport),
+            daddr: Ipv4Addr::from(ip4_from(k.daddr)),
+            dport: port_from(k.dport),
+            proto: proto_name(k.proto),
+            nat_addr: Ipv4Addr::from(ip4_from(v.nat_addr)),
+            nat_port: port_from(v.nat_port),
+            backend_id: v.backend_id,
+            rev_nat_id: v.rev_nat_id,
+            age_ms: now.saturating_sub(v.last_seen_ns) / 1_000_000,
+        });
+    }
+    rows.sort_by_key(|r| (r.dir, u32::from(r.saddr), r.sport, u32::from(r.daddr), r.dport));
+    Ok(rows)
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t
+}
+
+/// Run `xlb inspect WHAT`, printing to stdout.
+pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(pin_path).with_context(|| {
+        format!("opening the pinned maps under {} (is the agent running with this --pin-path?)", pin_path.display())
+    })?;
+    let json = |v: &dyn erased::Json| -> anyhow::Result<()> {
+        println!("{}", v.to_json()?);
+        Ok(())
+    };
+    match what {
+        What::Services => {
+            let rows = services(&maps)?;
+            if output == Output::Json {
+                return json(&rows);
+            }
+            let mut t = table(&["FRONTEND", "FLAGS", "REV-NAT", "BACKENDS", "SLOT", "BACKEND", "STATE"]);
+            for r in &rows {
+                let flags = r.flags.join(",");
+                if r.backends.is_empty() {
+                    t.add_row(vec![r.frontend.clone(), flags, r.rev_nat_id.to_string(), "0 (refuses)".into()]);
+                    continue;
+                }
+                for (i, b) in r.backends.iter().enumerate() {
+                    let be = match (b.addr, b.port) {
+                        (Some(a), Some(p)) => format!("{a}:{p} (id {})", b.id),
+                        _ => format!("id {} (missing)", b.id),
+                    };
+                    let first = i == 0;
+                    t.add_row(vec![
+                        if first { r.frontend.clone() } else { String::new() },
+                        if first { flags.clone() } else { String::new() },
+                        if first { r.rev_nat_id.to_string() } else { String::new() },
+                        if first { r.count.to_string() } else { String::new() },
+                        b.slot.to_string(),
+                        be,
+                        b.state.to_string(),
+                    ]);
+                }
+            }
+            println!("{t}");
+            println!("{} frontends", rows.len());
+        }
+        What::Backends => {
+            let rows = backends(&maps)?;
+            if output == Output::Json {
+                return json(&rows);
+            }
+            let mut t = table(&["ID", "ADDRESS", "PROTO", "STATE"]);
+            for r in &rows {
+                t.add_row(vec![r.id.to_string(), format!("{}:{}", r.addr, r.port), r.proto.clone(), r.state.into()]);
+            }
+            println!("{t}");
+            println!("{} backends", rows.len());
+        }
+        What::Conntrack => {
+            let rows = conntrack(&maps)?;
+            if output == Output::Json {
+                return json(&rows);
+            }
+            let mut t = table(&["DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED TO", "BACKEND", "REV-NAT", "IDLE"]);
+            for r in &rows {
+                t.add_row(vec![
+                    r.dir.to_string(),
+                    r.proto.clone(),
+                    format!("{}:{}", r.saddr, r.sport),
+                    format!("{}:{}", r.daddr, r.dport),
+                    format!("{}:{}", r.nat_addr, r.nat_port),
+                    r.backend_id.to_string(),
+                    r.rev_nat_id.to_string(),
+                    format!("{:.1}s", r.age_ms as f64 / 1000.0),
+                ]);
+            }
+            println!("{t}");
+            println!("{} entries", rows.len());
+        }
+        What::Stats => {
+            let stats = maps.stats()?;
+            if output == Output::Json {
+                let m: serde_json::Map<String, serde_json::Value> =
+                    stats.iter().map(|(s, v)| (s.name().to_string(), (*v).into())).collect();
+                return json(&m);
+            }
+            let mut t = table(&["COUNTER", "PACKETS"]);
+            for (s, v) in stats {
+                t.add_row(vec![s.name().to_string(), v.to_string()]);
+            }
+            println!("{t}");
+        }
+    }
+    Ok(())
+}
+
+mod erased {
+    /// Object-safe "serialize to pretty JSON".
+    pub trait Json {
+        fn to_json(&self) -> serde_json::Result<String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> serde_json::Result<String> {
+            serde_json::to_string_pretty(self)
+        }
+    }
+}
