@@ -295,6 +295,7 @@ impl Datapath {
             }
         };
         for op in &plan.prepare {
+            tracing::debug!(?op, "map op");
             match maps.exec(op) {
                 Ok(()) => {
                     applied.apply(op);
@@ -305,6 +306,7 @@ impl Datapath {
         }
         for (fe, ops) in &plan.frontends {
             for op in ops {
+                tracing::debug!(?op, "map op");
                 match maps.exec(op) {
                     Ok(()) => {
                         applied.apply(op);
@@ -318,6 +320,7 @@ impl Datapath {
             }
         }
         for op in applied.gc() {
+            tracing::debug!(?op, "map op");
             if maps.exec(&op).is_ok() {
                 applied.apply(&op);
                 report.ops_ok += 1;
@@ -431,8 +434,7 @@ fn read_applied<T: std::borrow::Borrow<MapData>>(
             e.rev_nat_id = v.rev_nat_id;
             e.flags = v.flags;
             e.affinity_timeout = v.affinity_timeout;
-            // slots filled below
-            let _ = v.count;
+            e.count = v.count; // slots are filled below
         } else {
             slots.entry(fe).or_default().insert(k.slot, v.backend_id);
         }

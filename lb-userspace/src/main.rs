@@ -98,7 +98,12 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(run_agent(args))
         }
-        Cmd::Inspect { what, pin_path, output } => inspect::run(&pin_path, what, output),
+        Cmd::Inspect { what, pin_path, output } => {
+            // Behave like a Unix filter: `xlb inspect ... | head` ends quietly.
+            // SAFETY: setting a signal disposition at start, before any thread exists.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            inspect::run(&pin_path, what, output)
+        }
         Cmd::Cleanup { pin_path } => {
             init_tracing(false);
             let n = datapath::cleanup(&pin_path)

@@ -1,0 +1,143 @@
+//! The datapath driver against real, pinned BPF maps (root, bpffs at /sys/fs/bpf).
+//!
+//! What it proves: a restarted agent reads the maps back exactly as the previous one left them,
+//! so its first plan writes nothing (no flush, no disturbance); and a full map is reported per
+//! frontend while the frontend keeps its previous, consistent state.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use lb_model::{diff, manifest, ClusterState, Config, DesiredState, SourceEvent};
+use lb_userspace::datapath::{cleanup, Datapath, MapSizes, PinnedMaps};
+
+/// A pin directory removed (with everything pinned in it) on drop, even when the test fails.
+struct Pins(PathBuf);
+impl Pins {
+    fn new(tag: &str) -> Self {
+        let p = PathBuf::from(format!("/sys/fs/bpf/xlb-test-dp-{tag}-{}", std::process::id()));
+        let _ = cleanup(&p);
+        Pins(p)
+    }
+}
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = cleanup(&self.0);
+    }
+}
+
+fn manifests(n: usize, endpoints: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        s += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  clusterIP: 10.96.{}.{}\n  \
+             sessionAffinity: {}\n  ports: [{{name: http, port: 80, targetPort: web}}, {{name: dns, protocol: UDP, port: 53}}]\n---\n",
+            i / 250,
+            i % 250 + 1,
+            if i % 2 == 0 { "ClientIP" } else { "None" },
+        );
+        s += &format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-x\n  labels: {{kubernetes.io/service-name: s{i}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: dns, protocol: UDP, port: 5353}}]\nendpoints:\n"
+        );
+        for e in 0..endpoints {
+            s += &format!("- addresses: [10.244.{}.{}]\n  conditions: {{ready: {}}}\n", e / 200, e % 200 + 1, e != 1);
+        }
+        s += "---\n";
+    }
+    s
+}
+
+fn desired_from(text: &str) -> DesiredState {
+    let parsed = manifest::parse("test", text);
+    assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+    let mut state = ClusterState::default();
+    state.apply(SourceEvent::Resync { services: Some(parsed.services), slices: Some(parsed.slices) });
+    state.apply(SourceEvent::Synced);
+    let (d, problems) = DesiredState::rebuild(&state, &Config::default());
+    assert!(problems.is_empty(), "{problems:?}");
+    d
+}
+
+fn require_root() -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipping: needs root (run through `cargo xtask test`)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn restart_reads_back_exactly_and_plans_nothing() {
+    if !require_root() {
+        return;
+    }
+    let pins = Pins::new("restart");
+    let desired = desired_from(&manifests(20, 4));
+    let mut applied = {
+        let mut dp = Datapath::open(&pins.0, &MapSizes::default()).expect("open datapath");
+        let mut applied = dp.read_applied().unwrap();
+        assert!(applied.frontends.is_empty(), "fresh pins must start empty");
+        let plan = diff::plan(&applied, &desired, &diff::all_frontends(&applied, &desired));
+        let report = dp.execute(&plan, &mut applied);
+        assert!(report.failed.is_empty() && report.prepare_failed.is_empty(), "{report:?}");
+        assert_eq!(applied.frontends.len(), 40);
+        applied
+    }; // the first "agent" is gone; the maps stay pinned
+
+    let mut dp = Datapath::open(&pins.0, &MapSizes::default()).expect("reopen datapath");
+    let read = dp.read_applied().unwrap();
+    assert_eq!(read.frontends, applied.frontends);
+    assert_eq!(read.backends, applied.backends);
+    assert_eq!(read.rev_nat, applied.rev_nat);
+    let mut read = read;
+    let plan = diff::plan(&read, &desired, &diff::all_frontends(&read, &desired));
+    assert!(plan.is_empty(), "a restart must not rewrite anything: {plan:?}");
+
+    // And what inspect reads from the pins agrees (one not-ready endpoint of 4 per port).
+    let maps = PinnedMaps::open(&pins.0).unwrap();
+    let rows = lb_userspace::inspect::services(&maps).unwrap();
+    assert_eq!(rows.len(), 40);
+    assert!(rows.iter().all(|r| r.count == 3 && r.backends.iter().all(|b| b.state == "active")));
+    assert!(rows.iter().any(|r| r.port == 53 && r.backends.iter().all(|b| b.port == Some(5353))));
+
+    // Removing everything leaves empty maps.
+    let empty = DesiredState::default();
+    let plan = diff::plan(&read, &empty, &diff::all_frontends(&read, &empty));
+    let report = dp.execute(&plan, &mut read);
+    assert!(report.failed.is_empty());
+    assert!(read.frontends.is_empty() && read.backends.is_empty() && read.rev_nat.is_empty(), "{read:?}");
+    assert_eq!(maps.services.keys().count(), 0);
+    assert_eq!(maps.backends.keys().count(), 0);
+    applied = read;
+    let _ = applied;
+}
+
+#[test]
+fn full_services_map_is_reported_and_leaves_frontends_consistent() {
+    if !require_root() {
+        return;
+    }
+    let pins = Pins::new("full");
+    // 10 Services x 2 ports x (1 master + 3 slots) = 80 entries; the map holds 50.
+    let sizes = MapSizes { services: 50, ..MapSizes::default() };
+    let mut dp = Datapath::open(&pins.0, &sizes).expect("open datapath");
+    let desired = desired_from(&manifests(10, 4));
+    let mut applied = dp.read_applied().unwrap();
+    let plan = diff::plan(&applied, &desired, &diff::all_frontends(&applied, &desired));
+    let report = dp.execute(&plan, &mut applied);
+    assert!(!report.failed.is_empty(), "a full map must be reported");
+    let failed: BTreeSet<_> = report.failed.iter().map(|(fe, _)| *fe).collect();
+    // No half-written Service: every master in the map has all its slots and backends.
+    let maps = PinnedMaps::open(&pins.0).unwrap();
+    let rows = lb_userspace::inspect::services(&maps).unwrap();
+    assert!(!rows.is_empty());
+    for r in &rows {
+        assert_eq!(r.backends.len() as u32, r.count);
+        assert!(r.backends.iter().all(|b| b.state == "active"), "{r:?}");
+    }
+    // Failed frontends have no master (they were new), and applied agrees with the maps.
+    for fe in &failed {
+        assert!(!rows.iter().any(|r| r.addr == fe.addr && r.port == fe.port && r.proto == fe.proto.to_string()));
+    }
+    assert_eq!(dp.read_applied().unwrap().frontends.keys().count(), applied.frontends.keys().count());
+}
