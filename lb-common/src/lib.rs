@@ -33,6 +33,9 @@ pub mod map_names {
 pub mod prog_names {
     pub const FROM_POD: &str = "from_pod";
     pub const TO_POD: &str = "to_pod";
+    /// Do-nothing programs, for benchmark floors only.
+    pub const NOOP_TC: &str = "noop_tc";
+    pub const NOOP_XDP: &str = "noop_xdp";
 }
 
 /// Default map capacities (overridable by the agent at load time).

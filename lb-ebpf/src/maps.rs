@@ -1,0 +1,64 @@
+//! The maps shared with userspace. Names come from `lb_common::map_names` (checked at compile
+//! time below, since `#[map(name = ..)]` only takes a literal). None is pinned in the ELF: the
+//! agent chooses pin paths with `EbpfLoader::map_pin_path`, and tests load them unpinned.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey,
+    ServiceValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
+    DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, STAT_COUNT,
+};
+
+/// Frontends: master entries (slot 0) and backend slots `1..=count`.
+#[map(name = "XLB_SVC_V1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+
+/// Backend id -> address.
+#[map(name = "XLB_BE_V1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
+
+/// Rev-NAT id -> frontend; a fallback for reply entries that carry no frontend address.
+#[map(name = "XLB_RNAT_V1")]
+pub static REV_NAT: HashMap<u32, RevNat> = HashMap::with_max_entries(DEFAULT_REV_NAT_MAX, 0);
+
+/// Forward and reply entries of every translated flow. LRU, so a full table evicts the
+/// coldest flows instead of refusing new ones.
+#[map(name = "XLB_CT_V1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+/// sessionAffinity ClientIP: (client, Service) -> backend and last use.
+#[map(name = "XLB_AFF_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_AFFINITY_MAX, 0);
+
+/// Per-CPU counters indexed by `lb_common::Stat`.
+#[map(name = "XLB_STATS_V1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+// The literals above must match the shared names userspace looks up.
+const _: () = assert!(same("XLB_SVC_V1", map_names::SERVICES));
+const _: () = assert!(same("XLB_BE_V1", map_names::BACKENDS));
+const _: () = assert!(same("XLB_RNAT_V1", map_names::REV_NAT));
+const _: () = assert!(same("XLB_CT_V1", map_names::CONNTRACK));
+const _: () = assert!(same("XLB_AFF_V1", map_names::AFFINITY));
+const _: () = assert!(same("XLB_STATS_V1", map_names::STATS));

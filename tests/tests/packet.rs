@@ -1,0 +1,652 @@
+//! BPF_PROG_TEST_RUN tests of the real `from_pod` / `to_pod` programs: crafted frames in, exact
+//! frames, verdicts and map side effects out. Frames are built and checked with etherparse
+//! (see `xlb_tests::packet`), never with xlb's own code. Needs root.
+//!
+//! Run: `cargo test -p xlb-tests --test packet`
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use anyhow::{ensure, Context as _, Result};
+use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, IpNumber, PacketBuilder};
+use lb_common::{
+    ip4, port, CtKey, CT_FORWARD, CT_REPLY, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY,
+    SVC_FLAG_CLUSTER_IP,
+};
+use xlb_tests::packet::{
+    build::{arp_request, as_fragment, ipv6_udp, Tcp, TcpFlags, Udp, HOST_MAC, POD_MAC},
+    harness::{BackendSpec, ServiceSpec, TestDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    verify::decode_checked,
+};
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKEND_IPS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 244, 1, 10),
+    Ipv4Addr::new(10, 244, 1, 11),
+    Ipv4Addr::new(10, 244, 2, 12),
+];
+const BACKEND_PORT: u16 = 9376;
+const REV_NAT_ID: u32 = 7;
+
+fn client(sport: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(CLIENT_IP, sport)
+}
+
+fn frontend(proto: u8) -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, if proto == PROTO_TCP { 80 } else { 53 })
+}
+
+fn backends() -> Vec<BackendSpec> {
+    BACKEND_IPS
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| BackendSpec {
+            id: 100 + i as u32,
+            addr: SocketAddrV4::new(*ip, BACKEND_PORT),
+        })
+        .collect()
+}
+
+fn service(proto: u8, backends: Vec<BackendSpec>) -> ServiceSpec {
+    ServiceSpec {
+        frontend: frontend(proto),
+        proto,
+        rev_nat_id: REV_NAT_ID,
+        flags: SVC_FLAG_CLUSTER_IP,
+        affinity_timeout: 0,
+        backends,
+    }
+}
+
+/// A datapath with the three-backend Service for `proto`.
+fn datapath_with_service(proto: u8) -> Result<TestDatapath> {
+    let mut dp = TestDatapath::load()?;
+    dp.set_service(&service(proto, backends()))?;
+    Ok(dp)
+}
+
+fn stats(pairs: &[(&'static str, u64)]) -> BTreeMap<&'static str, u64> {
+    pairs.iter().copied().collect()
+}
+
+fn backend_of(addr: SocketAddrV4) -> Result<BackendSpec> {
+    backends()
+        .into_iter()
+        .find(|b| b.addr == addr)
+        .with_context(|| format!("{addr} is not a backend"))
+}
+
+/// The destination of a translated frame (checksums verified on the way).
+fn destination(frame: &[u8]) -> Result<SocketAddrV4> {
+    let d = decode_checked(frame)?;
+    let dport = match &d.l4 {
+        xlb_tests::packet::verify::L4::Tcp(t) => t.destination_port,
+        xlb_tests::packet::verify::L4::Udp(u) => u.destination_port,
+        other => anyhow::bail!("unexpected L4 {other:?}"),
+    };
+    Ok(SocketAddrV4::new(Ipv4Addr::from(d.ip.destination), dport))
+}
+
+/// Sends `seg` through from_pod and checks it comes out as exactly `seg` sent to one of the
+/// backends (so addresses, ports and every checksum match etherparse's). Returns the backend.
+fn send_tcp(dp: &TestDatapath, seg: &Tcp) -> Result<BackendSpec> {
+    let out = dp.from_pod(&seg.frame())?;
+    ensure!(out.verdict == TC_ACT_OK, "verdict {}", out.verdict);
+    let backend = backend_of(destination(&out.frame)?)?;
+    let expected = Tcp {
+        dst: backend.addr,
+        ..seg.clone()
+    }
+    .frame();
+    ensure!(
+        out.frame == expected,
+        "translated frame differs:\n got {:02x?}\nwant {:02x?}",
+        out.frame,
+        expected
+    );
+    Ok(backend)
+}
+
+fn send_udp(dp: &TestDatapath, dgram: &Udp) -> Result<BackendSpec> {
+    let out = dp.from_pod(&dgram.frame())?;
+    ensure!(out.verdict == TC_ACT_OK, "verdict {}", out.verdict);
+    let backend = backend_of(destination(&out.frame)?)?;
+    let expected = Udp {
+        dst: backend.addr,
+        ..dgram.clone()
+    }
+    .frame();
+    ensure!(
+        out.frame == expected,
+        "translated frame differs:\n got {:02x?}\nwant {:02x?}",
+        out.frame,
+        expected
+    );
+    Ok(backend)
+}
+
+fn ct_key(saddr: SocketAddrV4, daddr: SocketAddrV4, proto: u8, dir: u8) -> CtKey {
+    CtKey {
+        saddr: ip4(saddr.ip().octets()),
+        daddr: ip4(daddr.ip().octets()),
+        sport: port(saddr.port()),
+        dport: port(daddr.port()),
+        proto,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// The conntrack pair of one flow client -> frontend translated to `backend`, and nothing else.
+fn assert_ct_pair(
+    dp: &mut TestDatapath,
+    cl: SocketAddrV4,
+    proto: u8,
+    backend: BackendSpec,
+) -> Result<()> {
+    let ct: BTreeMap<_, _> = dp.conntrack()?.into_iter().collect();
+    ensure!(ct.len() == 2, "expected 2 conntrack entries, got {ct:?}");
+    let fwd = ct
+        .get(&ct_key(cl, frontend(proto), proto, CT_FORWARD))
+        .context("no forward entry")?;
+    ensure!(
+        fwd.backend_id == backend.id,
+        "forward backend id {}",
+        fwd.backend_id
+    );
+    ensure!(fwd.nat_addr == ip4(backend.addr.ip().octets()) && fwd.nat_port == port(BACKEND_PORT));
+    ensure!(fwd.rev_nat_id == REV_NAT_ID);
+    let rep = ct
+        .get(&ct_key(backend.addr, cl, proto, CT_REPLY))
+        .context("no reply entry")?;
+    ensure!(rep.nat_addr == ip4(VIP.octets()) && rep.nat_port == port(frontend(proto).port()));
+    ensure!(rep.backend_id == backend.id && rep.rev_nat_id == REV_NAT_ID);
+    Ok(())
+}
+
+#[test]
+fn tcp_flow_is_translated_tracked_and_reverse_translated() -> Result<()> {
+    let mut dp = datapath_with_service(PROTO_TCP)?;
+    let cl = client(40_000);
+    let syn = Tcp::new(cl, frontend(PROTO_TCP), TcpFlags::SYN);
+    let backend = send_tcp(&dp, &syn)?;
+    assert_ct_pair(&mut dp, cl, PROTO_TCP, backend)?;
+
+    // A later segment of the same flow goes to the same backend.
+    let data = Tcp {
+        seq: 1_001,
+        ack: 5_001,
+        flags: TcpFlags::PSH_ACK,
+        payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        ..syn.clone()
+    };
+    ensure!(
+        send_tcp(&dp, &data)?.id == backend.id,
+        "flow moved to another backend"
+    );
+
+    // The backend's answer reaches the client from the frontend.
+    let mut syn_ack = Tcp::new(backend.addr, cl, TcpFlags::SYN_ACK);
+    syn_ack.seq = 5_000;
+    syn_ack.ack = 1_001;
+    syn_ack.macs = (HOST_MAC, POD_MAC);
+    let out = dp.to_pod(&syn_ack.frame())?;
+    ensure!(out.verdict == TC_ACT_OK);
+    let expected = Tcp {
+        src: frontend(PROTO_TCP),
+        ..syn_ack.clone()
+    }
+    .frame();
+    decode_checked(&out.frame)?;
+    ensure!(
+        out.frame == expected,
+        "reply differs:\n got {:02x?}\nwant {:02x?}",
+        out.frame,
+        expected
+    );
+
+    assert_ct_pair(&mut dp, cl, PROTO_TCP, backend)?;
+    assert_eq!(
+        dp.nonzero_stats()?,
+        stats(&[("new_flow", 1), ("established", 1), ("reply", 1)])
+    );
+    Ok(())
+}
+
+#[test]
+fn udp_flow_is_translated_tracked_and_reverse_translated() -> Result<()> {
+    let mut dp = datapath_with_service(PROTO_UDP)?;
+    let cl = client(33_333);
+    let query = Udp::new(cl, frontend(PROTO_UDP), b"\x12\x34 dns query");
+    let backend = send_udp(&dp, &query)?;
+    assert_ct_pair(&mut dp, cl, PROTO_UDP, backend)?;
+    ensure!(
+        send_udp(
+            &dp,
+            &Udp {
+                payload: b"second".to_vec(),
+                ..query.clone()
+            }
+        )?
+        .id == backend.id
+    );
+
+    let mut answer = Udp::new(backend.addr, cl, b"\x12\x34 dns answer");
+    answer.macs = (HOST_MAC, POD_MAC);
+    let out = dp.to_pod(&answer.frame())?;
+    ensure!(out.verdict == TC_ACT_OK);
+    decode_checked(&out.frame)?;
+    ensure!(
+        out.frame
+            == Udp {
+                src: frontend(PROTO_UDP),
+                ..answer
+            }
+            .frame(),
+        "reply differs"
+    );
+    assert_eq!(
+        dp.nonzero_stats()?,
+        stats(&[("new_flow", 1), ("established", 1), ("reply", 1)])
+    );
+    Ok(())
+}
+
+#[test]
+fn udp_zero_checksum_stays_zero() -> Result<()> {
+    let mut dp = datapath_with_service(PROTO_UDP)?;
+    let cl = client(33_334);
+    let query = Udp::new(cl, frontend(PROTO_UDP), b"no checksum");
+    let frame = query.frame_without_checksum();
+    let out = dp.from_pod(&frame)?;
+    ensure!(out.verdict == TC_ACT_OK);
+    let backend = backend_of(destination(&out.frame)?)?;
+    let expected = Udp {
+        dst: backend.addr,
+        ..query.clone()
+    }
+    .frame_without_checksum();
+    ensure!(
+        out.frame == expected,
+        "got {:02x?}\nwant {:02x?}",
+        out.frame,
+        expected
+    );
+
+    let mut answer = Udp::new(backend.addr, cl, b"no checksum either");
+    answer.macs = (HOST_MAC, POD_MAC);
+    let out = dp.to_pod(&answer.frame_without_checksum())?;
+    ensure!(
+        out.frame
+            == Udp {
+                src: frontend(PROTO_UDP),
+                ..answer
+            }
+            .frame_without_checksum()
+    );
+    assert_eq!(dp.nonzero_stats()?, stats(&[("new_flow", 1), ("reply", 1)]));
+    Ok(())
+}
+
+#[test]
+fn new_flows_spread_over_all_backends() -> Result<()> {
+    let mut dp = datapath_with_service(PROTO_TCP)?;
+    let mut per_backend: BTreeMap<u32, u32> = BTreeMap::new();
+    for sport in 20_000..20_300 {
+        let b = send_tcp(
+            &dp,
+            &Tcp::new(client(sport), frontend(PROTO_TCP), TcpFlags::SYN),
+        )?;
+        *per_backend.entry(b.id).or_default() += 1;
+    }
+    // Uniform over 3: about 100 each; below 50 has a probability far under 1e-9.
+    ensure!(
+        per_backend.len() == 3,
+        "not all backends used: {per_backend:?}"
+    );
+    ensure!(
+        per_backend.values().all(|n| *n >= 50),
+        "skewed spread: {per_backend:?}"
+    );
+    ensure!(
+        dp.conntrack()?.len() == 600,
+        "expected a forward and a reply entry per flow"
+    );
+    assert_eq!(dp.nonzero_stats()?, stats(&[("new_flow", 300)]));
+    Ok(())
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend() -> Result<()> {
+    let mut dp = TestDatapath::load()?;
+    let mut svc = service(PROTO_TCP, backends());
+    svc.flags |= SVC_FLAG_AFFINITY;
+    svc.affinity_timeout = 10_800;
+    dp.set_service(&svc)?;
+    let mut chosen = BTreeSet::new();
+    for sport in 30_000..30_030 {
+        chosen.insert(
+            send_tcp(
+                &dp,
+                &Tcp::new(client(sport), frontend(PROTO_TCP), TcpFlags::SYN),
+            )?
+            .id,
+        );
+    }
+    ensure!(chosen.len() == 1, "affine client used {chosen:?}");
+    let aff = dp.affinity()?;
+    ensure!(aff.len() == 1, "affinity entries {aff:?}");
+    let (key, value) = aff[0];
+    ensure!(key.client == ip4(CLIENT_IP.octets()) && key.rev_nat_id == REV_NAT_ID);
+    ensure!(chosen.contains(&value.backend_id));
+    assert_eq!(dp.nonzero_stats()?, stats(&[("new_flow", 30)]));
+
+    // With a zero timeout the record is always stale: flows spread again.
+    let mut dp = TestDatapath::load()?;
+    svc.affinity_timeout = 0;
+    dp.set_service(&svc)?;
+    let mut chosen = BTreeSet::new();
+    for sport in 30_000..30_030 {
+        chosen.insert(
+            send_tcp(
+                &dp,
+                &Tcp::new(client(sport), frontend(PROTO_TCP), TcpFlags::SYN),
+            )?
+            .id,
+        );
+    }
+    ensure!(
+        chosen.len() > 1,
+        "expired affinity still pinned the client to {chosen:?}"
+    );
+    Ok(())
+}
+
+/// Removes `gone` from the Service (the agent rewrites slots and master, then deletes the backend).
+fn remove_from_service(dp: &mut TestDatapath, proto: u8, gone: BackendSpec) -> Result<()> {
+    let rest: Vec<_> = backends().into_iter().filter(|b| b.id != gone.id).collect();
+    dp.set_service(&service(proto, rest))?;
+    dp.remove_backend(gone.id)
+}
+
+#[test]
+fn udp_flow_is_reselected_when_its_backend_goes() -> Result<()> {
+    let mut dp = datapath_with_service(PROTO_UDP)?;
+    let cl = client(44_444);
+    let dgram = Udp::new(cl, frontend(PROTO_UDP), b"ping");
+    let first = send_udp(&dp, &dgram)?;
+    remove_from_service(&mut dp, PROTO_UDP, first)?;
+    let second = send_udp(&dp, &dgram)?;
+    ensure!(
+        second.id != first.id,
+        "UDP flow stayed on removed backend {first:?}"
+    );
+    assert_ct_pair(&mut dp, cl, PROTO_UDP, second)?;
+    assert_eq!(
+        dp.nonzero_stats()?,
+        stats(&[("new_flow", 1), ("reselected", 1)])
+    );
+    Ok(())
+}
+
+#[test]
+fn tcp_flow_keeps_its_backend_when_it_goes() -> Result<()> {
+    let mut dp = datapath_with_service(PROTO_TCP)?;
+    let cl = client(44_445);
+    let syn = Tcp::new(cl, frontend(PROTO_TCP), TcpFlags::SYN);
+    let first = send_tcp(&dp, &syn)?;
+    remove_from_service(&mut dp, PROTO_TCP, first)?;
+    let ack = Tcp {
+        seq: 1_001,
+        ack: 1,
+        flags: TcpFlags::ACK,
+        ..syn.clone()
+    };
+    ensure!(send_tcp(&dp, &ack)?.id == first.id, "TCP flow moved");
+    assert_ct_pair(&mut dp, cl, PROTO_TCP, first)?;
+
+    // A new connection reusing the tuple (a fresh SYN) must not go to the departed backend.
+    let again = send_tcp(&dp, &Tcp { seq: 90_000, ..syn })?;
+    ensure!(
+        again.id != first.id,
+        "new SYN sent to removed backend {first:?}"
+    );
+    assert_ct_pair(&mut dp, cl, PROTO_TCP, again)?;
+    assert_eq!(
+        dp.nonzero_stats()?,
+        stats(&[("new_flow", 1), ("established", 1), ("reselected", 1)])
+    );
+    Ok(())
+}
+
+#[test]
+fn ipv4_options_are_translated() -> Result<()> {
+    let mut dp = datapath_with_service(PROTO_TCP)?;
+    let cl = client(40_001);
+    let mut syn = Tcp::new(cl, frontend(PROTO_TCP), TcpFlags::SYN);
+    syn.ip_options = vec![1, 1, 1, 1, 1, 1, 1, 0]; // NOPs + end of list: IHL 7
+    syn.payload = b"with options".to_vec();
+    let backend = send_tcp(&dp, &syn)?;
+    assert_ct_pair(&mut dp, cl, PROTO_TCP, backend)?;
+
+    let mut reply = Tcp::new(backend.addr, cl, TcpFlags::SYN_ACK);
+    reply.ip_options = vec![1, 1, 1, 0];
+    reply.macs = (HOST_MAC, POD_MAC);
+    let out = dp.to_pod(&reply.frame())?;
+    ensure!(
+        out.frame
+            == Tcp {
+                src: frontend(PROTO_TCP),
+                ..reply
+            }
+            .frame(),
+        "reply with options differs"
+    );
+    assert_eq!(dp.nonzero_stats()?, stats(&[("new_flow", 1), ("reply", 1)]));
+    Ok(())
+}
+
+/// Katran-style fixtures: frames that must come out byte-identical with TC_ACT_OK and no
+/// conntrack entry, from both programs.
+#[test]
+fn frames_that_are_not_ours_pass_untouched() -> Result<()> {
+    let mut dp = datapath_with_service(PROTO_TCP)?;
+    let syn = Tcp::new(client(40_002), frontend(PROTO_TCP), TcpFlags::SYN).frame();
+    let mut bad_ihl = syn.clone();
+    bad_ihl[14] = 0x44;
+    let mut icmp_echo = Vec::new();
+    PacketBuilder::ethernet2(POD_MAC, HOST_MAC)
+        .ipv4(CLIENT_IP.octets(), VIP.octets(), 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut icmp_echo, b"ping")?;
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        (
+            "TCP to a non-Service address",
+            Tcp::new(
+                client(40_003),
+                SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 99), 80),
+                TcpFlags::SYN,
+            )
+            .frame(),
+            None,
+        ),
+        (
+            "TCP to the Service IP on another port",
+            Tcp::new(client(40_004), SocketAddrV4::new(VIP, 81), TcpFlags::SYN).frame(),
+            None,
+        ),
+        (
+            "UDP to a TCP-only frontend",
+            Udp::new(client(40_005), frontend(PROTO_TCP), b"x").frame(),
+            None,
+        ),
+        ("ICMP echo to the Service IP", icmp_echo, None),
+        ("ARP request", arp_request(), None),
+        ("IPv6 UDP", ipv6_udp(), None),
+        (
+            "cut in the TCP header",
+            syn[..14 + 20 + 10].to_vec(),
+            Some("pass_malformed"),
+        ),
+        ("IPv4 header length 16", bad_ihl, Some("pass_malformed")),
+        (
+            "first fragment",
+            as_fragment(&syn, true, 0),
+            Some("pass_fragment"),
+        ),
+        (
+            "later fragment",
+            as_fragment(&syn, false, 185),
+            Some("pass_fragment"),
+        ),
+    ];
+    let mut expected_stats = BTreeMap::new();
+    for (what, frame, stat) in &cases {
+        for (prog, out) in [
+            ("from_pod", dp.from_pod(frame)?),
+            ("to_pod", dp.to_pod(frame)?),
+        ] {
+            ensure!(
+                out.verdict == TC_ACT_OK,
+                "{what} via {prog}: verdict {}",
+                out.verdict
+            );
+            ensure!(&out.frame == frame, "{what} via {prog}: frame changed");
+            if let Some(stat) = stat {
+                *expected_stats.entry(*stat).or_insert(0) += 1;
+            }
+        }
+        ensure!(dp.conntrack()?.is_empty(), "{what}: conntrack written");
+    }
+    assert_eq!(dp.nonzero_stats()?, expected_stats);
+    Ok(())
+}
+
+/// A Service whose master entry says "no endpoints".
+fn datapath_without_endpoints(proto: u8) -> Result<TestDatapath> {
+    let mut dp = TestDatapath::load()?;
+    dp.set_service(&service(proto, Vec::new()))?;
+    Ok(dp)
+}
+
+#[test]
+fn tcp_to_a_service_without_endpoints_is_reset() -> Result<()> {
+    let mut dp = datapath_without_endpoints(PROTO_TCP)?;
+    let cl = client(40_010);
+    // (segment, expected RST seq, expected RST ack): the answer never has IP options.
+    let syn = Tcp {
+        seq: 1_000,
+        ..Tcp::new(cl, frontend(PROTO_TCP), TcpFlags::SYN)
+    };
+    let data = Tcp {
+        seq: 5_000,
+        ack: 7_777,
+        flags: TcpFlags::PSH_ACK,
+        payload: b"hello".to_vec(),
+        ..syn.clone()
+    };
+    let with_options = Tcp {
+        ip_options: vec![1, 1, 1, 0],
+        payload: vec![7; 100],
+        ..data.clone()
+    };
+    for (seg, want_seq, want_ack) in [
+        (syn, 0, 1_001),
+        (data, 7_777, 5_005),
+        (with_options, 7_777, 5_100),
+    ] {
+        let out = dp.from_pod(&seg.frame())?;
+        ensure!(out.verdict == TC_ACT_REDIRECT, "verdict {}", out.verdict);
+        ensure!(
+            out.frame.len() == 54,
+            "RST frame is {} bytes",
+            out.frame.len()
+        );
+        let d = decode_checked(&out.frame)?;
+        ensure!(
+            d.eth.source == HOST_MAC && d.eth.destination == POD_MAC,
+            "MACs not swapped"
+        );
+        ensure!(
+            d.ip.source == VIP.octets() && d.ip.destination == CLIENT_IP.octets(),
+            "IPs not swapped"
+        );
+        ensure!(d.ip.protocol == IpNumber::TCP && d.ip.time_to_live == 64);
+        let tcp = d.tcp()?;
+        ensure!(
+            tcp.source_port == 80 && tcp.destination_port == cl.port(),
+            "ports not swapped"
+        );
+        ensure!(
+            tcp.rst && tcp.ack && !tcp.syn && !tcp.fin && !tcp.psh,
+            "flags {tcp:?}"
+        );
+        ensure!(
+            tcp.sequence_number == want_seq,
+            "seq {}",
+            tcp.sequence_number
+        );
+        ensure!(
+            tcp.acknowledgment_number == want_ack,
+            "ack {}",
+            tcp.acknowledgment_number
+        );
+        ensure!(d.payload.is_empty());
+    }
+    // A RST is never answered.
+    let rst = Tcp::new(cl, frontend(PROTO_TCP), TcpFlags::RST);
+    ensure!(dp.from_pod(&rst.frame())?.verdict == TC_ACT_SHOT);
+    ensure!(dp.conntrack()?.is_empty());
+    assert_eq!(dp.nonzero_stats()?, stats(&[("refused_tcp", 4)]));
+    Ok(())
+}
+
+#[test]
+fn udp_to_a_service_without_endpoints_gets_port_unreachable() -> Result<()> {
+    let mut dp = datapath_without_endpoints(PROTO_UDP)?;
+    let cl = client(40_020);
+    // An empty datagram (the frame grows) and a long one (the frame shrinks).
+    for payload in [Vec::new(), vec![0xab; 200]] {
+        let dgram = Udp::new(cl, frontend(PROTO_UDP), &payload);
+        let frame = dgram.frame();
+        let out = dp.from_pod(&frame)?;
+        ensure!(out.verdict == TC_ACT_REDIRECT, "verdict {}", out.verdict);
+        ensure!(
+            out.frame.len() == 14 + 20 + 8 + 20 + 8,
+            "ICMP frame is {} bytes",
+            out.frame.len()
+        );
+        let d = decode_checked(&out.frame)?;
+        ensure!(
+            d.eth.source == HOST_MAC && d.eth.destination == POD_MAC,
+            "MACs not swapped"
+        );
+        ensure!(d.ip.source == VIP.octets() && d.ip.destination == CLIENT_IP.octets());
+        ensure!(d.ip.protocol == IpNumber::ICMP && d.ip.time_to_live == 64);
+        let icmp = d.icmp()?;
+        ensure!(
+            icmp.icmp_type == Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+            "ICMP type {:?}",
+            icmp.icmp_type
+        );
+        ensure!(
+            d.payload == frame[14..14 + 20 + 8],
+            "quote is not the original IP header + 8 bytes"
+        );
+    }
+    // Quoting a header with options is not supported: such a datagram is dropped, not answered.
+    let with_options = Udp {
+        ip_options: vec![1, 1, 1, 0],
+        ..Udp::new(cl, frontend(PROTO_UDP), b"x")
+    };
+    ensure!(dp.from_pod(&with_options.frame())?.verdict == TC_ACT_SHOT);
+    ensure!(dp.conntrack()?.is_empty());
+    assert_eq!(
+        dp.nonzero_stats()?,
+        stats(&[("refused_udp", 2), ("pass_malformed", 1)])
+    );
+    Ok(())
+}
