@@ -1,12 +1,13 @@
 //! Desired datapath state, computed from the cluster state with kube-proxy's semantics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::state::{ClusterState, Config, NodeInfo, ServiceKey};
 use crate::{BackendAddr, Frontend, Problem};
+use lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, SVC_FLAG_TERMINATING_FALLBACK};
 
 /// What one frontend should look like in the maps.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -24,40 +25,153 @@ pub struct FrontendState {
 }
 
 /// Every frontend the datapath should serve, and which Service produced which frontends.
+///
+/// Besides the public maps it keeps two private indexes, maintained by [`Self::update_service`]:
+/// who waits for a frontend another Service owns (so it gets it when the owner lets go), and how
+/// many frontends use each backend as active / terminating (a backend's map state is global).
 #[derive(Clone, Debug, Default)]
 pub struct DesiredState {
     pub frontends: BTreeMap<Frontend, FrontendState>,
     /// Frontends of each Service (to remove a Service's old frontends on change).
     pub by_service: BTreeMap<ServiceKey, Vec<Frontend>>,
+    /// Services that produce a frontend owned by another Service.
+    waiting: BTreeMap<Frontend, BTreeSet<ServiceKey>>,
+    /// The frontends each Service waits for (to drop its claims when it is recomputed).
+    waiting_of: BTreeMap<ServiceKey, Vec<Frontend>>,
+    /// Per backend: number of frontends using it as [active, terminating].
+    backend_use: HashMap<BackendAddr, [u32; 2]>,
 }
 
 impl DesiredState {
     /// Recompute the frontends of one Service from `state` (removing it when it is gone or skipped).
     /// Returns the frontends touched (old and new), for [`crate::diff::plan`], and any problems.
+    ///
+    /// Cost is proportional to this Service (and to a Service waiting for a frontend it releases),
+    /// never to the number of Services.
     pub fn update_service(
         &mut self,
         state: &ClusterState,
         key: &ServiceKey,
         cfg: &Config,
     ) -> (Vec<Frontend>, Vec<Problem>) {
-        let _ = (state, key, cfg);
-        todo!("lb-model: DesiredState::update_service")
+        let (produced, mut problems) = match state.services.get(key) {
+            Some(svc) => service_frontends(svc, state.slices_of(key), &state.node, cfg),
+            None => (Vec::new(), Vec::new()),
+        };
+        for fe in self.waiting_of.remove(key).unwrap_or_default() {
+            if let Some(w) = self.waiting.get_mut(&fe) {
+                w.remove(key);
+                if w.is_empty() {
+                    self.waiting.remove(&fe);
+                }
+            }
+        }
+        let old = self.by_service.remove(key).unwrap_or_default();
+        for fe in &old {
+            self.remove_frontend(fe);
+        }
+        let mut touched: BTreeSet<Frontend> = old.iter().copied().collect();
+        let mut owned = Vec::with_capacity(produced.len());
+        for (fe, st) in produced {
+            if let Some(other) = self.frontends.get(&fe) {
+                problems.push(Problem {
+                    object: key.to_string(),
+                    kind: "frontend_conflict",
+                    reason: format!("frontend {fe} already belongs to Service {}", other.service),
+                });
+                self.waiting.entry(fe).or_default().insert(key.clone());
+                self.waiting_of.entry(key.clone()).or_default().push(fe);
+                continue;
+            }
+            self.insert_frontend(fe, st);
+            owned.push(fe);
+            touched.insert(fe);
+        }
+        if !owned.is_empty() {
+            self.by_service.insert(key.clone(), owned);
+        }
+        // Hand released frontends to the first Service waiting for them.
+        let released: Vec<Frontend> = old
+            .into_iter()
+            .filter(|fe| !self.frontends.contains_key(fe) && self.waiting.contains_key(fe))
+            .collect();
+        for fe in released {
+            if self.frontends.contains_key(&fe) {
+                continue; // taken by an earlier hand-over in this loop
+            }
+            let Some(next) = self.waiting.get(&fe).and_then(|w| w.first()).cloned() else {
+                continue;
+            };
+            let (t, p) = self.update_service(state, &next, cfg);
+            touched.extend(t);
+            problems.extend(p);
+        }
+        (touched.into_iter().collect(), problems)
     }
 
     /// Recompute everything.
     pub fn rebuild(state: &ClusterState, cfg: &Config) -> (Self, Vec<Problem>) {
-        let _ = (state, cfg);
-        todo!("lb-model: DesiredState::rebuild")
+        let mut desired = DesiredState::default();
+        let mut problems = Vec::new();
+        for key in state.services.keys() {
+            let (_, p) = desired.update_service(state, key, cfg);
+            problems.extend(p);
+        }
+        (desired, problems)
+    }
+
+    /// The `lb_common::BACKEND_*` state a backend must have in the map: active when any frontend
+    /// uses it as a ready endpoint, terminating when all use it as a draining fallback. `None`
+    /// when no frontend uses it.
+    pub fn backend_state(&self, b: &BackendAddr) -> Option<u8> {
+        let [active, terminating] = *self.backend_use.get(b)?;
+        if active > 0 {
+            Some(BACKEND_ACTIVE)
+        } else if terminating > 0 {
+            Some(BACKEND_TERMINATING)
+        } else {
+            None
+        }
+    }
+
+    /// File a frontend (its owner's `by_service` entry is the caller's job).
+    pub(crate) fn insert_frontend(&mut self, fe: Frontend, st: FrontendState) {
+        if let Some(old) = self.frontends.remove(&fe) {
+            self.count_backends(&old, false);
+        }
+        self.count_backends(&st, true);
+        self.frontends.insert(fe, st);
+    }
+
+    fn remove_frontend(&mut self, fe: &Frontend) {
+        if let Some(old) = self.frontends.remove(fe) {
+            self.count_backends(&old, false);
+        }
+    }
+
+    fn count_backends(&mut self, st: &FrontendState, add: bool) {
+        let which = usize::from(st.flags & SVC_FLAG_TERMINATING_FALLBACK != 0);
+        for b in &st.backends {
+            let e = self.backend_use.entry(*b).or_default();
+            if add {
+                e[which] += 1;
+            } else {
+                e[which] = e[which].saturating_sub(1);
+                if *e == [0, 0] {
+                    self.backend_use.remove(b);
+                }
+            }
+        }
     }
 }
 
-/// The frontends of one Service (pure kube-proxy semantics): skipped kinds give an empty list.
+/// The frontends of one Service (pure kube-proxy semantics), sorted, and the problems met:
+/// skipped Services give none; an invalid port is a problem for that port only.
 pub fn service_frontends<'a>(
     svc: &Service,
     slices: impl Iterator<Item = &'a EndpointSlice>,
     node: &NodeInfo,
     cfg: &Config,
-) -> Result<Vec<(Frontend, FrontendState)>, Problem> {
-    let _ = (svc, slices.count(), node, cfg);
-    todo!("lb-model: service_frontends")
+) -> (Vec<(Frontend, FrontendState)>, Vec<Problem>) {
+    crate::translate::service_frontends(svc, slices, node, cfg)
 }

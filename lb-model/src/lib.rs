@@ -13,15 +13,18 @@
 
 pub mod desired;
 pub mod diff;
+mod ids;
 pub mod manifest;
+mod slots;
 pub mod state;
+mod translate;
 
 use std::fmt;
 use std::net::Ipv4Addr;
 
 pub use desired::{DesiredState, FrontendState};
 pub use diff::{Applied, AppliedFrontend, MapOp, Plan};
-pub use state::{ClusterState, Config, NodeInfo, ServiceKey as SvcKey, SourceEvent};
+pub use state::{Changes, ClusterState, Config, NodeInfo, ServiceKey as SvcKey, SourceEvent};
 
 /// L4 protocol of a frontend / backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

@@ -6,6 +6,9 @@ use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::Problem;
 
 /// A Service's identity: (namespace, name). EndpointSlices find their Service through the
 /// `kubernetes.io/service-name` label in their own namespace.
@@ -22,6 +25,9 @@ impl std::fmt::Display for ServiceKey {
 }
 
 /// What a source tells the agent.
+// Events are moved once through a channel, so the size difference costs nothing worth boxing
+// (which would change the contract every source codes against).
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum SourceEvent {
     /// A Service was added or changed.
@@ -35,7 +41,10 @@ pub enum SourceEvent {
     /// The full set of objects of one or both kinds (initial list, relist after 410 Gone, or a
     /// manifests-directory rescan): replaces everything the state held of that kind. `None` leaves
     /// that kind as it is (the Kubernetes source relists each kind on its own).
-    Resync { services: Option<Vec<Service>>, slices: Option<Vec<EndpointSlice>> },
+    Resync {
+        services: Option<Vec<Service>>,
+        slices: Option<Vec<EndpointSlice>>,
+    },
     /// This node changed (name, addresses).
     Node(NodeInfo),
     /// Every watched kind has been listed at least once: pruning stale map entries is now safe.
@@ -60,7 +69,9 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { service_proxy_name: Some("xlb".to_string()) }
+        Config {
+            service_proxy_name: Some("xlb".to_string()),
+        }
     }
 }
 
@@ -84,18 +95,229 @@ pub struct Changes {
     pub services: BTreeSet<ServiceKey>,
     /// Everything must be recomputed (node addresses changed, or first sync completed).
     pub all: bool,
+    /// Objects of the event that were skipped (e.g. an EndpointSlice without its Service label).
+    pub problems: Vec<Problem>,
+}
+
+/// Label naming the Service an EndpointSlice belongs to.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// The key of an object: its namespace ("default" when unset, as the API server defaults it) and
+/// name. `None` without a name: such an object cannot be addressed and is skipped.
+pub fn object_key(meta: &ObjectMeta) -> Option<ServiceKey> {
+    Some(ServiceKey {
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string()),
+        name: meta.name.clone()?,
+    })
+}
+
+/// The Service an EndpointSlice belongs to, from its `kubernetes.io/service-name` label.
+fn slice_service(slice: &EndpointSlice, slice_key: &ServiceKey) -> Option<ServiceKey> {
+    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    if name.is_empty() {
+        return None;
+    }
+    Some(ServiceKey {
+        namespace: slice_key.namespace.clone(),
+        name: name.clone(),
+    })
+}
+
+/// Where a slice is filed, or why it is not.
+enum SliceFiling {
+    Owned {
+        slice: ServiceKey,
+        owner: ServiceKey,
+    },
+    Skipped(Problem),
+}
+
+fn file_slice(slice: &EndpointSlice) -> SliceFiling {
+    let Some(key) = object_key(&slice.metadata) else {
+        return SliceFiling::Skipped(Problem {
+            object: "EndpointSlice".to_string(),
+            kind: "invalid_slice",
+            reason: "metadata.name is missing".to_string(),
+        });
+    };
+    match slice_service(slice, &key) {
+        Some(owner) => SliceFiling::Owned { slice: key, owner },
+        None => SliceFiling::Skipped(Problem {
+            object: key.to_string(),
+            kind: "invalid_slice",
+            reason: format!("EndpointSlice has no {LABEL_SERVICE_NAME} label"),
+        }),
+    }
 }
 
 impl ClusterState {
     /// Apply one event and return which Services changed. Objects equal to what is held already
     /// produce no change (a manifests rescan or a relist that changed nothing costs nothing).
     pub fn apply(&mut self, event: SourceEvent) -> Changes {
-        let _ = event;
-        todo!("lb-model: ClusterState::apply")
+        let mut changes = Changes::default();
+        match event {
+            SourceEvent::ServiceUpsert(svc) => self.upsert_service(svc, &mut changes),
+            SourceEvent::ServiceDelete { namespace, name } => {
+                let key = ServiceKey { namespace, name };
+                if self.services.remove(&key).is_some() {
+                    changes.services.insert(key);
+                }
+            }
+            SourceEvent::SliceUpsert(slice) => self.upsert_slice(slice, &mut changes),
+            SourceEvent::SliceDelete { namespace, name } => {
+                if let Some(owner) = self.remove_slice(&(namespace, name)) {
+                    changes.services.insert(owner);
+                }
+            }
+            SourceEvent::Resync { services, slices } => {
+                if let Some(services) = services {
+                    self.resync_services(services, &mut changes);
+                }
+                if let Some(slices) = slices {
+                    self.resync_slices(slices, &mut changes);
+                }
+            }
+            SourceEvent::Node(node) => {
+                // Node name matters too: traffic policy Local selects endpoints by node name.
+                if node != self.node {
+                    self.node = node;
+                    changes.all = true;
+                }
+            }
+            SourceEvent::Synced => {
+                if !self.synced {
+                    self.synced = true;
+                    changes.all = true;
+                }
+            }
+        }
+        changes
     }
 
     /// The slices of a Service (empty if none).
     pub fn slices_of(&self, key: &ServiceKey) -> impl Iterator<Item = &EndpointSlice> {
         self.slices.get(key).into_iter().flat_map(|m| m.values())
     }
+
+    fn upsert_service(&mut self, svc: Service, changes: &mut Changes) {
+        let Some(key) = object_key(&svc.metadata) else {
+            changes.problems.push(Problem {
+                object: "Service".to_string(),
+                kind: "invalid_service",
+                reason: "metadata.name is missing".to_string(),
+            });
+            return;
+        };
+        if self.services.get(&key) != Some(&svc) {
+            self.services.insert(key.clone(), svc);
+            changes.services.insert(key);
+        }
+    }
+
+    fn upsert_slice(&mut self, slice: EndpointSlice, changes: &mut Changes) {
+        match file_slice(&slice) {
+            SliceFiling::Owned { slice: key, owner } => {
+                let id = (key.namespace, key.name);
+                let held = self.slices.get(&owner).and_then(|m| m.get(&id.1));
+                if held == Some(&slice) {
+                    return;
+                }
+                // The label may have moved the slice to another Service: the old one changes too.
+                if let Some(old_owner) = self.slice_owner.get(&id).filter(|o| **o != owner).cloned()
+                {
+                    self.remove_slice(&id);
+                    changes.services.insert(old_owner);
+                }
+                self.slices
+                    .entry(owner.clone())
+                    .or_default()
+                    .insert(id.1.clone(), slice);
+                self.slice_owner.insert(id, owner.clone());
+                changes.services.insert(owner);
+            }
+            SliceFiling::Skipped(problem) => {
+                // A slice that lost its label no longer counts for its former Service.
+                if let Some(key) = object_key(&slice.metadata) {
+                    if let Some(owner) = self.remove_slice(&(key.namespace, key.name)) {
+                        changes.services.insert(owner);
+                    }
+                }
+                changes.problems.push(problem);
+            }
+        }
+    }
+
+    /// Remove a slice by (namespace, name); returns the Service it belonged to.
+    fn remove_slice(&mut self, id: &(String, String)) -> Option<ServiceKey> {
+        let owner = self.slice_owner.remove(id)?;
+        if let Some(m) = self.slices.get_mut(&owner) {
+            m.remove(&id.1);
+            if m.is_empty() {
+                self.slices.remove(&owner);
+            }
+        }
+        Some(owner)
+    }
+
+    fn resync_services(&mut self, services: Vec<Service>, changes: &mut Changes) {
+        let mut fresh = BTreeMap::new();
+        for svc in services {
+            match object_key(&svc.metadata) {
+                Some(key) => {
+                    fresh.insert(key, svc);
+                }
+                None => changes.problems.push(Problem {
+                    object: "Service".to_string(),
+                    kind: "invalid_service",
+                    reason: "metadata.name is missing".to_string(),
+                }),
+            }
+        }
+        changes
+            .services
+            .extend(differing_keys(&self.services, &fresh));
+        self.services = fresh;
+    }
+
+    fn resync_slices(&mut self, slices: Vec<EndpointSlice>, changes: &mut Changes) {
+        let mut fresh: BTreeMap<ServiceKey, BTreeMap<String, EndpointSlice>> = BTreeMap::new();
+        let mut owners = BTreeMap::new();
+        for slice in slices {
+            match file_slice(&slice) {
+                SliceFiling::Owned { slice: key, owner } => {
+                    let id = (key.namespace, key.name);
+                    // A duplicate in the list: the last one wins, and leaves its former owner.
+                    if let Some(prev) = owners.insert(id.clone(), owner.clone()) {
+                        if let Some(m) = fresh.get_mut(&prev) {
+                            m.remove(&id.1);
+                        }
+                    }
+                    fresh.entry(owner).or_default().insert(id.1, slice);
+                }
+                SliceFiling::Skipped(problem) => changes.problems.push(problem),
+            }
+        }
+        fresh.retain(|_, m| !m.is_empty());
+        changes
+            .services
+            .extend(differing_keys(&self.slices, &fresh));
+        self.slices = fresh;
+        self.slice_owner = owners;
+    }
+}
+
+/// Keys whose values differ between two maps (added, removed or changed).
+fn differing_keys<V: PartialEq>(
+    old: &BTreeMap<ServiceKey, V>,
+    new: &BTreeMap<ServiceKey, V>,
+) -> Vec<ServiceKey> {
+    let removed_or_changed = old
+        .iter()
+        .filter(|(k, v)| new.get(*k) != Some(*v))
+        .map(|(k, _)| k);
+    let added = new.keys().filter(|k| !old.contains_key(*k));
+    removed_or_changed.chain(added).cloned().collect()
 }

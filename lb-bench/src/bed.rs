@@ -1,0 +1,117 @@
+//! The test bed of the datapath measurements: a one-node netns cluster (lb-testkit) with a client
+//! pod and four backend pods running [`PodServers`], all on routed veths so every packet crosses
+//! the node namespace where xlb's tc programs or the netfilter rules sit.
+//!
+//! Each mode gets a fresh bed, so no state of one mode (conntrack registered by an iptables
+//! table, leftover maps) can colour the next.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lb_testkit::{Cluster, NetNs, Pod};
+
+use crate::agent::AgentProc;
+use crate::rules::{ExtraPort, SetSpec};
+use crate::traffic::{PodServers, GREET_PORT, SINK_PORT};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+/// Backends 10.244.1.10 ..= .13: the probed Service uses the first three, endpoint changes swap
+/// the third for the fourth.
+const BACKENDS: u8 = 4;
+
+/// A unique namespace prefix of this process: "xlbb<pid>-<n>-" (found by `cleanup_stale("xlbb")`
+/// once the process is gone).
+pub fn unique_prefix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}{}-{}-",
+        crate::BASE,
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub struct Bed {
+    // Drop order: servers, then pods, then the cluster, then the scratch directory.
+    servers: Vec<PodServers>,
+    pub client: Pod,
+    pub backends: Vec<Pod>,
+    pub cluster: Cluster,
+    scratch: tempfile::TempDir,
+}
+
+impl Bed {
+    pub fn new() -> anyhow::Result<Self> {
+        let cluster = Cluster::new(&unique_prefix(), 1).context("creating the netns cluster")?;
+        let client = cluster.add_pod(1, "client", CLIENT_IP)?;
+        let mut backends = Vec::new();
+        let mut servers = Vec::new();
+        for k in 0..BACKENDS {
+            let pod = cluster.add_pod(1, &format!("be{k}"), Ipv4Addr::new(10, 244, 1, 10 + k))?;
+            servers.push(PodServers::start(&pod.ns, &pod.name)?);
+            backends.push(pod);
+        }
+        let scratch = tempfile::Builder::new().prefix("xlb-bench-").tempdir()?;
+        Ok(Bed {
+            servers,
+            client,
+            backends,
+            cluster,
+            scratch,
+        })
+    }
+
+    pub fn node(&self) -> &NetNs {
+        &self.cluster.node(1).ns
+    }
+
+    pub fn scratch(&self) -> &Path {
+        self.scratch.path()
+    }
+
+    /// The Service set of `n` Services whose last one is backed by the first three pods.
+    pub fn set_spec(&self, n: usize) -> SetSpec {
+        SetSpec {
+            services: n,
+            endpoints_per_service: 3,
+            target_port: GREET_PORT,
+            probe_endpoints: self.backends[..3].iter().map(|p| p.ip).collect(),
+            probe_extra_ports: vec![ExtraPort {
+                name: "stream",
+                port: SINK_PORT,
+            }],
+        }
+    }
+
+    /// Greeting address of backend `k` (the no-translation baseline).
+    pub fn direct(&self, k: usize) -> SocketAddr {
+        SocketAddrV4::new(self.backends[k].ip, GREET_PORT).into()
+    }
+
+    /// Start xlb's agent on the node with `manifests` and wait until it is ready.
+    pub fn start_agent(&self, manifests: &Path, timeout: Duration) -> anyhow::Result<AgentProc> {
+        let node = self.cluster.node(1);
+        AgentProc::start(
+            &node.ns,
+            manifests,
+            &node.pin_path(),
+            &self.scratch().join("agent.log"),
+            timeout,
+        )
+    }
+
+    pub fn pin_path(&self) -> PathBuf {
+        self.cluster.node(1).pin_path()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.servers.clear();
+        // Node pin directories are removed by the agents; the cluster's root is ours to remove.
+        let _ = std::fs::remove_dir(self.cluster.pin_root());
+    }
+}

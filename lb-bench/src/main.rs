@@ -1,0 +1,216 @@
+//! `xlb-bench [--quick] [--out target/bench]`: xlb next to kube-proxy's iptables and nftables
+//! shapes, side by side in one run on the same netns topology (issue 5). Run from the workspace
+//! root, as root; `cargo xtask bench [--quick]` does exactly that.
+
+mod agent;
+mod bed;
+mod control;
+mod datapath;
+mod interrupt;
+mod netfilter;
+mod noop;
+mod pkt;
+mod plot;
+mod report;
+mod results;
+mod rules;
+mod stats;
+mod targets;
+mod traffic;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::datapath::DpPlan;
+use crate::pkt::PktPlan;
+use crate::results::{Machine, Results};
+
+/// Name prefix of every namespace and pin directory the benchmark creates.
+pub const BASE: &str = "xlbb";
+
+#[derive(Parser)]
+#[command(
+    name = "xlb-bench",
+    about = "xlb vs kube-proxy (iptables-legacy, iptables-nft, nftables), side by side"
+)]
+struct Cli {
+    /// A smaller set that finishes in under 5 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Where results.json, results.md and the plots go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Only redraw results.md and the plots from an existing results.json in --out.
+    #[arg(long)]
+    report_only: bool,
+}
+
+/// What one run measures.
+struct Plan {
+    pkt_sizes: &'static [usize],
+    pkt: PktPlan,
+    dp: DpPlan,
+    cold_services: usize,
+    cold_endpoints_per_service: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                pkt_sizes: &[1, 1_000, 10_000, 100_000],
+                pkt: PktPlan {
+                    rounds: 5,
+                    samples_per_round: 2_000,
+                },
+                dp: DpPlan {
+                    sizes: &[1, 1_000, 10_000],
+                    point: Duration::from_millis(1500),
+                    max_requests: 200_000,
+                    stream: Duration::from_secs(1),
+                    endpoint_changes: 20,
+                },
+                cold_services: 1_000,
+                cold_endpoints_per_service: 10,
+            }
+        } else {
+            Plan {
+                pkt_sizes: &[1, 1_000, 10_000, 100_000],
+                pkt: PktPlan {
+                    rounds: 9,
+                    samples_per_round: 10_000,
+                },
+                dp: DpPlan {
+                    sizes: &[1, 1_000, 10_000],
+                    point: Duration::from_secs(3),
+                    max_requests: 1_000_000,
+                    stream: Duration::from_secs(3),
+                    endpoint_changes: 100,
+                },
+                cold_services: 10_000,
+                cold_endpoints_per_service: 10,
+            }
+        }
+    }
+
+    /// Progress steps: floor + sizes, modes x sizes + endpoint changes, 3 netfilter + xlb.
+    fn steps(&self) -> u64 {
+        let modes = datapath::Mode::all().len();
+        (1 + self.pkt_sizes.len() + modes * self.dp.sizes.len() + 1 + 4) as u64
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    if cli.report_only {
+        let json = std::fs::read_to_string(cli.out.join("results.json"))?;
+        let mut r: Results = serde_json::from_str(&json)?;
+        r.targets = targets::evaluate(&r);
+        return write_outputs(&r, &cli.out);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("xlb-bench needs root (network namespaces, BPF, netfilter)");
+    }
+    interrupt::install()?;
+    for leftover in lb_testkit::cleanup_stale(BASE) {
+        eprintln!("removed leftover of an earlier run: {leftover}");
+    }
+    ensure_xlb_binary()?;
+
+    let plan = Plan::new(cli.quick);
+    let bar = ProgressBar::new(plan.steps());
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut r = Results {
+        quick: cli.quick,
+        machine: Machine::detect(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        ..Default::default()
+    };
+    let step = |msg: &str| {
+        bar.inc(1);
+        bar.set_message(msg.to_string());
+    };
+
+    bar.set_message("per-packet cost");
+    match pkt::run(plan.pkt_sizes, plan.pkt, step) {
+        Ok(p) => r.per_packet = Some(p),
+        Err(e) => r.errors.push(format!("per-packet: {e:#}")),
+    }
+    interrupt::check()?;
+    bar.set_message("connections through the netns cluster");
+    match datapath::run(&plan.dp, step) {
+        Ok(d) => r.datapath = Some(d),
+        Err(e) => r.errors.push(format!("datapath: {e:#}")),
+    }
+    interrupt::check()?;
+    bar.set_message("cold programming");
+    match control::cold(plan.cold_services, plan.cold_endpoints_per_service, step) {
+        Ok(c) => r.cold = Some(c),
+        Err(e) => r.errors.push(format!("cold programming: {e:#}")),
+    }
+    interrupt::check()?;
+    bar.finish_with_message("done");
+
+    r.elapsed_s = started.elapsed().as_secs_f64();
+    r.targets = targets::evaluate(&r);
+    write_outputs(&r, &cli.out)?;
+    for t in &r.targets {
+        println!("{:>12}  {} — {}", t.verdict(), t.target, t.measured);
+    }
+    println!("results: {}", cli.out.join("results.md").display());
+    Ok(())
+}
+
+fn write_outputs(r: &Results, out: &Path) -> anyhow::Result<()> {
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(r)?)?;
+    std::fs::write(out.join("results.md"), report::render(r))?;
+    for (name, err) in plot::draw_all(r, out) {
+        eprintln!("plot {name}: {err:#}");
+    }
+    Ok(())
+}
+
+/// Build the release `xlb` binary (a no-op when up to date) and point the testkit at it.
+fn ensure_xlb_binary() -> anyhow::Result<()> {
+    if let Some(p) = std::env::var_os("XLB_BIN") {
+        anyhow::ensure!(
+            Path::new(&p).is_file(),
+            "XLB_BIN={} does not exist",
+            Path::new(&p).display()
+        );
+        return Ok(());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "lb-userspace", "--bin", "xlb"])
+        .status()
+        .context("running cargo build for the xlb binary")?;
+    anyhow::ensure!(status.success(), "building xlb failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    let bin =
+        std::fs::canonicalize(target.join("release/xlb")).context("locating target/release/xlb")?;
+    // SAFETY: set once at start-up, before any thread is spawned.
+    unsafe { std::env::set_var("XLB_BIN", &bin) };
+    Ok(())
+}

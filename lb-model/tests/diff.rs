@@ -1,0 +1,656 @@
+//! Map operations: ids, stable slots, update order, garbage collection.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use common::sim::Sim;
+use common::*;
+use lb_common::*;
+use lb_model::diff::{all_frontends, plan};
+use lb_model::{
+    Applied, AppliedFrontend, ClusterState, DesiredState, Frontend, MapOp, Plan, Proto, SourceEvent,
+};
+use serde_json::json;
+
+/// A model + simulated maps, driven through events like the agent drives the real ones.
+struct World {
+    state: ClusterState,
+    desired: DesiredState,
+    applied: Applied,
+    sim: Sim,
+}
+
+impl World {
+    fn new() -> World {
+        World {
+            state: ClusterState {
+                node: node(),
+                ..Default::default()
+            },
+            desired: DesiredState::default(),
+            applied: Applied::default(),
+            sim: Sim::default(),
+        }
+    }
+
+    /// Apply an event, plan the touched frontends, execute; returns the plan.
+    fn event(&mut self, e: SourceEvent) -> Plan {
+        let changes = self.state.apply(e);
+        let mut touched = BTreeSet::new();
+        for k in &changes.services {
+            touched.extend(self.desired.update_service(&self.state, k, &cfg()).0);
+        }
+        let p = plan(&self.applied, &self.desired, &touched);
+        self.execute(&p);
+        p
+    }
+
+    fn execute(&mut self, p: &Plan) {
+        self.sim.execute(p, &mut self.applied, || false);
+        self.sim.check_equals(&self.desired).unwrap();
+        assert_eq!(self.applied, self.sim.to_applied());
+    }
+
+    fn slice(&mut self, svc: &str, ips: &[&str]) -> Plan {
+        self.event(SourceEvent::SliceUpsert(simple_slice(
+            &format!("{svc}-1"),
+            svc,
+            ips,
+        )))
+    }
+}
+
+const WEB: &str = "10.96.0.80";
+
+fn web() -> Frontend {
+    fe(WEB, 80, Proto::Tcp)
+}
+
+fn slots_of(w: &World, f: &Frontend) -> Vec<u32> {
+    w.applied.frontends[f].slots.clone()
+}
+
+#[test]
+fn new_frontend_writes_backends_and_rev_nat_first_then_slots_then_master() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    let p = w.slice("web", &["10.244.0.2", "10.244.0.1"]);
+    assert_eq!(
+        p.prepare,
+        vec![
+            MapOp::PutBackend {
+                id: 1,
+                backend: be("10.244.0.1", 9376),
+                state: BACKEND_ACTIVE
+            },
+            MapOp::PutBackend {
+                id: 2,
+                backend: be("10.244.0.2", 9376),
+                state: BACKEND_ACTIVE
+            },
+        ]
+    );
+    assert_eq!(
+        p.frontends,
+        vec![(
+            web(),
+            vec![
+                MapOp::PutSlot {
+                    frontend: web(),
+                    slot: 1,
+                    backend_id: 1
+                },
+                MapOp::PutSlot {
+                    frontend: web(),
+                    slot: 2,
+                    backend_id: 2
+                },
+                MapOp::PutMaster {
+                    frontend: web(),
+                    count: 2,
+                    rev_nat_id: 1,
+                    flags: SVC_FLAG_CLUSTER_IP,
+                    affinity_timeout: 0
+                },
+            ]
+        )]
+    );
+}
+
+#[test]
+fn service_without_endpoints_gets_a_master_with_count_zero() {
+    let mut w = World::new();
+    let p = w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    assert_eq!(
+        p.prepare,
+        vec![MapOp::PutRevNat {
+            id: 1,
+            frontend: web()
+        }]
+    );
+    assert_eq!(
+        p.frontends[0].1,
+        vec![MapOp::PutMaster {
+            frontend: web(),
+            count: 0,
+            rev_nat_id: 1,
+            flags: SVC_FLAG_CLUSTER_IP,
+            affinity_timeout: 0
+        }]
+    );
+}
+
+#[test]
+fn unchanged_input_plans_nothing() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    w.slice("web", &["10.244.0.1"]);
+    let all = all_frontends(&w.applied, &w.desired);
+    assert!(plan(&w.applied, &w.desired, &all).is_empty());
+    assert!(w.applied.gc().is_empty());
+}
+
+#[test]
+fn added_endpoint_costs_one_backend_one_slot_and_the_master() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    w.slice("web", &["10.244.0.1", "10.244.0.3"]);
+    let p = w.slice("web", &["10.244.0.1", "10.244.0.2", "10.244.0.3"]);
+    assert_eq!(
+        p.prepare,
+        vec![MapOp::PutBackend {
+            id: 3,
+            backend: be("10.244.0.2", 9376),
+            state: BACKEND_ACTIVE
+        }]
+    );
+    assert_eq!(
+        p.frontends[0].1,
+        vec![
+            MapOp::PutSlot {
+                frontend: web(),
+                slot: 3,
+                backend_id: 3
+            },
+            MapOp::PutMaster {
+                frontend: web(),
+                count: 3,
+                rev_nat_id: 1,
+                flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0
+            },
+        ]
+    );
+    assert_eq!(
+        slots_of(&w, &web()),
+        vec![1, 2, 3],
+        "ids 1 and 2 kept their slots"
+    );
+}
+
+#[test]
+fn removed_endpoint_hole_is_filled_from_the_last_slot_and_its_backend_collected() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    w.slice(
+        "web",
+        &["10.244.0.1", "10.244.0.2", "10.244.0.3", "10.244.0.4"],
+    );
+    assert_eq!(w.applied.gc(), vec![]);
+    let before = w.applied.clone();
+    let p = w.slice("web", &["10.244.0.1", "10.244.0.3", "10.244.0.4"]);
+    assert!(p.prepare.is_empty());
+    assert_eq!(
+        p.frontends[0].1,
+        vec![
+            MapOp::PutSlot {
+                frontend: web(),
+                slot: 2,
+                backend_id: 4
+            },
+            MapOp::PutMaster {
+                frontend: web(),
+                count: 3,
+                rev_nat_id: 1,
+                flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0
+            },
+            MapOp::DeleteSlot {
+                frontend: web(),
+                slot: 4
+            },
+        ]
+    );
+    assert_eq!(
+        before.gc(),
+        vec![],
+        "gc of the state before the plan deletes nothing"
+    );
+    assert!(
+        !w.applied.backends.contains_key(&2),
+        "backend 2 was garbage-collected"
+    );
+    assert_eq!(slots_of(&w, &web()), vec![1, 4, 3]);
+}
+
+#[test]
+fn backend_ids_are_stable_and_freed_ids_are_reused_smallest_first() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    w.slice("web", &["10.244.0.1", "10.244.0.2", "10.244.0.3"]);
+    w.slice("web", &["10.244.0.1", "10.244.0.3"]); // frees id 2
+    let p = w.slice(
+        "web",
+        &["10.244.0.1", "10.244.0.3", "10.244.0.7", "10.244.0.8"],
+    );
+    let new: Vec<(u32, String)> = p
+        .prepare
+        .iter()
+        .map(|op| match op {
+            MapOp::PutBackend { id, backend, .. } => (*id, backend.to_string()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        new,
+        vec![
+            (2, "10.244.0.7:9376/TCP".into()),
+            (4, "10.244.0.8:9376/TCP".into())
+        ]
+    );
+    assert_eq!(w.applied.backends[&1].0, be("10.244.0.1", 9376));
+    assert_eq!(w.applied.backends[&3].0, be("10.244.0.3", 9376));
+}
+
+#[test]
+fn backend_id_reserves_ids_handed_out_in_the_same_plan() {
+    let mut a = Applied::default();
+    a.apply(&MapOp::PutBackend {
+        id: 1,
+        backend: be("10.0.0.1", 80),
+        state: BACKEND_ACTIVE,
+    });
+    a.apply(&MapOp::PutBackend {
+        id: 3,
+        backend: be("10.0.0.3", 80),
+        state: BACKEND_ACTIVE,
+    });
+    assert_eq!(a.backend_id(&be("10.0.0.3", 80), &BTreeSet::new()), 3);
+    assert_eq!(a.backend_id(&be("10.0.0.9", 80), &BTreeSet::new()), 2);
+    assert_eq!(a.backend_id(&be("10.0.0.9", 80), &BTreeSet::from([2])), 4);
+    assert_eq!(
+        a.backend_id(&be("10.0.0.9", 80), &BTreeSet::from([2, 4, 5])),
+        6
+    );
+}
+
+#[test]
+fn shared_backends_get_one_id_and_one_write() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(svc(
+        "two",
+        json!({"clusterIP": WEB, "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81}]}),
+    )));
+    let p = w.event(SourceEvent::SliceUpsert(slice(
+        "two-1",
+        "two",
+        json!([{"name": "a", "port": 9376}, {"name": "b", "port": 9376}]),
+        json!([ep("10.244.0.1")]),
+    )));
+    assert_eq!(p.prepare.len(), 1);
+    assert_eq!(w.applied.backends.len(), 1);
+}
+
+#[test]
+fn backend_state_change_is_written_in_prepare() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    w.slice("web", &["10.244.0.1"]);
+    let draining = slice(
+        "web-1",
+        "web",
+        json!([{"port": 9376}]),
+        json!([ep_cond(
+            "10.244.0.1",
+            Some(false),
+            Some(true),
+            Some(true),
+            NODE
+        )]),
+    );
+    let p = w.event(SourceEvent::SliceUpsert(draining));
+    assert_eq!(
+        p.prepare,
+        vec![MapOp::PutBackend {
+            id: 1,
+            backend: be("10.244.0.1", 9376),
+            state: BACKEND_TERMINATING
+        }]
+    );
+    assert_eq!(
+        p.frontends[0].1,
+        vec![MapOp::PutMaster {
+            frontend: web(),
+            count: 1,
+            rev_nat_id: 1,
+            flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_TERMINATING_FALLBACK,
+            affinity_timeout: 0
+        }]
+    );
+}
+
+#[test]
+fn removed_frontend_goes_master_first_then_slots_then_gc() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    w.slice("web", &["10.244.0.1", "10.244.0.2"]);
+    let before = w.applied.clone();
+    let p = w.event(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "web".into(),
+    });
+    assert_eq!(
+        p.frontends[0].1,
+        vec![
+            MapOp::DeleteMaster { frontend: web() },
+            MapOp::DeleteSlot {
+                frontend: web(),
+                slot: 1
+            },
+            MapOp::DeleteSlot {
+                frontend: web(),
+                slot: 2
+            },
+        ]
+    );
+    // What gc deletes once the frontend ops ran:
+    let mut after = before;
+    for (_, ops) in &p.frontends {
+        ops.iter().for_each(|op| after.apply(op));
+    }
+    assert_eq!(
+        after.gc(),
+        vec![
+            MapOp::DeleteBackend { id: 1 },
+            MapOp::DeleteBackend { id: 2 },
+            MapOp::DeleteRevNat { id: 1 }
+        ]
+    );
+    assert_eq!(w.applied, Applied::default());
+}
+
+#[test]
+fn rev_nat_ids_are_stable_per_frontend_and_reused_smallest_first() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("a", "10.96.0.1")));
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("b", "10.96.0.2")));
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("c", "10.96.0.3")));
+    let rev = |w: &World, ip: &str| w.applied.frontends[&fe(ip, 80, Proto::Tcp)].rev_nat_id;
+    assert_eq!(
+        (
+            rev(&w, "10.96.0.1"),
+            rev(&w, "10.96.0.2"),
+            rev(&w, "10.96.0.3")
+        ),
+        (1, 2, 3)
+    );
+    w.event(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "b".into(),
+    });
+    w.slice("c", &["10.244.0.1"]);
+    assert_eq!(
+        rev(&w, "10.96.0.3"),
+        3,
+        "an endpoint change keeps the rev-NAT id"
+    );
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("d", "10.96.0.4")));
+    assert_eq!(rev(&w, "10.96.0.4"), 2);
+}
+
+#[test]
+fn type_change_removes_the_old_frontends_completely() {
+    let mut w = World::new();
+    let np = svc(
+        "t",
+        json!({"type": "NodePort", "clusterIP": WEB, "ports": [{"port": 80, "nodePort": 30080}]}),
+    );
+    w.event(SourceEvent::ServiceUpsert(np));
+    w.slice("t", &["10.244.0.1"]);
+    assert_eq!(w.applied.frontends.len(), 2);
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("t", WEB)));
+    assert_eq!(
+        w.applied.frontends.keys().copied().collect::<Vec<_>>(),
+        vec![web()]
+    );
+    w.event(SourceEvent::ServiceUpsert(svc(
+        "t",
+        json!({"type": "ExternalName", "externalName": "a.example"}),
+    )));
+    assert_eq!(w.sim, Sim::default());
+}
+
+#[test]
+fn failed_prepare_blocks_only_the_frontends_that_need_it() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("a", "10.96.0.1")));
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("b", "10.96.0.2")));
+    w.state.apply(SourceEvent::SliceUpsert(simple_slice(
+        "a-1",
+        "a",
+        &["10.244.0.1"],
+    )));
+    w.state.apply(SourceEvent::SliceUpsert(simple_slice(
+        "b-1",
+        "b",
+        &["10.244.0.2"],
+    )));
+    let mut touched = BTreeSet::new();
+    for k in [key("default", "a"), key("default", "b")] {
+        touched.extend(w.desired.update_service(&w.state, &k, &cfg()).0);
+    }
+    let p = plan(&w.applied, &w.desired, &touched);
+    let failed: Vec<MapOp> = p
+        .prepare
+        .iter()
+        .filter(|op| matches!(op, MapOp::PutBackend { id: 1, .. }))
+        .cloned()
+        .collect();
+    assert_eq!(
+        p.blocked_by(&failed),
+        BTreeSet::from([fe("10.96.0.1", 80, Proto::Tcp)])
+    );
+}
+
+#[test]
+fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
+    let f = web();
+    let b = |i: u32| be(&format!("10.244.0.{i}"), 9376);
+    let mut a = Applied::default();
+    // As a read-back after a crash: master count unknown (0), a hole in slot 2, a slot above the
+    // count, an orphan backend, and an orphan rev-NAT entry.
+    a.frontends.insert(
+        f,
+        AppliedFrontend {
+            rev_nat_id: 1,
+            flags: SVC_FLAG_CLUSTER_IP,
+            affinity_timeout: 0,
+            slots: vec![1, 0, 3, 2],
+            count: 0,
+        },
+    );
+    for i in 1..=4 {
+        a.backends.insert(i, (b(i), BACKEND_ACTIVE));
+    }
+    a.rev_nat.insert(1, f);
+    a.rev_nat.insert(7, fe("10.96.9.9", 80, Proto::Tcp));
+    let mut state = ClusterState {
+        node: node(),
+        ..Default::default()
+    };
+    state.apply(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    state.apply(SourceEvent::SliceUpsert(simple_slice(
+        "web-1",
+        "web",
+        &["10.244.0.1", "10.244.0.2", "10.244.0.3"],
+    )));
+    let (desired, _) = DesiredState::rebuild(&state, &cfg());
+    let p = plan(&a, &desired, &all_frontends(&a, &desired));
+    assert!(p.prepare.is_empty());
+    assert_eq!(
+        p.frontends[0].1,
+        vec![
+            MapOp::PutSlot {
+                frontend: f,
+                slot: 2,
+                backend_id: 2
+            },
+            MapOp::PutMaster {
+                frontend: f,
+                count: 3,
+                rev_nat_id: 1,
+                flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0
+            },
+            MapOp::DeleteSlot {
+                frontend: f,
+                slot: 4
+            },
+        ]
+    );
+    for op in &p.frontends[0].1 {
+        a.apply(op);
+    }
+    assert_eq!(
+        a.gc(),
+        vec![
+            MapOp::DeleteBackend { id: 4 },
+            MapOp::DeleteRevNat { id: 7 }
+        ]
+    );
+}
+
+/// Services `svc-i` with ClusterIP 10.96.x.y and `per` endpoints each.
+fn big_world(services: usize, per: usize) -> ClusterState {
+    let mut st = ClusterState {
+        node: node(),
+        ..Default::default()
+    };
+    for i in 0..services {
+        let name = format!("svc-{i}");
+        let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+        st.apply(SourceEvent::ServiceUpsert(cluster_svc(&name, &ip)));
+        let ips: Vec<String> = (0..per)
+            .map(|j| {
+                format!(
+                    "10.{}.{}.{}",
+                    100 + i / 2500,
+                    (i / 10) % 250,
+                    (i % 10) * 20 + j
+                )
+            })
+            .collect();
+        let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+        st.apply(SourceEvent::SliceUpsert(simple_slice(
+            &format!("{name}-1"),
+            &name,
+            &refs,
+        )));
+    }
+    st
+}
+
+#[test]
+fn one_endpoint_change_among_1000_services_is_a_handful_of_ops() {
+    let state = big_world(1000, 5);
+    let (mut desired, problems) = DesiredState::rebuild(&state, &cfg());
+    assert!(problems.is_empty());
+    let mut applied = Applied::default();
+    let mut sim = Sim::default();
+    let full = plan(&applied, &desired, &all_frontends(&applied, &desired));
+    assert_eq!(full.op_count(), 1000 * (1 + 1 + 5 + 5)); // rev-NAT, master, 5 slots, 5 backends
+    sim.execute(&full, &mut applied, || false);
+
+    let mut state = state;
+    let k = key("default", "svc-500");
+    let old: Vec<String> = state
+        .slices_of(&k)
+        .next()
+        .unwrap()
+        .endpoints
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| e.addresses[0].clone())
+        .collect();
+    let mut ips: Vec<&str> = old.iter().map(String::as_str).collect();
+    ips[2] = "10.200.0.1"; // one endpoint replaced by a new pod
+    let changes = state.apply(SourceEvent::SliceUpsert(simple_slice(
+        "svc-500-1",
+        "svc-500",
+        &ips,
+    )));
+    assert_eq!(changes.services.len(), 1);
+    let (touched, _) = desired.update_service(&state, &k, &cfg());
+    let p = plan(&applied, &desired, &touched.into_iter().collect());
+    assert_eq!(p.op_count(), 2, "{p:?}"); // PutBackend + PutSlot; the count did not change
+    sim.execute(&p, &mut applied, || false);
+    sim.check_equals(&desired).unwrap();
+    assert_eq!(applied, sim.to_applied());
+}
+
+#[test]
+fn rebuild_and_full_plan_of_10k_services_is_fast() {
+    let state = big_world(10_000, 10);
+    let t = Instant::now();
+    let (desired, problems) = DesiredState::rebuild(&state, &cfg());
+    let rebuild = t.elapsed();
+    assert!(problems.is_empty());
+    assert_eq!(desired.frontends.len(), 10_000);
+    let applied = Applied::default();
+    let t = Instant::now();
+    let p = plan(&applied, &desired, &all_frontends(&applied, &desired));
+    let planning = t.elapsed();
+    assert_eq!(p.op_count(), 10_000 * (1 + 1 + 10 + 10));
+    eprintln!("10k Services / 100k endpoints: rebuild {rebuild:?}, full plan {planning:?}");
+    // Generous bounds: debug builds on a shared 2-core machine; release is far faster.
+    assert!(rebuild.as_secs_f64() < 10.0 && planning.as_secs_f64() < 10.0);
+}
+
+#[test]
+fn shared_backend_state_follows_when_the_frontend_using_it_as_ready_goes() {
+    // Found by the property test: x drains the pod, y still calls it ready; y's port goes away,
+    // so the backend becomes terminating although only y's frontend was touched.
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("x", "10.96.0.1")));
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("y", "10.96.0.2")));
+    let draining = slice(
+        "x-1",
+        "x",
+        json!([{"port": 9376}]),
+        json!([ep_cond(
+            "10.244.0.6",
+            Some(false),
+            Some(true),
+            Some(true),
+            NODE
+        )]),
+    );
+    w.event(SourceEvent::SliceUpsert(draining));
+    w.slice("y", &["10.244.0.6"]);
+    assert_eq!(w.applied.backends[&1].1, BACKEND_ACTIVE);
+    let p = w.event(SourceEvent::ServiceUpsert(svc(
+        "y",
+        json!({"clusterIP": "10.96.0.2", "ports": []}),
+    )));
+    assert_eq!(
+        p.prepare,
+        vec![MapOp::PutBackend {
+            id: 1,
+            backend: be("10.244.0.6", 9376),
+            state: BACKEND_TERMINATING
+        }]
+    );
+}

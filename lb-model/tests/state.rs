@@ -1,0 +1,389 @@
+//! ClusterState change tracking and DesiredState ownership rules.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use lb_common::*;
+use lb_model::state::Changes;
+use lb_model::{ClusterState, DesiredState, Proto, SourceEvent};
+use serde_json::json;
+
+fn changed(c: &Changes) -> Vec<String> {
+    c.services.iter().map(|k| k.to_string()).collect()
+}
+
+fn state_with(events: Vec<SourceEvent>) -> ClusterState {
+    let mut st = ClusterState {
+        node: node(),
+        ..Default::default()
+    };
+    for e in events {
+        st.apply(e);
+    }
+    st
+}
+
+#[test]
+fn service_key_defaults_the_namespace() {
+    let mut st = ClusterState::default();
+    let s = svc_full(
+        json!({"name": "web"}),
+        json!({"clusterIP": "10.96.0.1"}),
+        json!({}),
+    );
+    let c = st.apply(SourceEvent::ServiceUpsert(s));
+    assert_eq!(changed(&c), vec!["default/web"]);
+    let c = st.apply(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "web".into(),
+    });
+    assert_eq!(changed(&c), vec!["default/web"]);
+    assert!(st.services.is_empty());
+}
+
+#[test]
+fn an_object_equal_to_the_held_one_changes_nothing() {
+    let mut st = ClusterState::default();
+    assert!(!st
+        .apply(SourceEvent::ServiceUpsert(cluster_svc("web", "10.96.0.1")))
+        .services
+        .is_empty());
+    assert_eq!(
+        st.apply(SourceEvent::ServiceUpsert(cluster_svc("web", "10.96.0.1"))),
+        Changes::default()
+    );
+    assert_eq!(
+        changed(&st.apply(SourceEvent::ServiceUpsert(cluster_svc("web", "10.96.0.2")))),
+        vec!["default/web"]
+    );
+    let sl = simple_slice("web-1", "web", &["10.244.0.1"]);
+    assert_eq!(
+        changed(&st.apply(SourceEvent::SliceUpsert(sl.clone()))),
+        vec!["default/web"]
+    );
+    assert_eq!(st.apply(SourceEvent::SliceUpsert(sl)), Changes::default());
+    // Deleting what is not there changes nothing either.
+    let none = st.apply(SourceEvent::SliceDelete {
+        namespace: "default".into(),
+        name: "nope".into(),
+    });
+    assert_eq!(none, Changes::default());
+}
+
+#[test]
+fn slice_without_service_label_is_a_problem_and_skipped() {
+    let mut st = ClusterState::default();
+    let mut sl = simple_slice("orphan", "web", &["10.244.0.1"]);
+    sl.metadata.labels = None;
+    let c = st.apply(SourceEvent::SliceUpsert(sl.clone()));
+    assert!(c.services.is_empty());
+    assert_eq!(c.problems.len(), 1);
+    assert_eq!(c.problems[0].kind, "invalid_slice");
+    assert_eq!(c.problems[0].object, "default/orphan");
+    assert!(st.slices.is_empty());
+    // A slice that loses its label leaves its Service.
+    st.apply(SourceEvent::SliceUpsert(simple_slice(
+        "orphan",
+        "web",
+        &["10.244.0.1"],
+    )));
+    let c = st.apply(SourceEvent::SliceUpsert(sl));
+    assert_eq!(changed(&c), vec!["default/web"]);
+    assert_eq!(st.slices_of(&key("default", "web")).count(), 0);
+}
+
+#[test]
+fn slice_moving_to_another_service_changes_both() {
+    let mut st = ClusterState::default();
+    st.apply(SourceEvent::SliceUpsert(simple_slice(
+        "s",
+        "a",
+        &["10.244.0.1"],
+    )));
+    let c = st.apply(SourceEvent::SliceUpsert(simple_slice(
+        "s",
+        "b",
+        &["10.244.0.1"],
+    )));
+    assert_eq!(changed(&c), vec!["default/a", "default/b"]);
+    assert_eq!(st.slices_of(&key("default", "a")).count(), 0);
+    assert_eq!(st.slices_of(&key("default", "b")).count(), 1);
+    let c = st.apply(SourceEvent::SliceDelete {
+        namespace: "default".into(),
+        name: "s".into(),
+    });
+    assert_eq!(changed(&c), vec!["default/b"]);
+    assert!(st.slices.is_empty() && st.slice_owner.is_empty());
+}
+
+#[test]
+fn slices_are_per_namespace() {
+    let mut st = ClusterState::default();
+    let mut other = simple_slice("s", "web", &["10.244.0.1"]);
+    other.metadata.namespace = Some("prod".into());
+    st.apply(SourceEvent::SliceUpsert(simple_slice(
+        "s",
+        "web",
+        &["10.244.0.2"],
+    )));
+    let c = st.apply(SourceEvent::SliceUpsert(other));
+    assert_eq!(changed(&c), vec!["prod/web"]);
+    assert_eq!(st.slices_of(&key("default", "web")).count(), 1);
+    assert_eq!(st.slices_of(&key("prod", "web")).count(), 1);
+}
+
+#[test]
+fn resync_reports_exactly_the_services_whose_objects_differ() {
+    let mut st = state_with(vec![
+        SourceEvent::ServiceUpsert(cluster_svc("same", "10.96.0.1")),
+        SourceEvent::ServiceUpsert(cluster_svc("changed", "10.96.0.2")),
+        SourceEvent::ServiceUpsert(cluster_svc("removed", "10.96.0.3")),
+        SourceEvent::SliceUpsert(simple_slice("same-1", "same", &["10.244.0.1"])),
+        SourceEvent::SliceUpsert(simple_slice("gone-1", "slicegone", &["10.244.0.2"])),
+    ]);
+    let c = st.apply(SourceEvent::Resync {
+        services: Some(vec![
+            cluster_svc("same", "10.96.0.1"),
+            cluster_svc("changed", "10.96.0.22"),
+            cluster_svc("added", "10.96.0.4"),
+        ]),
+        slices: None,
+    });
+    assert_eq!(
+        changed(&c),
+        vec!["default/added", "default/changed", "default/removed"]
+    );
+    assert_eq!(
+        st.slices.len(),
+        2,
+        "slices untouched by a services-only resync"
+    );
+    let c = st.apply(SourceEvent::Resync {
+        services: None,
+        slices: Some(vec![
+            simple_slice("same-1", "same", &["10.244.0.1"]),
+            simple_slice("new-1", "added", &["10.244.0.3"]),
+        ]),
+    });
+    assert_eq!(changed(&c), vec!["default/added", "default/slicegone"]);
+    assert_eq!(st.slice_owner.len(), 2);
+    let again = st.apply(SourceEvent::Resync {
+        services: Some(st.services.values().cloned().collect()),
+        slices: Some(
+            st.slices
+                .values()
+                .flat_map(|m| m.values().cloned())
+                .collect(),
+        ),
+    });
+    assert_eq!(
+        again,
+        Changes::default(),
+        "a resync that changes nothing costs nothing"
+    );
+}
+
+#[test]
+fn node_changes_recompute_everything_and_first_sync_too() {
+    let mut st = ClusterState::default();
+    assert!(st.apply(SourceEvent::Node(node())).all);
+    assert!(!st.apply(SourceEvent::Node(node())).all);
+    let mut moved = node();
+    moved.addresses.push("10.0.0.1".parse().unwrap());
+    assert!(st.apply(SourceEvent::Node(moved)).all);
+    assert!(st.apply(SourceEvent::Synced).all);
+    assert!(st.synced);
+    assert!(!st.apply(SourceEvent::Synced).all);
+}
+
+#[test]
+fn deleted_service_keeps_its_slices_for_when_it_comes_back() {
+    let k = key("default", "web");
+    let mut st = state_with(vec![
+        SourceEvent::ServiceUpsert(cluster_svc("web", "10.96.0.80")),
+        SourceEvent::SliceUpsert(simple_slice("web-1", "web", &["10.244.0.1"])),
+    ]);
+    let (mut d, p) = DesiredState::rebuild(&st, &cfg());
+    assert!(p.is_empty());
+    assert_eq!(d.frontends.len(), 1);
+    st.apply(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "web".into(),
+    });
+    let (touched, _) = d.update_service(&st, &k, &cfg());
+    assert_eq!(touched, vec![fe("10.96.0.80", 80, Proto::Tcp)]);
+    assert!(d.frontends.is_empty() && d.by_service.is_empty());
+    assert_eq!(st.slices_of(&k).count(), 1);
+    st.apply(SourceEvent::ServiceUpsert(cluster_svc("web", "10.96.0.80")));
+    d.update_service(&st, &k, &cfg());
+    assert_eq!(
+        d.frontends[&fe("10.96.0.80", 80, Proto::Tcp)].backends,
+        vec![be("10.244.0.1", 9376)]
+    );
+}
+
+#[test]
+fn type_change_touches_old_and_new_frontends() {
+    let k = key("default", "t");
+    let np = svc(
+        "t",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.5", "ports": [{"port": 80, "nodePort": 30005}]}),
+    );
+    let mut st = state_with(vec![SourceEvent::ServiceUpsert(cluster_svc(
+        "t",
+        "10.96.0.5",
+    ))]);
+    let (mut d, _) = DesiredState::rebuild(&st, &cfg());
+    st.apply(SourceEvent::ServiceUpsert(np));
+    let (touched, _) = d.update_service(&st, &k, &cfg());
+    let nodeport = fe("192.168.1.10", 30005, Proto::Tcp);
+    assert_eq!(touched, vec![fe("10.96.0.5", 80, Proto::Tcp), nodeport]);
+    assert_eq!(d.frontends.len(), 2);
+    // NodePort -> ExternalName: both frontends go.
+    st.apply(SourceEvent::ServiceUpsert(svc(
+        "t",
+        json!({"type": "ExternalName", "externalName": "x.example"}),
+    )));
+    let (touched, _) = d.update_service(&st, &k, &cfg());
+    assert_eq!(touched.len(), 2);
+    assert!(d.frontends.is_empty());
+}
+
+#[test]
+fn removed_port_is_touched_so_the_plan_removes_it() {
+    let k = key("default", "p");
+    let two = svc(
+        "p",
+        json!({"clusterIP": "10.96.0.6", "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81}]}),
+    );
+    let one = svc(
+        "p",
+        json!({"clusterIP": "10.96.0.6", "ports": [{"name": "a", "port": 80}]}),
+    );
+    let mut st = state_with(vec![SourceEvent::ServiceUpsert(two)]);
+    let (mut d, _) = DesiredState::rebuild(&st, &cfg());
+    st.apply(SourceEvent::ServiceUpsert(one));
+    let (touched, _) = d.update_service(&st, &k, &cfg());
+    assert!(touched.contains(&fe("10.96.0.6", 81, Proto::Tcp)));
+    assert_eq!(d.by_service[&k], vec![fe("10.96.0.6", 80, Proto::Tcp)]);
+}
+
+#[test]
+fn conflicting_frontend_stays_with_its_owner_and_passes_on_when_released() {
+    let shared = fe("10.96.0.7", 80, Proto::Tcp);
+    let mut st = state_with(vec![
+        SourceEvent::ServiceUpsert(cluster_svc("b-owner", "10.96.0.7")),
+        SourceEvent::SliceUpsert(simple_slice("a-1", "a-late", &["10.244.0.2"])),
+    ]);
+    let (mut d, p) = DesiredState::rebuild(&st, &cfg());
+    assert!(p.is_empty());
+    // "a-late" sorts first but arrives later: the existing owner keeps the frontend.
+    st.apply(SourceEvent::ServiceUpsert(cluster_svc(
+        "a-late",
+        "10.96.0.7",
+    )));
+    let (touched, p) = d.update_service(&st, &key("default", "a-late"), &cfg());
+    assert!(touched.is_empty());
+    assert_eq!(p.len(), 1);
+    assert_eq!(
+        (p[0].kind, p[0].object.as_str()),
+        ("frontend_conflict", "default/a-late")
+    );
+    assert_eq!(d.frontends[&shared].service, key("default", "b-owner"));
+    // The owner goes: the waiting Service gets the frontend, with its own endpoints.
+    st.apply(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "b-owner".into(),
+    });
+    let (touched, p) = d.update_service(&st, &key("default", "b-owner"), &cfg());
+    assert!(p.is_empty(), "{p:?}");
+    assert_eq!(touched, vec![shared]);
+    assert_eq!(d.frontends[&shared].service, key("default", "a-late"));
+    assert_eq!(d.frontends[&shared].backends, vec![be("10.244.0.2", 9376)]);
+    assert_eq!(
+        d.by_service.keys().cloned().collect::<Vec<_>>(),
+        vec![key("default", "a-late")]
+    );
+}
+
+#[test]
+fn shared_backend_is_active_if_any_frontend_uses_it_as_ready() {
+    let draining = |name: &str, svc: &str| {
+        slice(
+            name,
+            svc,
+            json!([{"port": 9376}]),
+            json!([ep_cond(
+                "10.244.0.1",
+                Some(false),
+                Some(true),
+                Some(true),
+                NODE
+            )]),
+        )
+    };
+    let mut st = state_with(vec![
+        SourceEvent::ServiceUpsert(cluster_svc("x", "10.96.0.8")),
+        SourceEvent::ServiceUpsert(cluster_svc("y", "10.96.0.9")),
+        SourceEvent::SliceUpsert(draining("x-1", "x")),
+        SourceEvent::SliceUpsert(draining("y-1", "y")),
+    ]);
+    let (mut d, _) = DesiredState::rebuild(&st, &cfg());
+    let b = be("10.244.0.1", 9376);
+    assert_eq!(d.backend_state(&b), Some(BACKEND_TERMINATING));
+    // publishNotReadyAddresses on y: its slice calls the same pod ready.
+    st.apply(SourceEvent::SliceUpsert(simple_slice(
+        "y-1",
+        "y",
+        &["10.244.0.1"],
+    )));
+    d.update_service(&st, &key("default", "y"), &cfg());
+    assert_eq!(d.backend_state(&b), Some(BACKEND_ACTIVE));
+    st.apply(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "y".into(),
+    });
+    d.update_service(&st, &key("default", "y"), &cfg());
+    assert_eq!(d.backend_state(&b), Some(BACKEND_TERMINATING));
+    st.apply(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "x".into(),
+    });
+    d.update_service(&st, &key("default", "x"), &cfg());
+    assert_eq!(d.backend_state(&b), None);
+}
+
+#[test]
+fn rebuild_matches_incremental_updates() {
+    let events = vec![
+        SourceEvent::ServiceUpsert(cluster_svc("a", "10.96.0.1")),
+        SourceEvent::ServiceUpsert(svc(
+            "b",
+            json!({"type": "NodePort", "clusterIP": "10.96.0.2",
+            "ports": [{"port": 80, "nodePort": 30002}, {"name": "u", "port": 53, "protocol": "UDP"}]}),
+        )),
+        SourceEvent::SliceUpsert(simple_slice("a-1", "a", &["10.244.0.1", "10.244.0.2"])),
+        SourceEvent::SliceUpsert(simple_slice("b-1", "b", &["10.244.0.3"])),
+    ];
+    let mut st = ClusterState {
+        node: node(),
+        ..Default::default()
+    };
+    let mut d = DesiredState::default();
+    for e in events {
+        let c = st.apply(e);
+        for k in &c.services {
+            d.update_service(&st, k, &cfg());
+        }
+    }
+    let (fresh, _) = DesiredState::rebuild(&st, &cfg());
+    assert_eq!(d.frontends, fresh.frontends);
+    assert_eq!(d.by_service, fresh.by_service);
+    let flags: BTreeSet<u32> = d.frontends.values().map(|f| f.flags).collect();
+    assert_eq!(
+        flags,
+        BTreeSet::from([SVC_FLAG_CLUSTER_IP, SVC_FLAG_NODE_PORT])
+    );
+}
