@@ -80,7 +80,9 @@ impl Default for Config {
 pub struct ClusterState {
     pub services: BTreeMap<ServiceKey, Service>,
     /// Slices by the Service they belong to, then by slice name.
-    pub slices: BTreeMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
+    /// Boxed: a BTreeMap keeps values inline in 11-slot nodes, and most Services have one slice,
+    /// so an unboxed EndpointSlice would cost ~11 slices of memory per Service.
+    pub slices: BTreeMap<ServiceKey, BTreeMap<String, Box<EndpointSlice>>>,
     /// Slice name (namespace, slice name) -> owning Service, so a delete finds its Service.
     pub slice_owner: BTreeMap<(String, String), ServiceKey>,
     pub node: NodeInfo,
@@ -199,7 +201,7 @@ impl ClusterState {
 
     /// The slices of a Service (empty if none).
     pub fn slices_of(&self, key: &ServiceKey) -> impl Iterator<Item = &EndpointSlice> {
-        self.slices.get(key).into_iter().flat_map(|m| m.values())
+        self.slices.get(key).into_iter().flat_map(|m| m.values().map(|b| &**b))
     }
 
     fn upsert_service(&mut self, svc: Service, changes: &mut Changes) {
@@ -222,7 +224,7 @@ impl ClusterState {
             SliceFiling::Owned { slice: key, owner } => {
                 let id = (key.namespace, key.name);
                 let held = self.slices.get(&owner).and_then(|m| m.get(&id.1));
-                if held == Some(&slice) {
+                if held.map(|b| &**b) == Some(&slice) {
                     return;
                 }
                 // The label may have moved the slice to another Service: the old one changes too.
@@ -234,7 +236,7 @@ impl ClusterState {
                 self.slices
                     .entry(owner.clone())
                     .or_default()
-                    .insert(id.1.clone(), slice);
+                    .insert(id.1.clone(), Box::new(slice));
                 self.slice_owner.insert(id, owner.clone());
                 changes.services.insert(owner);
             }
@@ -283,7 +285,7 @@ impl ClusterState {
     }
 
     fn resync_slices(&mut self, slices: Vec<EndpointSlice>, changes: &mut Changes) {
-        let mut fresh: BTreeMap<ServiceKey, BTreeMap<String, EndpointSlice>> = BTreeMap::new();
+        let mut fresh: BTreeMap<ServiceKey, BTreeMap<String, Box<EndpointSlice>>> = BTreeMap::new();
         let mut owners = BTreeMap::new();
         for slice in slices {
             match file_slice(&slice) {
@@ -295,7 +297,7 @@ impl ClusterState {
                             m.remove(&id.1);
                         }
                     }
-                    fresh.entry(owner).or_default().insert(id.1, slice);
+                    fresh.entry(owner).or_default().insert(id.1, Box::new(slice));
                 }
                 SliceFiling::Skipped(problem) => changes.problems.push(problem),
             }

@@ -174,7 +174,7 @@ fn resync_reports_exactly_the_services_whose_objects_differ() {
         slices: Some(
             st.slices
                 .values()
-                .flat_map(|m| m.values().cloned())
+                .flat_map(|m| m.values().map(|b| (**b).clone()))
                 .collect(),
         ),
     });

@@ -129,6 +129,9 @@ pub async fn run(cfg: AgentConfig, source: Source) -> anyhow::Result<()> {
                 let mut absorb = |ev: SourceEvent, changes: &mut lb_model::state::Changes| {
                     metrics.source_events.inc();
                     let c = state.apply(ev);
+                    for p in &c.problems {
+                        report_problem(&metrics, p);
+                    }
                     changes.all |= c.all;
                     changes.services.extend(c.services);
                 };

@@ -294,6 +294,7 @@ impl Datapath {
                 return report;
             }
         };
+        let mut failed_prepare = Vec::new();
         for op in &plan.prepare {
             tracing::debug!(?op, "map op");
             match maps.exec(op) {
@@ -301,10 +302,19 @@ impl Datapath {
                     applied.apply(op);
                     report.ops_ok += 1;
                 }
-                Err(e) => report.prepare_failed.push(format!("{op:?}: {e}")),
+                Err(e) => {
+                    report.prepare_failed.push(format!("{op:?}: {e}"));
+                    failed_prepare.push(op.clone());
+                }
             }
         }
+        // A slot must never point at a backend that was not written: skip those frontends.
+        let blocked = plan.blocked_by(&failed_prepare);
         for (fe, ops) in &plan.frontends {
+            if blocked.contains(fe) {
+                report.failed.push((*fe, "skipped: a backend or rev-NAT entry it needs could not be written".into()));
+                continue;
+            }
             for op in ops {
                 tracing::debug!(?op, "map op");
                 match maps.exec(op) {

@@ -34,21 +34,103 @@ fn is_manifest(p: &Path) -> bool {
     !name.starts_with('.') && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
+/// Objects of one kind in one file. A Vec, not a map: a file holds a few objects, and a BTreeMap
+/// would reserve 11 inline slots of these large structs per file.
+#[derive(Debug)]
+struct Objs<T>(Vec<(ObjKey, T)>);
+
+impl<T> Default for Objs<T> {
+    fn default() -> Self {
+        Objs(Vec::new())
+    }
+}
+
+impl<T> Objs<T> {
+    /// Later documents of a file replace earlier ones with the same key.
+    fn from_parsed(items: Vec<T>, meta: impl Fn(&T) -> &ObjectMeta) -> Self {
+        let mut v: Vec<(ObjKey, T)> = Vec::with_capacity(items.len());
+        for item in items {
+            let key = obj_key(meta(&item));
+            v.retain(|(k, _)| *k != key);
+            v.push((key, item));
+        }
+        Objs(v)
+    }
+    fn get(&self, key: &ObjKey) -> Option<&T> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+    fn keys(&self) -> impl Iterator<Item = &ObjKey> {
+        self.0.iter().map(|(k, _)| k)
+    }
+}
+
 /// What one file held when it was last read.
 #[derive(Debug, Default)]
 struct FileEntry {
     stamp: Option<(SystemTime, u64)>,
-    services: BTreeMap<ObjKey, Service>,
-    slices: BTreeMap<ObjKey, EndpointSlice>,
+    services: Objs<Service>,
+    slices: Objs<EndpointSlice>,
 }
 
-/// The directory as last read: per-file content, and the merged view the agent was told about.
-/// When two files define the same object, the file that sorts last wins (deterministic).
+/// Which files define one object, and which of them the consumer was last told about.
+#[derive(Debug, Default)]
+struct Defs {
+    /// Files defining the object; the last one (in path order) wins, deterministically.
+    files: BTreeMap<ObjKey, BTreeSet<PathBuf>>,
+    /// The file whose version of the object was last sent.
+    sent: BTreeMap<ObjKey, PathBuf>,
+}
+
+/// The directory as last read: each file's objects, indexed by object. Objects are held once (in
+/// their file's entry), so 10k Services cost one copy here and one in the cluster state.
 #[derive(Debug, Default)]
 pub struct DirState {
     files: BTreeMap<PathBuf, FileEntry>,
-    services: BTreeMap<ObjKey, Service>,
-    slices: BTreeMap<ObjKey, EndpointSlice>,
+    services: Defs,
+    slices: Defs,
+}
+
+/// Emit the events for the touched keys of one kind: compare the object last sent (from the
+/// file's old entry if that file was just re-read) with the current winner.
+fn diff_kind<T: Clone + PartialEq>(
+    defs: &mut Defs,
+    touched: BTreeSet<ObjKey>,
+    files: &BTreeMap<PathBuf, FileEntry>,
+    old: &BTreeMap<PathBuf, FileEntry>,
+    get: impl Fn(&FileEntry) -> &Objs<T>,
+    upsert: impl Fn(T) -> SourceEvent,
+    delete: impl Fn(ObjKey) -> SourceEvent,
+    events: &mut Vec<SourceEvent>,
+) {
+    for key in touched {
+        let before = defs.sent.get(&key).and_then(|p| old.get(p).or_else(|| files.get(p))).and_then(|f| get(f).get(&key));
+        let winner = defs.files.get(&key).and_then(|s| s.last()).cloned();
+        let now = winner.as_ref().and_then(|p| files.get(p)).and_then(|f| get(f).get(&key));
+        match (now, before) {
+            (Some(n), Some(b)) if n == b => {}
+            (Some(n), _) => events.push(upsert(n.clone())),
+            (None, Some(_)) => events.push(delete(key.clone())),
+            (None, None) => {}
+        }
+        match winner {
+            Some(p) => defs.sent.insert(key, p),
+            None => defs.sent.remove(&key),
+        };
+    }
+}
+
+fn index<T>(defs: &mut Defs, path: &Path, objs: &Objs<T>, add: bool) {
+    for key in objs.keys() {
+        let set = defs.files.entry(key.clone()).or_default();
+        if add {
+            set.insert(path.to_path_buf());
+        } else {
+            set.remove(path);
+            if set.is_empty() {
+                defs.files.remove(key);
+            }
+        }
+    }
 }
 
 impl DirState {
@@ -70,15 +152,20 @@ impl DirState {
         let mut problems = Vec::new();
         let mut touched_svc: BTreeSet<ObjKey> = BTreeSet::new();
         let mut touched_slice: BTreeSet<ObjKey> = BTreeSet::new();
+        let mut old_entries: BTreeMap<PathBuf, FileEntry> = BTreeMap::new();
         for path in candidates {
             let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file());
             let stamp = meta.as_ref().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
             if stamp.is_some() && self.files.get(&path).map(|f| f.stamp) == Some(stamp) {
                 continue; // unchanged since last read
             }
-            let old = self.files.remove(&path).unwrap_or_default();
-            touched_svc.extend(old.services.into_keys());
-            touched_slice.extend(old.slices.into_keys());
+            if let Some(old) = self.files.remove(&path) {
+                index(&mut self.services, &path, &old.services, false);
+                index(&mut self.slices, &path, &old.slices, false);
+                touched_svc.extend(old.services.keys().cloned());
+                touched_slice.extend(old.slices.keys().cloned());
+                old_entries.insert(path.clone(), old);
+            }
             if stamp.is_none() {
                 continue; // deleted
             }
@@ -88,55 +175,51 @@ impl DirState {
                 Ok(text) => {
                     let parsed = manifest::parse(&origin, &text);
                     problems.extend(parsed.problems);
-                    entry.services = parsed.services.into_iter().map(|s| (obj_key(&s.metadata), s)).collect();
-                    entry.slices = parsed.slices.into_iter().map(|s| (obj_key(&s.metadata), s)).collect();
+                    entry.services = Objs::from_parsed(parsed.services, |s| &s.metadata);
+                    entry.slices = Objs::from_parsed(parsed.slices, |s| &s.metadata);
                 }
                 Err(e) => problems.push(Problem { object: origin, kind: "read", reason: e.to_string() }),
             }
+            index(&mut self.services, &path, &entry.services, true);
+            index(&mut self.slices, &path, &entry.slices, true);
             touched_svc.extend(entry.services.keys().cloned());
             touched_slice.extend(entry.slices.keys().cloned());
             self.files.insert(path, entry);
         }
 
         let mut events = Vec::new();
-        for key in touched_svc {
-            let now = self.files.values().rev().find_map(|f| f.services.get(&key)).cloned();
-            match (now, self.services.get(&key)) {
-                (Some(n), Some(o)) if &n == o => {}
-                (Some(n), _) => {
-                    self.services.insert(key, n.clone());
-                    events.push(SourceEvent::ServiceUpsert(n));
-                }
-                (None, Some(_)) => {
-                    self.services.remove(&key);
-                    events.push(SourceEvent::ServiceDelete { namespace: key.0, name: key.1 });
-                }
-                (None, None) => {}
-            }
-        }
-        for key in touched_slice {
-            let now = self.files.values().rev().find_map(|f| f.slices.get(&key)).cloned();
-            match (now, self.slices.get(&key)) {
-                (Some(n), Some(o)) if &n == o => {}
-                (Some(n), _) => {
-                    self.slices.insert(key, n.clone());
-                    events.push(SourceEvent::SliceUpsert(n));
-                }
-                (None, Some(_)) => {
-                    self.slices.remove(&key);
-                    events.push(SourceEvent::SliceDelete { namespace: key.0, name: key.1 });
-                }
-                (None, None) => {}
-            }
-        }
+        diff_kind(
+            &mut self.services,
+            touched_svc,
+            &self.files,
+            &old_entries,
+            |f| &f.services,
+            SourceEvent::ServiceUpsert,
+            |(namespace, name)| SourceEvent::ServiceDelete { namespace, name },
+            &mut events,
+        );
+        diff_kind(
+            &mut self.slices,
+            touched_slice,
+            &self.files,
+            &old_entries,
+            |f| &f.slices,
+            SourceEvent::SliceUpsert,
+            |(namespace, name)| SourceEvent::SliceDelete { namespace, name },
+            &mut events,
+        );
         Ok((events, problems))
+    }
+
+    fn current<'a, T: 'a>(&'a self, defs: &'a Defs, get: impl Fn(&'a FileEntry) -> &'a Objs<T>) -> impl Iterator<Item = &'a T> {
+        defs.sent.iter().filter_map(move |(k, p)| self.files.get(p).and_then(|f| get(f).get(k)))
     }
 
     /// The whole current view as one resync event.
     pub fn resync(&self) -> SourceEvent {
         SourceEvent::Resync {
-            services: Some(self.services.values().cloned().collect()),
-            slices: Some(self.slices.values().cloned().collect()),
+            services: Some(self.current(&self.services, |f| &f.services).cloned().collect()),
+            slices: Some(self.current(&self.slices, |f| &f.slices).cloned().collect()),
         }
     }
 }
@@ -265,7 +348,10 @@ mod tests {
         std::fs::write(dir.join("2.yaml"), SVC.replace("10.96.0.1", "10.96.0.2")).unwrap();
         let mut st = DirState::default();
         st.refresh(&dir, None).unwrap();
-        let ip = |st: &DirState| st.services[&("default".into(), "a".into())].spec.as_ref().unwrap().cluster_ip.clone();
+        let ip = |st: &DirState| match st.resync() {
+            SourceEvent::Resync { services: Some(s), .. } => s[0].spec.as_ref().unwrap().cluster_ip.clone(),
+            _ => unreachable!(),
+        };
         assert_eq!(ip(&st).as_deref(), Some("10.96.0.2"));
         std::fs::remove_file(dir.join("2.yaml")).unwrap();
         let (evs, _) = st.refresh(&dir, None).unwrap();
