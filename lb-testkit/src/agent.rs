@@ -1,0 +1,378 @@
+//! The `xlb agent` process of one node, and the `xlb inspect` / `xlb cleanup` calls tests make.
+//!
+//! The agent runs in the node's network namespace (entered before `exec`, mount namespace kept, so
+//! its pins under /sys/fs/bpf are visible to the test and to `xlb inspect`). Its log goes to a file
+//! that is printed when a test fails. Dropping the handle kills the agent and runs `xlb cleanup`,
+//! which detaches the programs and removes the pins.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Deserialize;
+
+use crate::error::{io_err, Error, Result};
+use crate::netns::{run_cmd, NetNs};
+use crate::wait::wait_for;
+
+/// How long an agent may take from start to "agent ready".
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the agent logs once its first full sync is applied.
+pub const READY_MARKER: &str = "agent ready";
+
+/// The `xlb` binary: `$XLB_BIN`, else `<workspace>/target/debug/xlb` (honouring `CARGO_TARGET_DIR`).
+pub fn xlb_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("XLB_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::Agent(format!(
+                "XLB_BIN={} does not exist",
+                p.display()
+            )))
+        };
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let p = target.join("debug/xlb");
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::Agent(format!(
+            "xlb binary not found at {}: run `cargo build -p lb-userspace` or set XLB_BIN",
+            p.display()
+        )))
+    }
+}
+
+/// How to run one node's agent.
+#[derive(Clone, Debug)]
+pub struct AgentSpec {
+    /// Name of the node's network namespace.
+    pub netns: String,
+    pub manifests: PathBuf,
+    pub pin_path: PathBuf,
+    /// Appended to on every start.
+    pub log_path: PathBuf,
+    /// `--pod-devices` value.
+    pub pod_devices: String,
+    /// Further arguments after the standard ones.
+    pub extra_args: Vec<String>,
+    /// Start the agent in its own session (survives the terminal; the demo's `--keep`).
+    pub detach: bool,
+}
+
+impl AgentSpec {
+    /// The test defaults: pod veths are "xp*", metrics off.
+    pub fn new(netns: &NetNs, manifests: &Path, pin_path: &Path, log_path: &Path) -> Self {
+        AgentSpec {
+            netns: netns.name().to_string(),
+            manifests: manifests.to_path_buf(),
+            pin_path: pin_path.to_path_buf(),
+            log_path: log_path.to_path_buf(),
+            pod_devices: "xp*".to_string(),
+            extra_args: Vec::new(),
+            detach: false,
+        }
+    }
+}
+
+/// A running (or stopped) agent.
+#[derive(Debug)]
+pub struct Agent {
+    spec: AgentSpec,
+    child: Option<Child>,
+    /// Log length when the current process started: readiness is looked for after it.
+    log_start: u64,
+    keep: bool,
+}
+
+impl Agent {
+    /// Start and wait for "agent ready".
+    pub fn start(spec: AgentSpec) -> Result<Self> {
+        let mut agent = Agent {
+            spec,
+            child: None,
+            log_start: 0,
+            keep: false,
+        };
+        agent.spawn()?;
+        agent.wait_ready(READY_TIMEOUT)?;
+        Ok(agent)
+    }
+
+    /// Start the process without waiting for readiness (e.g. to test traffic during start-up).
+    pub fn spawn(&mut self) -> Result<()> {
+        if self.is_running() {
+            return Err(Error::Agent("already running".into()));
+        }
+        let bin = xlb_bin()?;
+        std::fs::create_dir_all(&self.spec.pin_path)
+            .map_err(io_err(format!("creating {}", self.spec.pin_path.display())))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.spec.log_path)
+            .map_err(io_err(format!("opening {}", self.spec.log_path.display())))?;
+        self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log2 = log.try_clone().map_err(io_err("cloning log fd"))?;
+        let mut cmd = crate::netns::command_in(&self.spec.netns, &bin)?;
+        cmd.arg("agent")
+            .arg("--manifests")
+            .arg(&self.spec.manifests)
+            .arg("--pin-path")
+            .arg(&self.spec.pin_path)
+            .args([
+                "--pod-devices",
+                &self.spec.pod_devices,
+                "--metrics-addr",
+                "none",
+            ])
+            .args(&self.spec.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        if self.spec.detach {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setsid is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
+            .spawn()
+            .map_err(io_err(format!("starting {}", bin.display())))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Wait until the current process logged [`READY_MARKER`]; an exit first is an error.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let ready = wait_for(timeout, Duration::from_millis(50), || {
+            if self.log_since_start().contains(READY_MARKER) {
+                return Some(Ok(()));
+            }
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => {
+                    Some(Err(format!("agent exited with {status} before ready")))
+                }
+                None => Some(Err("agent not started".to_string())),
+                _ => None,
+            }
+        });
+        match ready {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(Error::Agent(format!("{e}; log:\n{}", self.log()))),
+            None => Err(Error::Agent(format!(
+                "not ready after {timeout:?}; log:\n{}",
+                self.log()
+            ))),
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM and wait (up to 10 s, then SIGKILL). Programs and pins stay: traffic keeps flowing.
+    pub fn stop(&mut self) -> Result<Option<ExitStatus>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let status = wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+            child.try_wait().ok().flatten()
+        });
+        match status {
+            Some(s) => Ok(Some(s)),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(Error::Agent(format!(
+                    "did not exit within 10 s of SIGTERM; log:\n{}",
+                    self.log()
+                )))
+            }
+        }
+    }
+
+    /// SIGKILL (a crash): nothing is cleaned up by the agent.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stop (SIGTERM) if running, start again and wait until ready.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.spawn()?;
+        self.wait_ready(READY_TIMEOUT)
+    }
+
+    /// The whole log file (every start).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.spec.log_path).unwrap_or_default()
+    }
+
+    fn log_since_start(&self) -> String {
+        let log = std::fs::read(&self.spec.log_path).unwrap_or_default();
+        let start = (self.log_start as usize).min(log.len());
+        String::from_utf8_lossy(&log[start..]).into_owned()
+    }
+
+    pub fn spec(&self) -> &AgentSpec {
+        &self.spec
+    }
+
+    /// Leave the agent running and its pins in place when this handle drops (demo `--keep`).
+    pub fn keep_running(mut self) {
+        self.keep = true;
+        if let Some(child) = self.child.take() {
+            std::mem::forget(child);
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- xlb agent log ({}) ----\n{}---- end of agent log ----",
+                self.spec.log_path.display(),
+                self.log()
+            );
+        }
+        self.kill();
+        if let Err(e) = cleanup_pins(&self.spec.pin_path) {
+            eprintln!("cleanup of {}: {e}", self.spec.pin_path.display());
+        }
+    }
+}
+
+/// `xlb cleanup --pin-path PIN` (detaches programs, removes pins), then remove the directory.
+/// A missing directory is not an error.
+pub fn cleanup_pins(pin_path: &Path) -> Result<()> {
+    if !pin_path.exists() {
+        return Ok(());
+    }
+    let result = xlb_bin().and_then(|bin| {
+        run_cmd(
+            Command::new(bin)
+                .arg("cleanup")
+                .arg("--pin-path")
+                .arg(pin_path),
+        )
+        .map(|_| ())
+    });
+    // Whatever xlb did, leave no pins behind (unlinking a pinned link also detaches it).
+    if pin_path.exists() {
+        std::fs::remove_dir_all(pin_path)
+            .map_err(io_err(format!("removing {}", pin_path.display())))?;
+    }
+    result
+}
+
+/// One backend slot of a Service, as `xlb inspect services -o json` prints it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct InspectBackend {
+    #[serde(default)]
+    pub slot: u16,
+    pub id: u32,
+    pub addr: String,
+    pub port: u16,
+    pub proto: String,
+    pub state: String,
+}
+
+/// One frontend, as `xlb inspect services -o json` prints it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct InspectService {
+    pub frontend: String,
+    pub addr: String,
+    pub port: u16,
+    pub proto: String,
+    #[serde(default)]
+    pub scope: u8,
+    #[serde(default)]
+    pub rev_nat_id: u32,
+    #[serde(default)]
+    pub flags: Vec<String>,
+    #[serde(default)]
+    pub affinity_timeout: u32,
+    pub count: u32,
+    #[serde(default)]
+    pub backends: Vec<InspectBackend>,
+}
+
+impl InspectService {
+    /// "addr:port" of every backend, sorted.
+    pub fn backend_addrs(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Run `xlb inspect services -o json --pin-path PIN` and parse it.
+pub fn inspect_services(pin_path: &Path) -> Result<Vec<InspectService>> {
+    let out = inspect_raw(pin_path, "services")?;
+    serde_json::from_str(&out).map_err(|e| Error::Inspect(format!("{e}: {out}")))
+}
+
+/// Raw JSON of `xlb inspect WHAT -o json --pin-path PIN`.
+pub fn inspect_raw(pin_path: &Path, what: &str) -> Result<String> {
+    let bin = xlb_bin()?;
+    run_cmd(
+        Command::new(bin)
+            .args(["inspect", what, "-o", "json", "--pin-path"])
+            .arg(pin_path),
+    )
+}
+
+/// The frontend "addr:port/PROTO" in `services`, if present.
+pub fn find_frontend<'a>(
+    services: &'a [InspectService],
+    frontend: &str,
+) -> Option<&'a InspectService> {
+    services.iter().find(|s| s.frontend == frontend)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_inspect_json() {
+        let json = r#"[{"frontend":"10.96.0.80:80/TCP","addr":"10.96.0.80","port":80,"proto":"TCP","scope":0,
+            "rev_nat_id":1,"flags":["cluster_ip"],"affinity_timeout":0,"count":1,
+            "backends":[{"slot":1,"id":4,"addr":"10.244.1.10","port":9376,"proto":"TCP","state":"active"}]}]"#;
+        let s: Vec<InspectService> = serde_json::from_str(json).unwrap();
+        assert_eq!(s[0].backend_addrs(), vec!["10.244.1.10:9376".to_string()]);
+        assert!(find_frontend(&s, "10.96.0.80:80/TCP").is_some());
+        assert!(find_frontend(&s, "10.96.0.80:80/UDP").is_none());
+    }
+}
