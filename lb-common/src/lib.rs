@@ -38,6 +38,15 @@ pub mod prog_names {
     pub const NOOP_XDP: &str = "noop_xdp";
 }
 
+/// Load-time globals of the eBPF object (set with `EbpfLoader::override_global`).
+pub mod global_names {
+    /// Service CIDR address and mask (network byte order); mask 0 disables. A packet to an
+    /// address in it that matches no frontend is refused (kube-proxy's nftables mode rejects
+    /// traffic to unallocated ClusterIPs the same way), so a deleted Service fails fast.
+    pub const SERVICE_CIDR_ADDR: &str = "XLB_SERVICE_CIDR_ADDR";
+    pub const SERVICE_CIDR_MASK: &str = "XLB_SERVICE_CIDR_MASK";
+}
+
 /// Default map capacities (overridable by the agent at load time).
 pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
 pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;

@@ -17,6 +17,26 @@ use crate::{
     stats::bump,
 };
 
+/// See `lb_common::global_names`: set by the agent at load time, read-only afterwards.
+#[unsafe(no_mangle)]
+static XLB_SERVICE_CIDR_ADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static XLB_SERVICE_CIDR_MASK: u32 = 0;
+
+/// Whether `daddr` is in the configured Service CIDR (never, when none is configured).
+#[inline(always)]
+fn in_service_cidr(daddr: u32) -> bool {
+    // SAFETY: plain reads of load-time constants; volatile so the compiler keeps the loads
+    // (the loader patches the values after compilation).
+    let (addr, mask) = unsafe {
+        (
+            core::ptr::read_volatile(&XLB_SERVICE_CIDR_ADDR),
+            core::ptr::read_volatile(&XLB_SERVICE_CIDR_MASK),
+        )
+    };
+    mask != 0 && daddr & mask == addr
+}
+
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     try_from_pod(&ctx).unwrap_or_else(Fault::verdict)
@@ -73,6 +93,11 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64, reselected: bool) -> Result
     let master_key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXT, 0);
     // SAFETY: the master is copied out at once.
     let Some(master) = (unsafe { SERVICES.get(master_key) }).copied() else {
+        // An unallocated ClusterIP (or a port the Service does not have): refuse at once
+        // instead of letting the packet leave untranslated and time out.
+        if in_service_cidr(pkt.daddr) {
+            return refuse(ctx, pkt);
+        }
         // Not a frontend: not ours, and no map write.
         return Ok(PASS);
     };

@@ -55,6 +55,7 @@ pub fn xlb_bin() -> Result<PathBuf> {
 pub struct AgentSpec {
     /// Name of the node's network namespace.
     pub netns: String,
+    /// Manifests directory (`--manifests`); empty when `extra_args` names another source.
     pub manifests: PathBuf,
     pub pin_path: PathBuf,
     /// Appended to on every start.
@@ -122,10 +123,12 @@ impl Agent {
         self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let log2 = log.try_clone().map_err(io_err("cloning log fd"))?;
         let mut cmd = crate::netns::command_in(&self.spec.netns, &bin)?;
-        cmd.arg("agent")
-            .arg("--manifests")
-            .arg(&self.spec.manifests)
-            .arg("--pin-path")
+        cmd.arg("agent");
+        // An empty manifests path: the source is given in `extra_args` (e.g. --kubeconfig).
+        if !self.spec.manifests.as_os_str().is_empty() {
+            cmd.arg("--manifests").arg(&self.spec.manifests);
+        }
+        cmd.arg("--pin-path")
             .arg(&self.spec.pin_path)
             .args([
                 "--pod-devices",

@@ -57,6 +57,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     pub model: ModelConfig,
     pub map_sizes: MapSizes,
+    /// Service CIDR: unallocated addresses in it are refused (None: no such refusal).
+    pub service_cidr: Option<(std::net::Ipv4Addr, u8)>,
     /// How often to look for new pod devices and retry failed frontends.
     pub tick: Duration,
 }
@@ -69,7 +71,7 @@ pub fn report_problem(metrics: &Metrics, p: &Problem) {
 
 pub async fn run(cfg: AgentConfig, source: Source) -> anyhow::Result<()> {
     let (metrics, registry) = Metrics::new();
-    let mut dp = Datapath::open(&cfg.pin_path, &cfg.map_sizes)
+    let mut dp = Datapath::open_with(&cfg.pin_path, &cfg.map_sizes, cfg.service_cidr)
         .with_context(|| format!("opening the datapath at {}", cfg.pin_path.display()))?;
     let mut applied = dp.read_applied().context("reading the pinned maps back")?;
     tracing::info!(

@@ -172,6 +172,11 @@ pub struct ExecReport {
 impl Datapath {
     /// Load the eBPF object with maps pinned under `pin_path` (reusing pins from an earlier agent).
     pub fn open(pin_path: &Path, sizes: &MapSizes) -> Result<Self> {
+        Self::open_with(pin_path, sizes, None)
+    }
+
+    /// [`Datapath::open`], with a Service CIDR whose unallocated addresses are refused.
+    pub fn open_with(pin_path: &Path, sizes: &MapSizes, service_cidr: Option<(Ipv4Addr, u8)>) -> Result<Self> {
         let obj = crate::ebpf_object();
         if obj.is_empty() {
             return Err(Error::EmptyObject);
@@ -193,6 +198,10 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let (cidr_addr, cidr_mask) = service_cidr_words(service_cidr);
+        loader
+            .override_global(lb_common::global_names::SERVICE_CIDR_ADDR, &cidr_addr, true)
+            .override_global(lb_common::global_names::SERVICE_CIDR_MASK, &cidr_mask, true);
         let mut ebpf = loader.load(obj)?;
         for hook in Hook::ALL {
             let prog: &mut SchedClassifier = ebpf
@@ -343,6 +352,18 @@ impl Datapath {
     pub fn read_applied(&mut self) -> Result<Applied> {
         let maps = TypedMaps::borrow(&mut self.ebpf)?;
         read_applied(&maps.services, &maps.backends, &maps.rev_nat)
+    }
+}
+
+/// Network-order (address, mask) words of a CIDR for the eBPF globals; (0, 0) disables.
+pub fn service_cidr_words(cidr: Option<(Ipv4Addr, u8)>) -> (u32, u32) {
+    match cidr {
+        Some((addr, len)) if len > 0 => {
+            let mask = u32::MAX << (32 - u32::from(len.min(32)));
+            let mask_be = mask.to_be();
+            (lb_common::ip4(addr.octets()) & mask_be, mask_be)
+        }
+        _ => (0, 0),
     }
 }
 
@@ -565,6 +586,19 @@ pub fn cleanup(pin_path: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_cidr_words_are_network_order() {
+        let (a, m) = service_cidr_words(Some((Ipv4Addr::new(10, 96, 0, 0), 12)));
+        assert_eq!(a.to_ne_bytes(), [10, 96, 0, 0]);
+        assert_eq!(m.to_ne_bytes(), [255, 240, 0, 0]);
+        let inside = lb_common::ip4([10, 111, 255, 1]);
+        let outside = lb_common::ip4([10, 112, 0, 1]);
+        assert_eq!(inside & m, a);
+        assert_ne!(outside & m, a);
+        assert_eq!(service_cidr_words(None), (0, 0));
+        assert_eq!(service_cidr_words(Some((Ipv4Addr::new(10, 0, 0, 0), 0))), (0, 0));
+    }
 
     #[test]
     fn link_pin_names_round_trip() {

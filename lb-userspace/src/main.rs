@@ -72,9 +72,23 @@ struct AgentArgs {
     /// Capacity of the conntrack map (two entries per flow).
     #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_MAX)]
     conntrack_map_size: u32,
+    /// Service CIDR (e.g. 10.96.0.0/12): connections to an address in it that no Service uses
+    /// are refused at once (as kube-proxy's nftables mode does), not left to time out.
+    #[arg(long, value_parser = parse_cidr)]
+    service_cidr: Option<(std::net::Ipv4Addr, u8)>,
     /// Log format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
+}
+
+fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (addr, len) = s.split_once('/').ok_or("expected ADDRESS/PREFIX, e.g. 10.96.0.0/12")?;
+    let addr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let len: u8 = len.parse().map_err(|e| format!("{len}: {e}"))?;
+    if !(1..=32).contains(&len) {
+        return Err(format!("prefix length {len} is not in 1..=32"));
+    }
+    Ok((addr, len))
 }
 
 fn init_tracing(json: bool) {
@@ -138,6 +152,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             ..MapSizes::default()
         },
         tick: Duration::from_millis(250),
+        service_cidr: args.service_cidr,
     };
     let source = match (args.manifests, args.kubeconfig, args.in_cluster) {
         (Some(dir), _, _) => Source::Manifests(dir),

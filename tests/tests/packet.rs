@@ -650,3 +650,32 @@ fn udp_to_a_service_without_endpoints_gets_port_unreachable() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn unallocated_addresses_in_the_service_cidr_are_refused() -> Result<()> {
+    let mut dp = TestDatapath::load_with_service_cidr(Some((Ipv4Addr::new(10, 96, 0, 0), 12)))?;
+    dp.set_service(&service(PROTO_TCP, backends()))?;
+    let cl = client(40_020);
+    // The Service itself is still translated.
+    let backend = send_tcp(&dp, &Tcp::new(cl, frontend(PROTO_TCP), TcpFlags::SYN))?;
+    ensure!(backends().iter().any(|b| b.id == backend.id));
+    // Another port of the ClusterIP, and an unallocated ClusterIP: RST from that address.
+    for dst in [SocketAddrV4::new(VIP, 81), SocketAddrV4::new(Ipv4Addr::new(10, 111, 3, 4), 80)] {
+        let out = dp.from_pod(&Tcp::new(cl, dst, TcpFlags::SYN).frame())?;
+        ensure!(out.verdict == TC_ACT_REDIRECT, "{dst}: verdict {}", out.verdict);
+        let d = decode_checked(&out.frame)?;
+        ensure!(d.ip.source == dst.ip().octets() && d.tcp()?.rst, "{dst}: not a RST from the address");
+    }
+    // UDP to an unallocated ClusterIP: port unreachable.
+    let out = dp.from_pod(&Udp::new(cl, SocketAddrV4::new(Ipv4Addr::new(10, 100, 0, 1), 53), b"q").frame())?;
+    ensure!(out.verdict == TC_ACT_REDIRECT && out.frame.len() == 70, "verdict {}", out.verdict);
+    // Outside the CIDR: untouched.
+    let outside = Tcp::new(cl, SocketAddrV4::new(Ipv4Addr::new(10, 112, 0, 1), 80), TcpFlags::SYN).frame();
+    let out = dp.from_pod(&outside)?;
+    ensure!(out.verdict == TC_ACT_OK && out.frame == outside);
+    assert_eq!(
+        dp.nonzero_stats()?,
+        stats(&[("new_flow", 1), ("refused_tcp", 2), ("refused_udp", 1)])
+    );
+    Ok(())
+}

@@ -31,12 +31,16 @@ pub fn build_xlb() -> Result<PathBuf> {
     if !status.success() {
         bail!("cargo build -p lb-userspace failed ({status})");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let bin = target.join("debug/xlb");
+    let bin = target_dir().join("debug/xlb");
     if !bin.is_file() {
         bail!("build succeeded but {} is missing", bin.display());
     }
     Ok(bin.canonicalize().unwrap_or(bin))
+}
+
+/// The cargo target directory (CARGO_TARGET_DIR or <workspace>/target).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }

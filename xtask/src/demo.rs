@@ -154,6 +154,8 @@ fn up() -> Result<Demo> {
         let log = Path::new(STATE_DIR).join(format!("{}.log", node.name));
         let mut spec = AgentSpec::new(&node.ns, &manifests, &node.pin_path(), &log);
         spec.detach = true;
+        // The examples' ClusterIPs are in kubeadm's default Service CIDR: an unused one is refused.
+        spec.extra_args = vec!["--service-cidr".into(), "10.96.0.0/12".into()];
         agents.push(Agent::start(spec).with_context(|| format!("agent on {}", node.name))?);
         println!(
             "agent: {} ready (pins {}, log {})",

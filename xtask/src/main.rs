@@ -42,6 +42,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark xlb against kube-proxy-shaped iptables-legacy, iptables-nft and nftables rules
+    /// (root). Writes target/bench/results.{json,md} and SVG plots.
+    Bench {
+        /// The smaller set (under 5 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Further arguments for xlb-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Serve serve-hostname in the current network namespace until killed (the demo's pods).
     #[command(hide = true)]
     ServeHostname {
@@ -74,6 +84,17 @@ fn main() -> Result<()> {
             action: ClusterAction::Down,
         } => demo::cluster_down(),
         Cmd::Test { args } => test::test(&args),
+        Cmd::Bench { quick, args } => {
+            setup::setup()?;
+            let mut cmd = build::cargo();
+            cmd.args(["run", "--release", "-p", "lb-bench", "--"]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            let status = cmd.args(&args).status()?;
+            anyhow::ensure!(status.success(), "xlb-bench failed ({status})");
+            Ok(())
+        }
         Cmd::ServeHostname { name, tcp, udp } => {
             let bound = lb_testkit::server::bind(&tcp, &udp)?;
             lb_testkit::ServeHostname::serve(&name, bound)?.wait_forever()

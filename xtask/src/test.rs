@@ -1,15 +1,17 @@
-//! `cargo xtask test`: the one command CI runs. Setup, build xlb, then `cargo test --workspace`
-//! (unit, packet and netns end-to-end tests) with `XLB_BIN` pointing at the binary just built.
+//! `cargo xtask test`: the one command CI runs. Setup, then `cargo test --workspace` (unit, packet
+//! and netns end-to-end tests) with `XLB_BIN` pointing at the `xlb` binary that same cargo run
+//! builds (lb-userspace has integration tests, so cargo builds its binary first). One cargo
+//! invocation: a separate `cargo build` resolves features differently and compiles kube twice.
 //! Leftovers of crashed earlier runs are removed before, and of this run after. `--no-fail-fast`:
 //! CI sees every test binary's "test result:" line, not just the first failing one.
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::build::{build_xlb, cargo};
+use crate::build::{cargo, target_dir};
 
 pub fn test(extra: &[String]) -> Result<()> {
     crate::setup::setup()?;
-    let xlb = build_xlb()?;
+    let xlb = target_dir().join("debug/xlb");
     report_stale("before");
     let status = cargo()
         .args(["test", "--workspace", "--no-fail-fast"])

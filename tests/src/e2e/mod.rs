@@ -17,7 +17,7 @@ pub const CONVERGE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
 
 /// Small maps: tests need a handful of entries and load faster without 262k-entry maps.
-const MAP_SIZE_ARGS: [&str; 6] = [
+pub const MAP_SIZE_ARGS: [&str; 6] = [
     "--services-map-size",
     "4096",
     "--backends-map-size",
@@ -52,7 +52,8 @@ pub struct Env {
     pods: BTreeMap<String, Pod>,
     pub cluster: Cluster,
     pub manifests: PathBuf,
-    dir: DirGuard,
+    /// Scratch directory of this test (logs, manifests), removed on drop.
+    pub dir: DirGuard,
 }
 
 impl Env {

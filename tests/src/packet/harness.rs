@@ -68,7 +68,15 @@ pub struct TestDatapath {
 impl TestDatapath {
     /// Loads the object and both programs (a verifier rejection is returned with its log).
     pub fn load() -> Result<Self> {
+        Self::load_with_service_cidr(None)
+    }
+
+    /// [`TestDatapath::load`] with the agent's `--service-cidr` global set.
+    pub fn load_with_service_cidr(cidr: Option<(std::net::Ipv4Addr, u8)>) -> Result<Self> {
+        let (addr, mask) = lb_userspace::datapath::service_cidr_words(cidr);
         let mut ebpf = EbpfLoader::new()
+            .override_global(lb_common::global_names::SERVICE_CIDR_ADDR, &addr, true)
+            .override_global(lb_common::global_names::SERVICE_CIDR_MASK, &mask, true)
             .load(lb_userspace::ebpf_object())
             .context("loading the eBPF object")?;
         for name in [prog_names::FROM_POD, prog_names::TO_POD] {
