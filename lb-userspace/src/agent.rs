@@ -149,6 +149,13 @@ pub async fn run(cfg: AgentConfig, source: Source) -> anyhow::Result<()> {
                 reconcile(&mut dp, &mut applied, &mut desired, &state, &cfg, &metrics, &mut loop_state, full, &changes.services, started);
                 if !loop_state.synced_once {
                     loop_state.synced_once = true;
+                    // The initial parse and plan peak far above the steady state; hand the freed
+                    // pages back to the OS (glibc keeps them otherwise).
+                    // SAFETY: malloc_trim only releases free heap memory.
+                    #[cfg(target_env = "gnu")]
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
                     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(
                         frontends = applied.frontends.len(),

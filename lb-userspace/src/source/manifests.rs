@@ -2,9 +2,13 @@
 //! EndpointSlices), watched with inotify (through `notify`).
 //!
 //! Why it is incremental: with 10k Services in 10k files, re-reading the directory on every change
-//! would cost far more than the map update it triggers. Each file's parse is cached; an event
-//! re-reads only the files it names, and the source sends object-level Upsert/Delete events for
-//! what actually changed. The first scan is sent as one `Resync` followed by `Synced`.
+//! would cost far more than the map update it triggers. An event re-reads only the files it names
+//! and sends object-level Upsert/Delete events for their objects; the first scan is sent as one
+//! `Resync` followed by `Synced`.
+//!
+//! Why it keeps no objects: the agent's `ClusterState` holds every object already and ignores an
+//! upsert equal to what it holds, so this source only remembers which keys each file defined (to
+//! send deletes) — one copy of the cluster in memory instead of two.
 //!
 //! Why only completed writes count: a writer that truncates then writes would otherwise be read
 //! half-way, and an empty file would look like "all its Services were deleted". The watcher reacts
@@ -15,8 +19,6 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use lb_model::{manifest, Problem, SourceEvent};
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
@@ -34,108 +36,58 @@ fn is_manifest(p: &Path) -> bool {
     !name.starts_with('.') && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
-/// Objects of one kind in one file. A Vec, not a map: a file holds a few objects, and a BTreeMap
-/// would reserve 11 inline slots of these large structs per file.
-#[derive(Debug)]
-struct Objs<T>(Vec<(ObjKey, T)>);
-
-impl<T> Default for Objs<T> {
-    fn default() -> Self {
-        Objs(Vec::new())
-    }
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum ObjKind {
+    Service,
+    Slice,
 }
 
-impl<T> Objs<T> {
-    /// Later documents of a file replace earlier ones with the same key.
-    fn from_parsed(items: Vec<T>, meta: impl Fn(&T) -> &ObjectMeta) -> Self {
-        let mut v: Vec<(ObjKey, T)> = Vec::with_capacity(items.len());
-        for item in items {
-            let key = obj_key(meta(&item));
-            v.retain(|(k, _)| *k != key);
-            v.push((key, item));
-        }
-        Objs(v)
-    }
-    fn get(&self, key: &ObjKey) -> Option<&T> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-    }
-    fn keys(&self) -> impl Iterator<Item = &ObjKey> {
-        self.0.iter().map(|(k, _)| k)
-    }
-}
-
-/// What one file held when it was last read.
+/// What one file defined when it was last read.
 #[derive(Debug, Default)]
 struct FileEntry {
     stamp: Option<(SystemTime, u64)>,
-    services: Objs<Service>,
-    slices: Objs<EndpointSlice>,
+    keys: BTreeSet<(ObjKind, ObjKey)>,
 }
 
-/// Which files define one object, and which of them the consumer was last told about.
-#[derive(Debug, Default)]
-struct Defs {
-    /// Files defining the object; the last one (in path order) wins, deterministically.
-    files: BTreeMap<ObjKey, BTreeSet<PathBuf>>,
-    /// The file whose version of the object was last sent.
-    sent: BTreeMap<ObjKey, PathBuf>,
-}
-
-/// The directory as last read: each file's objects, indexed by object. Objects are held once (in
-/// their file's entry), so 10k Services cost one copy here and one in the cluster state.
+/// The directory as last read: which objects each file defines. When two files define the same
+/// object, the file that sorts last wins (deterministic).
 #[derive(Debug, Default)]
 pub struct DirState {
     files: BTreeMap<PathBuf, FileEntry>,
-    services: Defs,
-    slices: Defs,
+    /// Files defining each object.
+    defs: BTreeMap<(ObjKind, ObjKey), BTreeSet<PathBuf>>,
 }
 
-/// Emit the events for the touched keys of one kind: compare the object last sent (from the
-/// file's old entry if that file was just re-read) with the current winner.
-fn diff_kind<T: Clone + PartialEq>(
-    defs: &mut Defs,
-    touched: BTreeSet<ObjKey>,
-    files: &BTreeMap<PathBuf, FileEntry>,
-    old: &BTreeMap<PathBuf, FileEntry>,
-    get: impl Fn(&FileEntry) -> &Objs<T>,
-    upsert: impl Fn(T) -> SourceEvent,
-    delete: impl Fn(ObjKey) -> SourceEvent,
-    events: &mut Vec<SourceEvent>,
-) {
-    for key in touched {
-        let before = defs.sent.get(&key).and_then(|p| old.get(p).or_else(|| files.get(p))).and_then(|f| get(f).get(&key));
-        let winner = defs.files.get(&key).and_then(|s| s.last()).cloned();
-        let now = winner.as_ref().and_then(|p| files.get(p)).and_then(|f| get(f).get(&key));
-        match (now, before) {
-            (Some(n), Some(b)) if n == b => {}
-            (Some(n), _) => events.push(upsert(n.clone())),
-            (None, Some(_)) => events.push(delete(key.clone())),
-            (None, None) => {}
-        }
-        match winner {
-            Some(p) => defs.sent.insert(key, p),
-            None => defs.sent.remove(&key),
-        };
-    }
+/// One file's objects, parsed.
+#[derive(Default)]
+struct Parsed {
+    events: BTreeMap<(ObjKind, ObjKey), SourceEvent>,
 }
 
-fn index<T>(defs: &mut Defs, path: &Path, objs: &Objs<T>, add: bool) {
-    for key in objs.keys() {
-        let set = defs.files.entry(key.clone()).or_default();
-        if add {
-            set.insert(path.to_path_buf());
-        } else {
-            set.remove(path);
-            if set.is_empty() {
-                defs.files.remove(key);
+fn parse_file(path: &Path, problems: &mut Vec<Problem>) -> Parsed {
+    let origin = path.display().to_string();
+    let mut out = Parsed::default();
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let parsed = manifest::parse(&origin, &text);
+            problems.extend(parsed.problems);
+            // Later documents of a file replace earlier ones with the same key.
+            for s in parsed.services {
+                out.events.insert((ObjKind::Service, obj_key(&s.metadata)), SourceEvent::ServiceUpsert(s));
+            }
+            for s in parsed.slices {
+                out.events.insert((ObjKind::Slice, obj_key(&s.metadata)), SourceEvent::SliceUpsert(s));
             }
         }
+        Err(e) => problems.push(Problem { object: origin, kind: "read", reason: e.to_string() }),
     }
+    out
 }
 
 impl DirState {
     /// Re-read `paths` (or every manifest in `dir` when `paths` is None) and return the events that
     /// bring a consumer of the previous view up to date, plus the problems of the files re-read.
+    /// Objects of re-read files are upserted even if unchanged: the consumer drops equal ones.
     pub fn refresh(&mut self, dir: &Path, paths: Option<&BTreeSet<PathBuf>>) -> anyhow::Result<(Vec<SourceEvent>, Vec<Problem>)> {
         let candidates: BTreeSet<PathBuf> = match paths {
             Some(p) => p.iter().filter(|p| is_manifest(p)).cloned().collect(),
@@ -150,78 +102,74 @@ impl DirState {
             }
         };
         let mut problems = Vec::new();
-        let mut touched_svc: BTreeSet<ObjKey> = BTreeSet::new();
-        let mut touched_slice: BTreeSet<ObjKey> = BTreeSet::new();
-        let mut old_entries: BTreeMap<PathBuf, FileEntry> = BTreeMap::new();
+        // One event per object: files are read in path order, so a later winner replaces an
+        // earlier one's event.
+        let mut events: BTreeMap<(ObjKind, ObjKey), SourceEvent> = BTreeMap::new();
+        let mut orphaned: BTreeSet<(ObjKind, ObjKey)> = BTreeSet::new();
         for path in candidates {
             let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file());
             let stamp = meta.as_ref().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
             if stamp.is_some() && self.files.get(&path).map(|f| f.stamp) == Some(stamp) {
                 continue; // unchanged since last read
             }
-            if let Some(old) = self.files.remove(&path) {
-                index(&mut self.services, &path, &old.services, false);
-                index(&mut self.slices, &path, &old.slices, false);
-                touched_svc.extend(old.services.keys().cloned());
-                touched_slice.extend(old.slices.keys().cloned());
-                old_entries.insert(path.clone(), old);
-            }
-            if stamp.is_none() {
-                continue; // deleted
-            }
-            let origin = path.display().to_string();
-            let mut entry = FileEntry { stamp, ..Default::default() };
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let parsed = manifest::parse(&origin, &text);
-                    problems.extend(parsed.problems);
-                    entry.services = Objs::from_parsed(parsed.services, |s| &s.metadata);
-                    entry.slices = Objs::from_parsed(parsed.slices, |s| &s.metadata);
+            let old = self.files.remove(&path).unwrap_or_default();
+            for key in &old.keys {
+                if let Some(set) = self.defs.get_mut(key) {
+                    set.remove(&path);
                 }
-                Err(e) => problems.push(Problem { object: origin, kind: "read", reason: e.to_string() }),
             }
-            index(&mut self.services, &path, &entry.services, true);
-            index(&mut self.slices, &path, &entry.slices, true);
-            touched_svc.extend(entry.services.keys().cloned());
-            touched_slice.extend(entry.slices.keys().cloned());
-            self.files.insert(path, entry);
+            let parsed = if stamp.is_some() { parse_file(&path, &mut problems) } else { Parsed::default() };
+            let mut entry = FileEntry { stamp, keys: BTreeSet::new() };
+            for (key, ev) in parsed.events {
+                let set = self.defs.entry(key.clone()).or_default();
+                set.insert(path.clone());
+                if set.last() == Some(&path) {
+                    events.insert(key.clone(), ev); // this file's version wins
+                }
+                entry.keys.insert(key);
+            }
+            orphaned.extend(old.keys.difference(&entry.keys).cloned());
+            if stamp.is_some() {
+                self.files.insert(path, entry);
+            }
         }
-
-        let mut events = Vec::new();
-        diff_kind(
-            &mut self.services,
-            touched_svc,
-            &self.files,
-            &old_entries,
-            |f| &f.services,
-            SourceEvent::ServiceUpsert,
-            |(namespace, name)| SourceEvent::ServiceDelete { namespace, name },
-            &mut events,
-        );
-        diff_kind(
-            &mut self.slices,
-            touched_slice,
-            &self.files,
-            &old_entries,
-            |f| &f.slices,
-            SourceEvent::SliceUpsert,
-            |(namespace, name)| SourceEvent::SliceDelete { namespace, name },
-            &mut events,
-        );
-        Ok((events, problems))
+        // Objects a re-read file no longer defines: deleted, or another file's version takes over.
+        for key in orphaned {
+            let winner = self.defs.get(&key).and_then(|s| s.last()).cloned();
+            match winner {
+                None => {
+                    self.defs.remove(&key);
+                    let (kind, (namespace, name)) = key.clone();
+                    let ev = match kind {
+                        ObjKind::Service => SourceEvent::ServiceDelete { namespace, name },
+                        ObjKind::Slice => SourceEvent::SliceDelete { namespace, name },
+                    };
+                    events.insert(key, ev);
+                }
+                Some(file) if !events.contains_key(&key) => {
+                    // Rare (the same object in two files): re-read the file now in charge.
+                    if let Some(ev) = parse_file(&file, &mut problems).events.remove(&key) {
+                        events.insert(key, ev);
+                    }
+                }
+                Some(_) => {} // the file in charge was re-read in this refresh already
+            }
+        }
+        Ok((events.into_values().collect(), problems))
     }
+}
 
-    fn current<'a, T: 'a>(&'a self, defs: &'a Defs, get: impl Fn(&'a FileEntry) -> &'a Objs<T>) -> impl Iterator<Item = &'a T> {
-        defs.sent.iter().filter_map(move |(k, p)| self.files.get(p).and_then(|f| get(f).get(k)))
-    }
-
-    /// The whole current view as one resync event.
-    pub fn resync(&self) -> SourceEvent {
-        SourceEvent::Resync {
-            services: Some(self.current(&self.services, |f| &f.services).cloned().collect()),
-            slices: Some(self.current(&self.slices, |f| &f.slices).cloned().collect()),
+/// The first scan's events as one resync: the model replaces everything at once.
+fn as_resync(events: Vec<SourceEvent>) -> SourceEvent {
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    for ev in events {
+        match ev {
+            SourceEvent::ServiceUpsert(s) => services.push(s),
+            SourceEvent::SliceUpsert(s) => slices.push(s),
+            _ => {}
         }
     }
+    SourceEvent::Resync { services: Some(services), slices: Some(slices) }
 }
 
 /// What a notify event asks for: these paths re-read, or a full rescan.
@@ -263,9 +211,9 @@ pub async fn run(
         .with_context(|| format!("watching {}", dir.display()))?;
 
     let mut state = DirState::default();
-    let (_, problems) = state.refresh(&dir, None)?;
+    let (events, problems) = state.refresh(&dir, None)?;
     problems.iter().for_each(&on_problem);
-    if tx.send(state.resync()).await.is_err() || tx.send(SourceEvent::Synced).await.is_err() {
+    if tx.send(as_resync(events)).await.is_err() || tx.send(SourceEvent::Synced).await.is_err() {
         return Ok(());
     }
     while let Some(first) = nrx.recv().await {
@@ -305,7 +253,11 @@ mod tests {
     fn names(evs: &[SourceEvent]) -> Vec<String> {
         evs.iter()
             .map(|e| match e {
-                SourceEvent::ServiceUpsert(s) => format!("svc+{}", s.metadata.name.clone().unwrap()),
+                SourceEvent::ServiceUpsert(s) => format!(
+                    "svc+{}@{}",
+                    s.metadata.name.clone().unwrap(),
+                    s.spec.as_ref().unwrap().cluster_ip.clone().unwrap()
+                ),
                 SourceEvent::ServiceDelete { name, .. } => format!("svc-{name}"),
                 SourceEvent::SliceUpsert(s) => format!("slice+{}", s.metadata.name.clone().unwrap()),
                 SourceEvent::SliceDelete { name, .. } => format!("slice-{name}"),
@@ -315,21 +267,16 @@ mod tests {
     }
 
     #[test]
-    fn only_changed_objects_produce_events() {
+    fn only_rewritten_files_produce_events() {
         let dir = tempdir();
         std::fs::write(dir.join("a.yaml"), SVC).unwrap();
         std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
         let mut st = DirState::default();
         let (evs, probs) = st.refresh(&dir, None).unwrap();
-        assert_eq!(names(&evs), ["svc+a"]);
+        assert_eq!(names(&evs), ["svc+a@10.96.0.1"]);
         assert!(probs.is_empty());
-        // Unchanged rescan: nothing.
+        // Unchanged rescan: nothing is re-read.
         assert!(st.refresh(&dir, None).unwrap().0.is_empty());
-        // Same content rewritten (new mtime): re-read, but no event.
-        std::thread::sleep(std::time::Duration::from_millis(10));
-        std::fs::write(dir.join("a.yaml"), SVC).unwrap();
-        let p: BTreeSet<PathBuf> = [dir.join("a.yaml")].into();
-        assert!(st.refresh(&dir, Some(&p)).unwrap().0.is_empty());
         // Invalid file next to it: a problem, no event, a stays.
         std::fs::write(dir.join("b.yaml"), "kind: Service\napiVersion: v1\nspec: [").unwrap();
         let (evs, probs) = st.refresh(&dir, None).unwrap();
@@ -337,6 +284,7 @@ mod tests {
         assert_eq!(probs.len(), 1, "{probs:?}");
         // Deleting the file deletes its Service.
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let p: BTreeSet<PathBuf> = [dir.join("a.yaml")].into();
         assert_eq!(names(&st.refresh(&dir, Some(&p)).unwrap().0), ["svc-a"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -347,16 +295,24 @@ mod tests {
         std::fs::write(dir.join("1.yaml"), SVC).unwrap();
         std::fs::write(dir.join("2.yaml"), SVC.replace("10.96.0.1", "10.96.0.2")).unwrap();
         let mut st = DirState::default();
-        st.refresh(&dir, None).unwrap();
-        let ip = |st: &DirState| match st.resync() {
-            SourceEvent::Resync { services: Some(s), .. } => s[0].spec.as_ref().unwrap().cluster_ip.clone(),
-            _ => unreachable!(),
-        };
-        assert_eq!(ip(&st).as_deref(), Some("10.96.0.2"));
+        assert_eq!(names(&st.refresh(&dir, None).unwrap().0), ["svc+a@10.96.0.2"]);
         std::fs::remove_file(dir.join("2.yaml")).unwrap();
-        let (evs, _) = st.refresh(&dir, None).unwrap();
-        assert_eq!(names(&evs), ["svc+a"]);
-        assert_eq!(ip(&st).as_deref(), Some("10.96.0.1"));
+        assert_eq!(names(&st.refresh(&dir, None).unwrap().0), ["svc+a@10.96.0.1"]);
+        std::fs::remove_file(dir.join("1.yaml")).unwrap();
+        assert_eq!(names(&st.refresh(&dir, None).unwrap().0), ["svc-a"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_object_moving_between_files_is_not_deleted() {
+        let dir = tempdir();
+        std::fs::write(dir.join("1.yaml"), SVC).unwrap();
+        let mut st = DirState::default();
+        st.refresh(&dir, None).unwrap();
+        std::fs::write(dir.join("2.yaml"), SVC).unwrap();
+        std::fs::remove_file(dir.join("1.yaml")).unwrap();
+        let evs = names(&st.refresh(&dir, None).unwrap().0);
+        assert!(!evs.iter().any(|e| e.starts_with("svc-")), "{evs:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
