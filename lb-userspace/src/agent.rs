@@ -24,8 +24,6 @@ use crate::metrics::{KindLabel, Metrics, ReasonLabel};
 /// Where the agent gets the cluster from.
 pub enum Source {
     Manifests(PathBuf),
-    /// A ready-made event stream (tests).
-    Channel(mpsc::Receiver<SourceEvent>),
     /// The Kubernetes source: its events, and the observer through which it reports skipped
     /// objects (wired to the agent's metrics once they exist).
     Kubernetes { rx: mpsc::Receiver<SourceEvent>, observer: std::sync::Arc<ProblemObserver> },
@@ -92,7 +90,6 @@ pub async fn run(cfg: AgentConfig, source: Source) -> anyhow::Result<()> {
     }
 
     let mut rx = match source {
-        Source::Channel(rx) => rx,
         Source::Kubernetes { rx, observer } => {
             let _ = observer.metrics.set(metrics.clone());
             rx
