@@ -8,7 +8,6 @@ mod control;
 mod datapath;
 mod interrupt;
 mod netfilter;
-mod noop;
 mod pkt;
 mod plot;
 mod report;

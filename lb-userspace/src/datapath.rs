@@ -157,6 +157,8 @@ pub struct Datapath {
     pins: PinLayout,
     /// Interfaces with both hooks attached: ifindex -> name.
     attached: BTreeMap<u32, String>,
+    /// The interface set `forget_missing` last saw: unchanged means nothing to forget.
+    last_present: BTreeMap<u32, String>,
 }
 
 /// Result of executing a plan.
@@ -211,7 +213,7 @@ impl Datapath {
                 .map_err(|source| Error::Program { name: hook.prog(), source })?;
             prog.load().map_err(|source| Error::Program { name: hook.prog(), source })?;
         }
-        Ok(Datapath { ebpf, pins, attached: BTreeMap::new() })
+        Ok(Datapath { ebpf, pins, attached: BTreeMap::new(), last_present: BTreeMap::new() })
     }
 
     pub fn pins(&self) -> &PinLayout {
@@ -278,6 +280,11 @@ impl Datapath {
 
     /// Forget interfaces that disappeared and remove their link pins (the kernel detached them).
     pub fn forget_missing(&mut self, present: &BTreeMap<u32, String>) {
+        // Called on every device scan: touch bpffs only when an interface came or went.
+        if *present == self.last_present {
+            return;
+        }
+        self.last_present = present.clone();
         self.attached.retain(|idx, name| present.get(idx) == Some(name));
         if let Ok(rd) = fs::read_dir(self.pins.links()) {
             for entry in rd.flatten() {

@@ -21,7 +21,6 @@ use lb_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::noop::RawNoop;
 use crate::rules::{cluster_ip, SERVICE_PORT};
 use crate::stats::{mean, median};
 
@@ -56,7 +55,7 @@ pub struct PktResults {
     pub method: String,
     /// The floor, measured like the rows.
     pub noop_ns: f64,
-    /// Where the floor program came from ("noop_tc" in the object, or a raw-loaded one).
+    /// Where the floor program came from (for the report).
     pub noop_source: String,
     pub rows: Vec<PktRow>,
 }
@@ -88,11 +87,8 @@ impl Loaded {
         let mut ebpf = loader
             .load(lb_userspace::ebpf_object())
             .context("loading the eBPF object")?;
-        for name in [prog_names::FROM_POD, prog_names::TO_POD, "noop_tc"] {
+        for name in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::NOOP_TC] {
             let Some(p) = ebpf.program_mut(name) else {
-                if name == "noop_tc" {
-                    continue;
-                }
                 bail!("program {name} missing from the object");
             };
             let p: &mut SchedClassifier = p
@@ -255,15 +251,9 @@ pub fn run(
 
     // The floor, on the same frame as the established flow.
     let floor_frame = ack_probe(cluster_ip(0).octets());
-    if l.ebpf.program("noop_tc").is_some() {
-        let p = l.prog("noop_tc")?;
-        res.noop_ns = measure(plan, |_| Ok(run_once(p, &floor_frame)?.0))?;
-        res.noop_source = "noop_tc from the eBPF object".into();
-    } else {
-        let noop = RawNoop::load().context("loading the raw no-op program")?;
-        res.noop_ns = measure(plan, |_| noop.test_run(&floor_frame, 1))?;
-        res.noop_source = "raw `r0 = 0; exit` tc program (noop_tc not in the object yet)".into();
-    }
+    let p = l.prog(prog_names::NOOP_TC)?;
+    res.noop_ns = measure(plan, |_| Ok(run_once(p, &floor_frame)?.0))?;
+    res.noop_source = "noop_tc from the eBPF object".into();
     progress("no-op floor");
 
     for (salt, &n) in sizes.iter().enumerate() {
