@@ -14,6 +14,7 @@ mod report;
 mod results;
 mod rules;
 mod stats;
+mod sweep;
 mod targets;
 mod traffic;
 
@@ -55,6 +56,8 @@ struct Plan {
     dp: DpPlan,
     cold_services: usize,
     cold_endpoints_per_service: usize,
+    /// Entries in the conntrack map whose sweep is timed.
+    sweep_entries: usize,
 }
 
 impl Plan {
@@ -75,6 +78,7 @@ impl Plan {
                 },
                 cold_services: 1_000,
                 cold_endpoints_per_service: 10,
+                sweep_entries: 1_000_000,
             }
         } else {
             Plan {
@@ -92,14 +96,16 @@ impl Plan {
                 },
                 cold_services: 10_000,
                 cold_endpoints_per_service: 10,
+                sweep_entries: 1_000_000,
             }
         }
     }
 
-    /// Progress steps: floor + sizes, modes x sizes + endpoint changes, 3 netfilter + xlb.
+    /// Progress steps: floor + sizes, conntrack sweep, modes x sizes + endpoint changes,
+    /// 3 netfilter + xlb.
     fn steps(&self) -> u64 {
         let modes = datapath::Mode::all().len();
-        (1 + self.pkt_sizes.len() + modes * self.dp.sizes.len() + 1 + 4) as u64
+        (1 + self.pkt_sizes.len() + 1 + modes * self.dp.sizes.len() + 1 + 4) as u64
     }
 }
 
@@ -154,6 +160,13 @@ fn main() -> anyhow::Result<()> {
         Ok(p) => r.per_packet = Some(p),
         Err(e) => r.errors.push(format!("per-packet: {e:#}")),
     }
+    interrupt::check()?;
+    bar.set_message("conntrack sweep");
+    match sweep::run(plan.sweep_entries, !cli.quick) {
+        Ok(s) => r.sweep = Some(s),
+        Err(e) => r.errors.push(format!("conntrack sweep: {e:#}")),
+    }
+    step("conntrack sweep");
     interrupt::check()?;
     bar.set_message("connections through the netns cluster");
     match datapath::run(&plan.dp, step) {

@@ -70,6 +70,62 @@ pub fn render(r: &Results) -> String {
         md.push('\n');
     }
 
+    if let Some(s) = &r.sweep {
+        let _ = writeln!(md, "## Conntrack sweep\n");
+        let _ = writeln!(
+            md,
+            "The agent's sweeper over a conntrack map (LRU hash, capacity {}) holding flows as the datapath writes them, \
+             {}; a complete sweep unless noted, seconds of work.\n",
+            s.max_entries,
+            if s.batched { "batched lookups and deletes" } else { "per-entry operations (no batch ops in this kernel)" }
+        );
+        let _ = writeln!(md, "| what | entries | deleted | seconds |");
+        let _ = writeln!(md, "|---|---:|---:|---:|");
+        let mut rows = vec![
+            (
+                "fill (batched updates)".to_string(),
+                s.entries,
+                None,
+                s.fill_s,
+            ),
+            (
+                format!("sweep, {} expired", s.expired),
+                s.entries,
+                Some(s.deleted),
+                s.sweep_s,
+            ),
+            (
+                "sweep again, nothing expired".into(),
+                s.resweep_entries,
+                Some(0),
+                s.resweep_s,
+            ),
+            (
+                "sliced sweep as the agent runs it (fresh fill)".into(),
+                s.entries,
+                Some(s.deleted),
+                s.sliced_s,
+            ),
+        ];
+        if let Some(p) = s.per_entry_s {
+            rows.push((
+                "per-entry fallback (fresh fill)".into(),
+                s.entries,
+                Some(s.deleted),
+                p,
+            ));
+        }
+        for (what, entries, deleted, secs) in rows {
+            let deleted = deleted.map(|d| d.to_string()).unwrap_or_default();
+            let _ = writeln!(md, "| {what} | {entries} | {deleted} | {secs:.3} |");
+        }
+        let _ = writeln!(
+            md,
+            "\nThe sliced sweep took {} slices, the longest {:.2} ms: the agent handles events between slices.\n",
+            s.slices, s.max_slice_ms
+        );
+    }
+
     if let Some(d) = &r.datapath {
         let _ = writeln!(md, "## New connections to the last Service (one sequential client, fresh connection per request, SO_LINGER 0)\n");
         let _ = writeln!(
@@ -233,5 +289,30 @@ mod tests {
         assert!(md.contains("✅ **met**: established-flow packet within 3x"));
         assert!(md.contains("➖ **not measured**"));
         assert!(!md.contains("## Errors"));
+        assert!(!md.contains("## Conntrack sweep"));
+    }
+
+    #[test]
+    fn report_has_the_sweep_rows() {
+        let r = Results {
+            sweep: Some(crate::sweep::SweepResults {
+                entries: 1_000_000,
+                expired: 500_000,
+                deleted: 500_000,
+                sweep_s: 0.4321,
+                slices: 200,
+                max_slice_ms: 2.5,
+                batched: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let md = render(&r);
+        assert!(
+            md.contains("| sweep, 500000 expired | 1000000 | 500000 | 0.432 |"),
+            "{md}"
+        );
+        assert!(md.contains("200 slices, the longest 2.50 ms"), "{md}");
+        assert!(!md.contains("per-entry fallback (fresh fill)"), "{md}");
     }
 }

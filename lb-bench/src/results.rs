@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::control::ColdResults;
 use crate::datapath::DpResults;
 use crate::pkt::PktResults;
+use crate::sweep::SweepResults;
 use crate::targets::TargetCheck;
 
 /// The machine the numbers came from (ratios travel between machines, absolute numbers do not).
@@ -55,6 +56,9 @@ pub struct Results {
     pub per_packet: Option<PktResults>,
     pub datapath: Option<DpResults>,
     pub cold: Option<ColdResults>,
+    /// Sweeping a large conntrack map (absent in results from before it existed).
+    #[serde(default)]
+    pub sweep: Option<SweepResults>,
     pub targets: Vec<TargetCheck>,
     /// Phases that failed as a whole.
     pub errors: Vec<String>,

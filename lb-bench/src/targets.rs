@@ -179,6 +179,25 @@ pub fn evaluate(r: &Results) -> Vec<TargetCheck> {
             }),
     ));
     out.push(TargetCheck::new(
+        "sweeping a conntrack map of 1M entries (half expired) in <= 1 s",
+        r.sweep.as_ref().map(|s| {
+            (
+                format!(
+                    "{:.3} s ({} entries, {} deleted{})",
+                    s.sweep_s,
+                    s.entries,
+                    s.deleted,
+                    if s.batched {
+                        ""
+                    } else {
+                        ", per-entry fallback"
+                    }
+                ),
+                s.sweep_s <= 1.0,
+            )
+        }),
+    ));
+    out.push(TargetCheck::new(
         "agent memory under 100 MiB at 10k Services / 100k endpoints",
         cold.and_then(|c| {
             let mib = c.xlb_rss_mib?;
@@ -260,6 +279,13 @@ mod tests {
                 netfilter_s: vec![("iptables-legacy".into(), 25.0)],
                 ..Default::default()
             }),
+            sweep: Some(crate::sweep::SweepResults {
+                entries: 1_000_000,
+                deleted: 500_000,
+                sweep_s: 1.2,
+                batched: true,
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -269,7 +295,7 @@ mod tests {
         let t = evaluate(&sample());
         let met: Vec<Option<bool>> = t.iter().map(|c| c.met).collect();
         // 160/140 = 1.14 (flat); 85/30 = 2.8 (<3); 160/30 = 5.3 (>5); 0.90 (<0.95);
-        // nftables 950 beats xlb 900; 25x faster; p99 12 ms; 40 MiB.
+        // nftables 950 beats xlb 900; 25x faster; p99 12 ms; sweep 1.2 s; 40 MiB.
         assert_eq!(
             met,
             vec![
@@ -279,6 +305,7 @@ mod tests {
                 Some(false),
                 Some(false),
                 Some(true),
+                Some(false),
                 Some(false),
                 Some(true)
             ]
@@ -295,7 +322,7 @@ mod tests {
     #[test]
     fn missing_phases_are_not_measured_rather_than_failed() {
         let t = evaluate(&Results::default());
-        assert_eq!(t.len(), 8);
+        assert_eq!(t.len(), 9);
         assert!(t
             .iter()
             .all(|c| c.met.is_none() && c.verdict() == "not measured"));

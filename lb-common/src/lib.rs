@@ -9,7 +9,7 @@
 //! The layout follows Cilium's `bpf/lib/lb.h`: a Service frontend has a master entry (slot 0)
 //! holding the backend count and flags, and slots `1..=count` holding backend ids, so an endpoint
 //! change rewrites one slot instead of the whole Service.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// IP protocol numbers used in keys.
 pub const PROTO_TCP: u8 = 6;
@@ -23,10 +23,16 @@ pub mod map_names {
     pub const SERVICES: &str = "XLB_SVC_V1";
     pub const BACKENDS: &str = "XLB_BE_V1";
     pub const REV_NAT: &str = "XLB_RNAT_V1";
-    pub const CONNTRACK: &str = "XLB_CT_V1";
-    pub const STATS: &str = "XLB_STATS_V1";
+    /// V2: the value carries a state and an expiry instead of seen-flags and a last-seen time.
+    pub const CONNTRACK: &str = "XLB_CT_V2";
+    /// V2: one more counter per reason.
+    pub const STATS: &str = "XLB_STATS_V2";
     pub const AFFINITY: &str = "XLB_AFF_V1";
-    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS, AFFINITY];
+    /// (frontend, backend id) -> backend address: which backends are members of which frontend.
+    pub const MEMBERS: &str = "XLB_MEMBER_V1";
+    /// (src, dst, IP id, proto) of a fragmented datagram -> its L4 ports.
+    pub const FRAGS: &str = "XLB_FRAG_V1";
+    pub const ALL: [&str; 8] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS, AFFINITY, MEMBERS, FRAGS];
 }
 
 /// Names of the programs in the eBPF object.
@@ -45,7 +51,14 @@ pub mod global_names {
     /// traffic to unallocated ClusterIPs the same way), so a deleted Service fails fast.
     pub const SERVICE_CIDR_ADDR: &str = "XLB_SERVICE_CIDR_ADDR";
     pub const SERVICE_CIDR_MASK: &str = "XLB_SERVICE_CIDR_MASK";
+    /// Conntrack lifetimes, a [`crate::CtTimeouts`].
+    pub const CT_TIMEOUTS: &str = "XLB_CT_TIMEOUTS";
 }
+
+/// The link-local address a hairpin flow (a pod reaching itself through a Service) is SNATed to,
+/// so the pod sees a peer other than itself and its replies come back to the datapath. Cilium
+/// uses the same address (`IPV4_LOOPBACK`); kube-proxy masquerades to the node address instead.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 
 /// Default map capacities (overridable by the agent at load time).
 pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
@@ -53,6 +66,8 @@ pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
 pub const DEFAULT_REV_NAT_MAX: u32 = 131_072;
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
+pub const DEFAULT_MEMBERS_MAX: u32 = 262_144;
+pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
 
 /// Scope of a frontend entry. Only `SCOPE_EXT` is used until traffic policy Local splits a
 /// Service into an external and an internal backend set.
@@ -140,7 +155,8 @@ pub struct RevNat {
 /// Direction of a conntrack entry.
 /// `CT_FORWARD`: key is the client's original tuple (client -> frontend); value's `nat_*` is the backend.
 pub const CT_FORWARD: u8 = 0;
-/// `CT_REPLY`: key is the reply tuple (backend -> client); value's `nat_*` is the frontend.
+/// `CT_REPLY`: key is the reply tuple (backend -> client, or backend -> [`HAIRPIN_ADDR`] for a
+/// hairpin flow); value's `nat_*` is the frontend.
 pub const CT_REPLY: u8 = 1;
 
 /// Key of `CONNTRACK` (LRU hash): a full 5-tuple plus direction.
@@ -156,18 +172,69 @@ pub struct CtKey {
     pub _pad: u16,
 }
 
-/// TCP flags seen on a flow (`CtValue::flags`).
-pub const CT_SEEN_SYN: u8 = 1 << 0;
-pub const CT_SEEN_FIN: u8 = 1 << 1;
-pub const CT_SEEN_RST: u8 = 1 << 2;
+/// Conntrack states (`CtValue::state`). Both entries of a flow always hold the same state and
+/// expiry: every transition and every refresh writes the pair.
+pub mod ct_state {
+    /// TCP: the client's SYN was seen, no answer yet.
+    pub const TCP_SYN_SENT: u8 = 1;
+    /// TCP: the backend answered (SYN-ACK), or the flow was picked up mid-stream.
+    pub const TCP_ESTABLISHED: u8 = 2;
+    /// TCP: a FIN from one side (half-closed).
+    pub const TCP_FIN_WAIT: u8 = 3;
+    /// TCP: FINs from both sides.
+    pub const TCP_CLOSING: u8 = 4;
+    /// TCP: a RST was seen.
+    pub const TCP_CLOSED: u8 = 5;
+    /// UDP (and other datagram protocols): no reply yet.
+    pub const UDP_UNREPLIED: u8 = 6;
+    /// UDP: the backend answered.
+    pub const UDP_REPLIED: u8 = 7;
+
+    /// Stable names, for `xlb inspect` and metrics labels.
+    pub const fn name(state: u8) -> &'static str {
+        match state {
+            TCP_SYN_SENT => "syn_sent",
+            TCP_ESTABLISHED => "established",
+            TCP_FIN_WAIT => "fin_wait",
+            TCP_CLOSING => "closing",
+            TCP_CLOSED => "closed",
+            UDP_UNREPLIED => "udp_unreplied",
+            UDP_REPLIED => "udp_replied",
+            _ => "unknown",
+        }
+    }
+    pub const ALL: [u8; 7] = [
+        TCP_SYN_SENT,
+        TCP_ESTABLISHED,
+        TCP_FIN_WAIT,
+        TCP_CLOSING,
+        TCP_CLOSED,
+        UDP_UNREPLIED,
+        UDP_REPLIED,
+    ];
+    /// Whether a new connection may re-use the tuple (a SYN here starts a new flow).
+    pub const fn is_closing(state: u8) -> bool {
+        matches!(state, TCP_FIN_WAIT | TCP_CLOSING | TCP_CLOSED)
+    }
+}
+
+/// `CtValue::flags`: a FIN was seen from the client (forward direction).
+pub const CT_F_FIN_FWD: u8 = 1 << 0;
+/// `CtValue::flags`: a FIN was seen from the backend (reply direction).
+pub const CT_F_FIN_REV: u8 = 1 << 1;
+/// `CtValue::flags`: hairpin flow: the client is its own backend, its source is SNATed to
+/// [`HAIRPIN_ADDR`] on the way in and restored on the way back.
+pub const CT_F_HAIRPIN: u8 = 1 << 2;
 
 /// Value of `CONNTRACK`.
 ///
 /// The forward entry stores the backend address itself, not only its id: an established TCP flow
 /// is translated with this one lookup, and keeps its backend even after the endpoint left the
-/// Service (kube-proxy keeps conntrack entries of removed TCP endpoints too). UDP flows check the
-/// backend id is still in `BACKENDS` and are re-selected at once when it is gone, so DNS over UDP
-/// does not blackhole.
+/// Service (kube-proxy keeps conntrack entries of removed TCP endpoints too). A UDP datagram, and
+/// a SYN re-using a live tuple, check that the backend is still a member of the frontend
+/// (`MEMBERS`, by address), and re-select at once when it is not.
+///
+/// An entry whose `expires_ns` has passed counts as a miss; the agent's sweeper deletes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtValue {
@@ -176,11 +243,133 @@ pub struct CtValue {
     pub nat_addr: u32,
     /// Forward: backend port. Reply: frontend port. Network byte order.
     pub nat_port: u16,
+    /// One of [`ct_state`].
+    pub state: u8,
+    /// `CT_F_*`.
     pub flags: u8,
-    pub _pad: u8,
     pub rev_nat_id: u32,
-    /// bpf_ktime_get_ns() of the last refresh (refreshed at most once a second).
-    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) after which the entry is dead.
+    /// Refreshed at most once a second per flow, so busy flows do not write the map per packet.
+    pub expires_ns: u64,
+}
+
+impl CtKey {
+    /// The key of the other entry of the same flow, given this entry's value.
+    pub const fn pair(&self, v: &CtValue) -> CtKey {
+        let hairpin = v.flags & CT_F_HAIRPIN != 0;
+        if self.dir == CT_FORWARD {
+            // (client, frontend, cport, fport) -> (backend, client or hairpin, bport, cport)
+            CtKey {
+                saddr: v.nat_addr,
+                daddr: if hairpin { u32::from_ne_bytes(HAIRPIN_ADDR) } else { self.saddr },
+                sport: v.nat_port,
+                dport: self.sport,
+                proto: self.proto,
+                dir: CT_REPLY,
+                _pad: 0,
+            }
+        } else {
+            // (backend, client or hairpin, bport, cport) -> (client, frontend, cport, fport)
+            CtKey {
+                saddr: if hairpin { self.saddr } else { self.daddr },
+                daddr: v.nat_addr,
+                sport: self.dport,
+                dport: v.nat_port,
+                proto: self.proto,
+                dir: CT_FORWARD,
+                _pad: 0,
+            }
+        }
+    }
+}
+
+/// Conntrack lifetimes in seconds (the load-time global [`global_names::CT_TIMEOUTS`]).
+/// Defaults: netfilter's as kube-proxy configures it (24 h established, 120 s half-closed,
+/// 30 s / 120 s UDP) and Cilium's (60 s SYN, 10 s closing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtTimeouts {
+    pub tcp_syn: u32,
+    pub tcp_established: u32,
+    pub tcp_fin_wait: u32,
+    pub tcp_close: u32,
+    pub udp: u32,
+    pub udp_stream: u32,
+}
+
+impl CtTimeouts {
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        tcp_syn: 60,
+        tcp_established: 86_400,
+        tcp_fin_wait: 120,
+        tcp_close: 10,
+        udp: 30,
+        udp_stream: 120,
+    };
+    /// Lifetime of `state`, in seconds.
+    pub const fn of(&self, state: u8) -> u32 {
+        match state {
+            ct_state::TCP_SYN_SENT => self.tcp_syn,
+            ct_state::TCP_ESTABLISHED => self.tcp_established,
+            ct_state::TCP_FIN_WAIT => self.tcp_fin_wait,
+            ct_state::TCP_CLOSING | ct_state::TCP_CLOSED => self.tcp_close,
+            ct_state::UDP_REPLIED => self.udp_stream,
+            _ => self.udp,
+        }
+    }
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Key of `MEMBERS`: a frontend (as in [`ServiceKey`], slot 0) and one of its backend ids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub backend_id: u32,
+}
+
+impl MemberKey {
+    pub const fn of(fe: &ServiceKey, backend_id: u32) -> Self {
+        MemberKey { addr: fe.addr, port: fe.port, proto: fe.proto, scope: fe.scope, backend_id }
+    }
+}
+
+/// Value of `MEMBERS`: the member's address, so a conntrack or affinity entry holding an id is
+/// checked by identity (address and port), not only by the id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MemberValue {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `FRAGS` (LRU hash): one fragmented datagram as it arrived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IP identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `FRAGS`: the L4 ports the first fragment carried (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
 }
 
 /// Key of `AFFINITY` (LRU hash): sessionAffinity ClientIP is per (client address, Service port).
@@ -193,12 +382,13 @@ pub struct AffinityKey {
 }
 
 /// Value of `AFFINITY`: the backend chosen for that client, and when it was last used.
+/// The entry is used only while that backend is still a member of the frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AffinityValue {
     pub backend_id: u32,
     pub _pad: u32,
-    /// bpf_ktime_get_ns() of the last new flow that used it.
+    /// bpf_ktime_get_coarse_ns() of the last new flow that used it.
     pub last_used_ns: u64,
 }
 
@@ -228,11 +418,27 @@ pub enum Stat {
     Reselected = 9,
     /// A checksum / packet rewrite helper failed; the packet was dropped.
     DropRewriteFailed = 10,
-    /// A packet to a frontend of an unsupported protocol (e.g. ICMP echo) passed untouched.
+    /// A packet to a frontend of an unsupported protocol (SCTP) passed untouched.
     PassOtherProto = 11,
+    /// A packet that had to be refused but has a shape we do not answer (UDP with IP options): dropped.
+    DropUnrefusable = 12,
+    /// A conntrack entry was found expired (counted as a miss).
+    CtExpired = 13,
+    /// A SYN re-used the tuple of a closed, closing or stale flow, which started over.
+    CtTupleReused = 14,
+    /// A direct (non-Service) SYN removed a stale reply entry of its tuple.
+    CtStaleReplyRemoved = 15,
+    /// A hairpin flow (a pod reaching itself through a Service) was translated.
+    Hairpin = 16,
+    /// An ICMP error quoting a translated flow was translated back.
+    IcmpErrorTranslated = 17,
+    /// A non-first IPv4 fragment of a translated flow followed its first fragment.
+    FragmentTranslated = 18,
+    /// A lost reply entry of a live flow was re-created.
+    CtReplyRecreated = 19,
 }
 
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 20;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -248,6 +454,14 @@ impl Stat {
         Stat::Reselected,
         Stat::DropRewriteFailed,
         Stat::PassOtherProto,
+        Stat::DropUnrefusable,
+        Stat::CtExpired,
+        Stat::CtTupleReused,
+        Stat::CtStaleReplyRemoved,
+        Stat::Hairpin,
+        Stat::IcmpErrorTranslated,
+        Stat::FragmentTranslated,
+        Stat::CtReplyRecreated,
     ];
     /// Stable snake_case name, used for metrics labels and `xlb inspect stats`.
     pub const fn name(self) -> &'static str {
@@ -264,6 +478,14 @@ impl Stat {
             Stat::Reselected => "reselected",
             Stat::DropRewriteFailed => "drop_rewrite_failed",
             Stat::PassOtherProto => "pass_other_proto",
+            Stat::DropUnrefusable => "drop_unrefusable",
+            Stat::CtExpired => "ct_expired",
+            Stat::CtTupleReused => "ct_tuple_reused",
+            Stat::CtStaleReplyRemoved => "ct_stale_reply_removed",
+            Stat::Hairpin => "hairpin",
+            Stat::IcmpErrorTranslated => "icmp_error_translated",
+            Stat::FragmentTranslated => "fragment_translated",
+            Stat::CtReplyRecreated => "ct_reply_recreated",
         }
     }
 }
@@ -302,6 +524,11 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for CtTimeouts {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for MemberValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 // Layout guards: a change here is an ABI change with the kernel side (bump map names).
@@ -313,3 +540,70 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 24);
+const _: () = assert!(core::mem::size_of::<MemberKey>() == 12);
+const _: () = assert!(core::mem::size_of::<MemberValue>() == 8);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragValue>() == 4);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(flags: u8) -> (CtKey, CtValue) {
+        let key = CtKey {
+            saddr: ip4([10, 244, 1, 5]),
+            daddr: ip4([10, 96, 0, 10]),
+            sport: port(40000),
+            dport: port(80),
+            proto: PROTO_TCP,
+            dir: CT_FORWARD,
+            _pad: 0,
+        };
+        let value = CtValue {
+            backend_id: 7,
+            nat_addr: ip4([10, 244, 2, 9]),
+            nat_port: port(9376),
+            flags,
+            ..CtValue::default()
+        };
+        (key, value)
+    }
+
+    #[test]
+    fn pair_of_a_forward_entry_is_the_backends_answer_tuple() {
+        let (key, value) = flow(0);
+        let reply = key.pair(&value);
+        assert_eq!(reply.dir, CT_REPLY);
+        assert_eq!((reply.saddr, reply.sport), (value.nat_addr, value.nat_port));
+        assert_eq!((reply.daddr, reply.dport), (key.saddr, key.sport));
+        // The reply entry holds the frontend; its pair is the forward key again.
+        let reply_value = CtValue { nat_addr: key.daddr, nat_port: key.dport, ..value };
+        assert_eq!(reply.pair(&reply_value), key);
+    }
+
+    #[test]
+    fn pair_of_a_hairpin_flow_goes_through_the_hairpin_address() {
+        let (mut key, mut value) = flow(CT_F_HAIRPIN);
+        value.nat_addr = key.saddr; // the pod is its own backend
+        key.sport = port(41000);
+        let reply = key.pair(&value);
+        assert_eq!(reply.daddr, ip4(HAIRPIN_ADDR));
+        assert_eq!(reply.saddr, key.saddr);
+        let reply_value = CtValue { nat_addr: key.daddr, nat_port: key.dport, ..value };
+        assert_eq!(reply.pair(&reply_value), key);
+    }
+
+    #[test]
+    fn every_state_has_a_name_and_a_lifetime() {
+        let t = CtTimeouts::DEFAULT;
+        for s in ct_state::ALL {
+            assert_ne!(ct_state::name(s), "unknown");
+            assert!(t.of(s) > 0);
+        }
+        assert_eq!(t.of(ct_state::TCP_CLOSED), 10);
+        assert_eq!(t.of(ct_state::TCP_ESTABLISHED), 86_400);
+        assert!(ct_state::is_closing(ct_state::TCP_FIN_WAIT));
+        assert!(!ct_state::is_closing(ct_state::TCP_ESTABLISHED));
+    }
+}

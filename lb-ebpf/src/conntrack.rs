@@ -1,23 +1,56 @@
-//! Conntrack entries: a forward entry keyed by the client's tuple (value: the backend) and a
-//! reply entry keyed by the backend's answer tuple (value: the frontend to restore).
+//! Conntrack: a forward entry keyed by the client's tuple (value: the backend) and a reply entry
+//! keyed by the backend's answer tuple (value: the frontend to restore).
+//!
+//! Entries have a state (`lb_common::ct_state`) and an absolute expiry. Both entries of a flow
+//! always hold the same state and expiry: every state change and every refresh writes the pair,
+//! and a refresh happens at most once a second per flow (Cilium's `CT_REPORT_INTERVAL` idea), so
+//! a busy flow costs one lookup per packet and no map write. An expired entry is a miss, whether
+//! or not the agent's sweeper has removed it yet.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    Backend, CtKey, CtValue, CT_FORWARD, CT_REPLY, CT_SEEN_FIN, CT_SEEN_RST, CT_SEEN_SYN,
+    ct_state, CtKey, CtTimeouts, CtValue, Stat, CT_FORWARD, CT_F_FIN_FWD, CT_F_FIN_REV,
+    CT_REPLY, HAIRPIN_ADDR,
 };
 
 use crate::{
     maps::CONNTRACK,
-    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::bump,
 };
 
-/// `last_seen_ns` is rewritten at most this often, so busy flows do not write the map per packet.
-const REFRESH_NS: u64 = 1_000_000_000;
+/// Lifetimes, set by the agent at load time (`lb_common::global_names::CT_TIMEOUTS`).
+#[unsafe(no_mangle)]
+static XLB_CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
 
+/// An entry's expiry is pushed forward at most this often.
+const REFRESH_NS: u64 = 1_000_000_000;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Which side sent a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// From the client (towards the frontend / backend).
+    Forward,
+    /// From the backend (the answer).
+    Reply,
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: cheaper than the precise clock, and a tick (a few ms) is
+/// nothing against lifetimes of seconds.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: no arguments, always callable.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Lifetime of `state` in ns.
+#[inline(always)]
+fn lifetime_ns(state: u8) -> u64 {
+    // SAFETY: a plain read of a load-time constant; volatile so the compiler keeps the load
+    // (the loader patches the value after compilation).
+    let t = unsafe { core::ptr::read_volatile(&XLB_CT_TIMEOUTS) };
+    u64::from(t.of(state)) * NS_PER_SEC
 }
 
 /// The forward key of `pkt` (client -> frontend).
@@ -34,7 +67,7 @@ pub fn forward_key(pkt: &Packet) -> CtKey {
     }
 }
 
-/// The key under which `to_pod` finds the reply of `pkt` (an incoming packet, backend -> client).
+/// The reply key of `pkt`, an answer from a backend (backend -> client).
 #[inline(always)]
 pub fn reply_key_of(pkt: &Packet) -> CtKey {
     CtKey {
@@ -43,13 +76,14 @@ pub fn reply_key_of(pkt: &Packet) -> CtKey {
     }
 }
 
-/// The reply key of a client flow translated to `backend_addr:backend_port`.
+/// The reply key a direct (non-Service) connection of `pkt` would collide with: the answer
+/// tuple of `pkt` (daddr -> saddr).
 #[inline(always)]
-pub fn reply_key(pkt: &Packet, backend_addr: u32, backend_port: u16) -> CtKey {
+pub fn answer_key_of(pkt: &Packet) -> CtKey {
     CtKey {
-        saddr: backend_addr,
+        saddr: pkt.daddr,
         daddr: pkt.saddr,
-        sport: backend_port,
+        sport: pkt.dport,
         dport: pkt.sport,
         proto: pkt.proto,
         dir: CT_REPLY,
@@ -57,72 +91,161 @@ pub fn reply_key(pkt: &Packet, backend_addr: u32, backend_port: u16) -> CtKey {
     }
 }
 
-/// The conntrack flags a TCP packet contributes.
+/// The value of the other entry of the flow whose entry at `key` holds `v`.
 #[inline(always)]
-fn seen_flags(pkt: &Packet) -> u8 {
-    let mut seen = 0;
-    if pkt.has_tcp_flag(TCP_SYN) {
-        seen |= CT_SEEN_SYN;
+fn pair_value(key: &CtKey, v: &CtValue) -> CtValue {
+    if key.dir == CT_FORWARD {
+        CtValue {
+            nat_addr: key.daddr,
+            nat_port: key.dport,
+            ..*v
+        }
+    } else {
+        CtValue {
+            nat_addr: key.saddr,
+            nat_port: key.sport,
+            ..*v
+        }
     }
+}
+
+/// State and flags after `pkt` went `dir` on a flow in `state` with `flags`.
+#[inline(always)]
+fn next_state(state: u8, flags: u8, pkt: &Packet, dir: Dir) -> (u8, u8) {
+    if !pkt.is_tcp() {
+        if dir == Dir::Reply && state == ct_state::UDP_UNREPLIED {
+            return (ct_state::UDP_REPLIED, flags);
+        }
+        return (state, flags);
+    }
+    if state == ct_state::TCP_CLOSED || pkt.has_tcp_flag(TCP_RST) {
+        return (ct_state::TCP_CLOSED, flags);
+    }
+    let mut flags = flags;
     if pkt.has_tcp_flag(TCP_FIN) {
-        seen |= CT_SEEN_FIN;
+        flags |= match dir {
+            Dir::Forward => CT_F_FIN_FWD,
+            Dir::Reply => CT_F_FIN_REV,
+        };
     }
-    if pkt.has_tcp_flag(TCP_RST) {
-        seen |= CT_SEEN_RST;
-    }
-    seen
+    let fins = flags & (CT_F_FIN_FWD | CT_F_FIN_REV);
+    let state = if fins == CT_F_FIN_FWD | CT_F_FIN_REV {
+        ct_state::TCP_CLOSING
+    } else if fins != 0 {
+        ct_state::TCP_FIN_WAIT
+    } else if state == ct_state::TCP_SYN_SENT
+        && pkt.has_tcp_flag(TCP_ACK)
+        && (dir == Dir::Reply || !pkt.has_tcp_flag(TCP_SYN))
+    {
+        // The backend's SYN-ACK, or the client's ACK after it (when the answer took another path).
+        ct_state::TCP_ESTABLISHED
+    } else {
+        state
+    };
+    (state, flags)
 }
 
-/// Marks an entry as used by `pkt`: writes only when a second has passed or a new flag shows.
+/// The state a new flow starts in.
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) {
-    let seen = seen_flags(pkt);
+fn initial_state(pkt: &Packet) -> (u8, u8) {
+    if !pkt.is_tcp() {
+        return (ct_state::UDP_UNREPLIED, 0);
+    }
+    let start = if pkt.is_syn_only() {
+        ct_state::TCP_SYN_SENT
+    } else {
+        // Picked up mid-stream (its entry expired or was evicted).
+        ct_state::TCP_ESTABLISHED
+    };
+    next_state(start, 0, pkt, Dir::Forward)
+}
+
+/// Whether an entry is still alive at `now`.
+#[inline(always)]
+pub fn alive(v: &CtValue, now: u64) -> bool {
+    v.expires_ns > now
+}
+
+/// Applies `pkt` (sent `dir`) to the live flow whose entry at `key` is `entry`: a state change,
+/// or a due refresh, writes both entries; a missing pair is re-created. `force_pair` checks the
+/// pair now even without a refresh (a SYN re-using a live flow needs its reply entry at once).
+#[inline(always)]
+pub fn update(key: &CtKey, entry: *mut CtValue, pkt: &Packet, dir: Dir, now: u64, force_pair: bool) {
     // SAFETY: `entry` is a live map value returned by a lookup in this program run.
+    let cur = unsafe { *entry };
+    let (state, flags) = next_state(cur.state, cur.flags, pkt, dir);
+    let expires_ns = now + lifetime_ns(state);
+    let changed = state != cur.state || flags != cur.flags;
+    if !changed && !force_pair && expires_ns < cur.expires_ns + REFRESH_NS {
+        return;
+    }
+    // SAFETY: as above; plain stores into the map value (other CPUs may race, and any of the
+    // racing values is a valid state).
     unsafe {
-        if now.wrapping_sub((*entry).last_seen_ns) >= REFRESH_NS {
-            (*entry).last_seen_ns = now;
+        (*entry).state = state;
+        (*entry).flags = flags;
+        (*entry).expires_ns = expires_ns;
+    }
+    let pair_key = key.pair(&cur);
+    match CONNTRACK.get_ptr_mut(&pair_key) {
+        Some(pair) => {
+            // SAFETY: a live map value returned by the lookup just above.
+            unsafe {
+                (*pair).state = state;
+                (*pair).flags = flags;
+                (*pair).expires_ns = expires_ns;
+            }
         }
-        if (*entry).flags & seen != seen {
-            (*entry).flags |= seen;
+        None => {
+            let value = CtValue {
+                state,
+                flags,
+                expires_ns,
+                ..pair_value(key, &cur)
+            };
+            if CONNTRACK.insert(&pair_key, &value, BPF_ANY.into()).is_ok() {
+                bump(Stat::CtReplyRecreated);
+            }
         }
     }
 }
 
-/// Inserts the forward and reply entries of a new flow of `pkt` to `backend`.
+/// Inserts the forward and reply entries of a new flow of `pkt` to `backend_addr:backend_port`.
 /// Returns false when an insert failed (the flow is still translated, just not pinned).
 #[inline(always)]
-pub fn create(pkt: &Packet, backend_id: u32, backend: &Backend, rev_nat_id: u32, now: u64) -> bool {
-    let flags = seen_flags(pkt);
+pub fn create(
+    pkt: &Packet,
+    backend_id: u32,
+    backend_addr: u32,
+    backend_port: u16,
+    rev_nat_id: u32,
+    flags: u8,
+    now: u64,
+) -> bool {
+    let (state, seen) = initial_state(pkt);
     let forward = CtValue {
         backend_id,
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        flags,
-        _pad: 0,
+        nat_addr: backend_addr,
+        nat_port: backend_port,
+        state,
+        flags: flags | seen,
         rev_nat_id,
-        last_seen_ns: now,
+        expires_ns: now + lifetime_ns(state),
     };
-    let reply = CtValue {
-        nat_addr: pkt.daddr,
-        nat_port: pkt.dport,
-        ..forward
-    };
-    let fwd_ok = CONNTRACK
-        .insert(forward_key(pkt), forward, BPF_ANY.into())
-        .is_ok();
+    let key = forward_key(pkt);
+    let fwd_ok = CONNTRACK.insert(&key, &forward, BPF_ANY.into()).is_ok();
     let rep_ok = CONNTRACK
-        .insert(
-            reply_key(pkt, backend.addr, backend.port),
-            reply,
-            BPF_ANY.into(),
-        )
+        .insert(&key.pair(&forward), &pair_value(&key, &forward), BPF_ANY.into())
         .is_ok();
     fwd_ok && rep_ok
 }
 
-/// Drops the reply entry of a flow that is being moved away from `backend_addr:backend_port`.
+/// Removes the entry at `key` (holding `v`) and its pair. Missing entries are fine.
 #[inline(always)]
-pub fn forget_reply(pkt: &Packet, backend_addr: u32, backend_port: u16) {
-    // A missing entry (already evicted) is fine.
-    let _ = CONNTRACK.remove(reply_key(pkt, backend_addr, backend_port));
+pub fn remove_flow(key: &CtKey, v: &CtValue) {
+    let _ = CONNTRACK.remove(&key.pair(v));
+    let _ = CONNTRACK.remove(key);
 }
+
+/// Network-order [`HAIRPIN_ADDR`].
+pub const HAIRPIN: u32 = u32::from_ne_bytes(HAIRPIN_ADDR);

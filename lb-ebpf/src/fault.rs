@@ -24,7 +24,7 @@ impl Fault {
         let (stat, verdict) = match self {
             Fault::NoBackend => (Stat::DropNoBackend, TC_ACT_SHOT),
             Fault::Rewrite => (Stat::DropRewriteFailed, TC_ACT_SHOT),
-            Fault::Unrefusable => (Stat::PassMalformed, TC_ACT_SHOT),
+            Fault::Unrefusable => (Stat::DropUnrefusable, TC_ACT_SHOT),
         };
         bump(stat);
         verdict

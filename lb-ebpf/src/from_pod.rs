@@ -1,19 +1,21 @@
 //! `from_pod`: tc ingress on the host side of pod veths, i.e. packets leaving a pod.
 //!
-//! Established flow: one conntrack lookup, DNAT to the stored backend. New flow to a frontend:
-//! master lookup, backend selection, conntrack pair, DNAT. Frontend without endpoints: refuse.
+//! Established flow: one conntrack lookup, DNAT to the stored backend. A conntrack hit that may
+//! not keep its backend (expired, a new connection on a closed tuple, a backend that left the
+//! Service) starts over. New flow to a frontend: master lookup, backend selection, conntrack
+//! pair, DNAT. Frontend without endpoints: refuse. A pod that selected itself is hairpinned.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use lb_common::{ServiceKey, Stat, PROTO_SCTP, SCOPE_EXT};
+use lb_common::{CtKey, CtValue, ServiceKey, Stat, CT_F_HAIRPIN, PROTO_SCTP, SCOPE_EXT};
 
 use crate::{
-    conntrack::{self, forward_key, now_ns},
+    conntrack::{self, alive, answer_key_of, forward_key, now_ns, reply_key_of, Dir, HAIRPIN},
     fault::{Fault, PASS},
-    lb,
-    maps::{BACKENDS, CONNTRACK, SERVICES},
+    icmp, lb,
+    maps::{CONNTRACK, SERVICES},
     nat, parse,
-    parse::{Packet, TCP_ACK, TCP_SYN},
-    refuse::refuse,
+    parse::{Packet, Parsed, Skip},
+    refuse::{bounce, refuse, swap_macs},
     stats::bump,
 };
 
@@ -45,84 +47,189 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
     let pkt = match parse::parse(ctx) {
-        Ok(pkt) => pkt,
+        Ok(Parsed::L4(pkt)) => pkt,
+        Ok(Parsed::IcmpError(outer, quoted)) => return icmp::from_client(ctx, &outer, &quoted),
         Err(skip) => return Ok(skip.pass()),
     };
     if pkt.proto == PROTO_SCTP {
         return Ok(other_proto(&pkt));
     }
     let now = now_ns();
+    if pkt.daddr == HAIRPIN {
+        return hairpin_reply(ctx, &pkt, now);
+    }
     let key = forward_key(&pkt);
-    let mut reselected = false;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+    let mut reason = None;
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: a live map value; copied out before any other map operation.
         let ct = unsafe { *entry };
-        if keeps_backend(&pkt, ct.backend_id) {
-            conntrack::touch(entry, &pkt, now);
-            nat::dnat(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
-            bump(Stat::Established);
-            return Ok(PASS);
+        if !alive(&ct, now) {
+            reason = Some(Stat::CtExpired);
+        } else {
+            match stale_reason(&pkt, &ct) {
+                None => {
+                    if pkt.has_l4 {
+                        conntrack::update(&key, entry, &pkt, Dir::Forward, now, pkt.is_syn_only());
+                    } else {
+                        bump(Stat::FragmentTranslated);
+                    }
+                    bump(Stat::Established);
+                    return forward(ctx, &pkt, &ct);
+                }
+                Some(stat) => reason = Some(stat),
+            }
         }
-        // Stale pair: the new selection rewrites the forward entry; drop both in case the
-        // Service is gone altogether (then the packet passes untouched).
-        conntrack::forget_reply(&pkt, ct.nat_addr, ct.nat_port);
-        let _ = CONNTRACK.remove(key);
-        reselected = true;
+        // The old flow is over: drop its pair so no reply is restored to a stale frontend.
+        conntrack::remove_flow(&key, &ct);
     }
-    new_flow(ctx, &pkt, now, reselected)
+    if !pkt.has_l4 {
+        // A later fragment whose flow is unknown: it cannot start a flow.
+        return Ok(Skip::Fragment.pass());
+    }
+    if let Some(stat) = reason {
+        bump(stat);
+    }
+    new_flow(ctx, &pkt, now)
 }
 
-/// Whether a conntrack hit may use its stored backend.
+/// Why a live conntrack hit must not keep its backend, or `None` when it keeps it.
 ///
 /// TCP keeps its backend even after it left the Service (as kube-proxy's conntrack does): the
-/// connection lives or dies with that pod. Only a fresh SYN (a new connection reusing the
-/// tuple) checks the backend still exists. UDP has no connection to lose, so every datagram
-/// checks and the flow moves on as soon as the backend is gone (DNS must not blackhole).
+/// connection lives or dies with that pod. A SYN without ACK is a new connection on the tuple:
+/// after a close it always starts over; on a live entry it keeps the backend only while the
+/// Service is the same (rev-NAT id) and the backend still a member. UDP has no connection to
+/// lose: every datagram checks membership, and moves on at once (DNS must not blackhole).
 #[inline(always)]
-fn keeps_backend(pkt: &Packet, backend_id: u32) -> bool {
-    if pkt.is_tcp() && !(pkt.has_tcp_flag(TCP_SYN) && !pkt.has_tcp_flag(TCP_ACK)) {
-        return true;
+fn stale_reason(pkt: &Packet, ct: &CtValue) -> Option<Stat> {
+    let master_key = master_key(pkt);
+    if pkt.is_tcp() {
+        if !pkt.is_syn_only() {
+            return None;
+        }
+        if lb_common::ct_state::is_closing(ct.state) {
+            return Some(Stat::CtTupleReused);
+        }
+        // SAFETY: copied out at once.
+        let same_service = unsafe { SERVICES.get(&master_key) }
+            .is_some_and(|m| m.rev_nat_id == ct.rev_nat_id);
+        if same_service && lb::is_member(&master_key, ct.backend_id, ct.nat_addr, ct.nat_port) {
+            return None;
+        }
+        return Some(Stat::CtTupleReused);
     }
-    // SAFETY: existence check only.
-    unsafe { BACKENDS.get(backend_id) }.is_some()
+    if lb::is_member(&master_key, ct.backend_id, ct.nat_addr, ct.nat_port) {
+        None
+    } else {
+        Some(Stat::Reselected)
+    }
 }
 
-/// First packet of a flow (or a UDP flow whose backend left): select, track, DNAT.
 #[inline(always)]
-fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64, reselected: bool) -> Result<i32, Fault> {
-    let master_key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXT, 0);
+fn master_key(pkt: &Packet) -> ServiceKey {
+    ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXT, 0)
+}
+
+/// Translates a packet of the flow `ct` (the forward entry) towards its backend.
+#[inline(always)]
+fn forward(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<i32, Fault> {
+    nat::dnat(ctx, pkt, ct.nat_addr, ct.nat_port)?;
+    if ct.flags & CT_F_HAIRPIN == 0 {
+        return Ok(PASS);
+    }
+    // The pod is its own backend: it must see another peer than itself, and the packet goes
+    // straight back into it.
+    nat::snat_addr(ctx, pkt, HAIRPIN)?;
+    swap_macs(ctx)?;
+    bump(Stat::Hairpin);
+    Ok(bounce(ctx))
+}
+
+/// A pod answering a hairpin flow (to [`HAIRPIN`]): restore the frontend as the source and the
+/// pod itself as the destination, and send it straight back in.
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<i32, Fault> {
+    let key = reply_key_of(pkt);
+    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
+        return Ok(PASS);
+    };
+    // SAFETY: a live map value; copied out before any other map operation.
+    let ct = unsafe { *entry };
+    if !alive(&ct, now) {
+        return Ok(PASS);
+    }
+    conntrack::update(&key, entry, pkt, Dir::Reply, now, false);
+    nat::snat(ctx, pkt, ct.nat_addr, ct.nat_port)?;
+    nat::dnat_addr(ctx, pkt, pkt.saddr)?;
+    swap_macs(ctx)?;
+    bump(Stat::Reply);
+    bump(Stat::Hairpin);
+    Ok(bounce(ctx))
+}
+
+/// First packet of a flow (or one that starts over): select, track, DNAT.
+#[inline(always)]
+fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<i32, Fault> {
+    let master_key = master_key(pkt);
     // SAFETY: the master is copied out at once.
-    let Some(master) = (unsafe { SERVICES.get(master_key) }).copied() else {
+    let Some(master) = (unsafe { SERVICES.get(&master_key) }).copied() else {
         // An unallocated ClusterIP (or a port the Service does not have): refuse at once
         // instead of letting the packet leave untranslated and time out.
         if in_service_cidr(pkt.daddr) {
             return refuse(ctx, pkt);
         }
-        // Not a frontend: not ours, and no map write.
+        // Not a frontend: not ours, and no map write, except that a direct connection must
+        // not have its answers rewritten by a stale Service flow that used the same tuple.
+        if pkt.is_syn_only() {
+            forget_stale_reply(pkt);
+        }
         return Ok(PASS);
     };
     if master.count == 0 {
         return refuse(ctx, pkt);
     }
     let selected = lb::select(pkt, &master_key, &master, now)?;
-    if !conntrack::create(pkt, selected.id, &selected.backend, master.rev_nat_id, now) {
+    let flags = if selected.addr == pkt.saddr {
+        CT_F_HAIRPIN
+    } else {
+        0
+    };
+    if !conntrack::create(
+        pkt,
+        selected.id,
+        selected.addr,
+        selected.port,
+        master.rev_nat_id,
+        flags,
+        now,
+    ) {
         bump(Stat::CtInsertFailed);
     }
-    nat::dnat(ctx, pkt, selected.backend.addr, selected.backend.port)?;
-    bump(if reselected {
-        Stat::Reselected
-    } else {
-        Stat::NewFlow
-    });
-    Ok(PASS)
+    bump(Stat::NewFlow);
+    let ct = CtValue {
+        nat_addr: selected.addr,
+        nat_port: selected.port,
+        flags,
+        ..CtValue::default()
+    };
+    forward(ctx, pkt, &ct)
+}
+
+/// Removes the Service flow whose reply tuple is the answer tuple of the direct SYN `pkt`.
+#[inline(always)]
+fn forget_stale_reply(pkt: &Packet) {
+    let key: CtKey = answer_key_of(pkt);
+    // SAFETY: copied out at once.
+    if let Some(stale) = unsafe { CONNTRACK.get(&key) }.copied() {
+        conntrack::remove_flow(&key, &stale);
+        bump(Stat::CtStaleReplyRemoved);
+    }
 }
 
 /// SCTP is not translated yet: count packets to an SCTP frontend so the gap is visible.
 #[inline(always)]
 fn other_proto(pkt: &Packet) -> i32 {
-    let master_key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXT, 0);
     // SAFETY: existence check only.
-    if unsafe { SERVICES.get(master_key) }.is_some() {
+    if unsafe { SERVICES.get(&master_key(pkt)) }.is_some() {
         bump(Stat::PassOtherProto);
     }
     PASS

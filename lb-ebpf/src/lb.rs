@@ -1,21 +1,36 @@
-//! Backend selection for a new flow: the client's affine backend when sessionAffinity applies
-//! and is fresh, else a uniformly random slot (Cilium's "random" algorithm; slots `1..=count`).
+//! Backend selection for a new flow: the client's affine backend when sessionAffinity applies,
+//! is fresh and is still a member of the Service, else a uniformly random slot (Cilium's
+//! "random" algorithm; slots `1..=count`). Membership (`MEMBERS`) is checked by address, so a
+//! stale id can never send a flow to another pod.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
-use lb_common::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, SVC_FLAG_AFFINITY};
+use lb_common::{
+    AffinityKey, AffinityValue, MemberKey, ServiceKey, ServiceValue, SVC_FLAG_AFFINITY,
+};
 
 use crate::{
     fault::Fault,
-    maps::{AFFINITY, BACKENDS, SERVICES},
+    maps::{AFFINITY, BACKENDS, MEMBERS, SERVICES},
     parse::Packet,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// A chosen backend and its id (the conntrack entry keeps both).
+/// A chosen backend: its id, address and port (network order).
 pub struct Selected {
     pub id: u32,
-    pub backend: Backend,
+    pub addr: u32,
+    pub port: u16,
+}
+
+/// Whether backend `id` at `addr:port` is (still) a member of the frontend `master_key`.
+#[inline(always)]
+pub fn is_member(master_key: &ServiceKey, id: u32, addr: u32, port: u16) -> bool {
+    // SAFETY: the value is read at once.
+    match unsafe { MEMBERS.get(&MemberKey::of(master_key, id)) } {
+        Some(m) => m.addr == addr && m.port == port,
+        None => false,
+    }
 }
 
 /// Chooses a backend of the Service whose master entry is `master` (at `master_key`), which has
@@ -34,7 +49,7 @@ pub fn select(
         client: pkt.saddr,
         rev_nat_id: master.rev_nat_id,
     };
-    let selected = match affine(&key, master.affinity_timeout, now) {
+    let selected = match affine(&key, master_key, master.affinity_timeout, now) {
         Some(selected) => selected,
         None => random_slot(master_key, master.count)?,
     };
@@ -44,23 +59,24 @@ pub fn select(
         last_used_ns: now,
     };
     // Losing the affinity record only costs stickiness for the next flow.
-    let _ = AFFINITY.insert(key, value, BPF_ANY.into());
+    let _ = AFFINITY.insert(&key, &value, BPF_ANY.into());
     Ok(selected)
 }
 
-/// The client's previous backend, if used within `timeout_s` and still present.
+/// The client's previous backend, if used within `timeout_s` and still a member.
 #[inline(always)]
-fn affine(key: &AffinityKey, timeout_s: u32, now: u64) -> Option<Selected> {
+fn affine(key: &AffinityKey, master_key: &ServiceKey, timeout_s: u32, now: u64) -> Option<Selected> {
     // SAFETY: the value is copied out at once.
     let last = unsafe { *AFFINITY.get(key)? };
     if now.wrapping_sub(last.last_used_ns) > u64::from(timeout_s) * NS_PER_SEC {
         return None;
     }
     // SAFETY: copied out at once.
-    let backend = unsafe { *BACKENDS.get(last.backend_id)? };
+    let member = unsafe { *MEMBERS.get(&MemberKey::of(master_key, last.backend_id))? };
     Some(Selected {
         id: last.backend_id,
-        backend,
+        addr: member.addr,
+        port: member.port,
     })
 }
 
@@ -73,9 +89,13 @@ fn random_slot(master_key: &ServiceKey, count: u32) -> Result<Selected, Fault> {
     let slot = unsafe { bpf_get_prandom_u32() } % count + 1;
     let slot_key = master_key.with_slot(slot as u16);
     // SAFETY: values are copied out at once.
-    let id = unsafe { SERVICES.get(slot_key) }
+    let id = unsafe { SERVICES.get(&slot_key) }
         .ok_or(Fault::NoBackend)?
         .backend_id;
-    let backend = unsafe { *BACKENDS.get(id).ok_or(Fault::NoBackend)? };
-    Ok(Selected { id, backend })
+    let backend = unsafe { *BACKENDS.get(&id).ok_or(Fault::NoBackend)? };
+    Ok(Selected {
+        id,
+        addr: backend.addr,
+        port: backend.port,
+    })
 }

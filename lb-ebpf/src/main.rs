@@ -6,6 +6,10 @@
 //!   refused at once (TCP RST / ICMP port unreachable sent back into the pod).
 //! - `to_pod` (tc egress): replies going into a pod get their source restored to the frontend.
 //!
+//! - Conntrack entries have states and lifetimes (`conntrack`), hairpin flows are SNATed to a
+//!   link-local address, ICMP errors about translated flows are translated back (`icmp`), and
+//!   later IPv4 fragments follow their first fragment (`parse`).
+//!
 //! Anything that is not IPv4 TCP/UDP to a frontend is passed untouched, with no map write.
 //!
 //! Off the BPF target the crate is an empty program (its dependencies are BPF-only), so a plain
@@ -22,6 +26,8 @@ mod csum;
 mod fault;
 #[cfg(target_arch = "bpf")]
 mod from_pod;
+#[cfg(target_arch = "bpf")]
+mod icmp;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey,
-    ServiceValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
+    map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue,
+    MemberKey, MemberValue, RevNat, ServiceKey, ServiceValue, DEFAULT_AFFINITY_MAX,
+    DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MEMBERS_MAX,
     DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, STAT_COUNT,
 };
 
@@ -21,13 +22,14 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map(name = "XLB_BE_V1")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
 
-/// Rev-NAT id -> frontend; a fallback for reply entries that carry no frontend address.
+/// Rev-NAT id -> frontend. Written and read back by the agent; the datapath restores replies
+/// from the frontend its reply entries carry.
 #[map(name = "XLB_RNAT_V1")]
 pub static REV_NAT: HashMap<u32, RevNat> = HashMap::with_max_entries(DEFAULT_REV_NAT_MAX, 0);
 
 /// Forward and reply entries of every translated flow. LRU, so a full table evicts the
 /// coldest flows instead of refusing new ones.
-#[map(name = "XLB_CT_V1")]
+#[map(name = "XLB_CT_V2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
 
@@ -36,8 +38,19 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(DEFAULT_AFFINITY_MAX, 0);
 
+/// (frontend, backend id) -> backend address: checks that a flow's or an affinity entry's
+/// backend is still a member of its frontend.
+#[map(name = "XLB_MEMBER_V1")]
+pub static MEMBERS: HashMap<MemberKey, MemberValue> =
+    HashMap::with_max_entries(DEFAULT_MEMBERS_MAX, 0);
+
+/// First fragments' ports, so later fragments of a translated datagram follow it.
+#[map(name = "XLB_FRAG_V1")]
+pub static FRAGS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
+
 /// Per-CPU counters indexed by `lb_common::Stat`.
-#[map(name = "XLB_STATS_V1")]
+#[map(name = "XLB_STATS_V2")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
 const fn same(a: &str, b: &str) -> bool {
@@ -59,6 +72,8 @@ const fn same(a: &str, b: &str) -> bool {
 const _: () = assert!(same("XLB_SVC_V1", map_names::SERVICES));
 const _: () = assert!(same("XLB_BE_V1", map_names::BACKENDS));
 const _: () = assert!(same("XLB_RNAT_V1", map_names::REV_NAT));
-const _: () = assert!(same("XLB_CT_V1", map_names::CONNTRACK));
+const _: () = assert!(same("XLB_CT_V2", map_names::CONNTRACK));
+const _: () = assert!(same("XLB_MEMBER_V1", map_names::MEMBERS));
+const _: () = assert!(same("XLB_FRAG_V1", map_names::FRAGS));
 const _: () = assert!(same("XLB_AFF_V1", map_names::AFFINITY));
-const _: () = assert!(same("XLB_STATS_V1", map_names::STATS));
+const _: () = assert!(same("XLB_STATS_V2", map_names::STATS));

@@ -202,9 +202,16 @@ fn replace_with<T>(ctx: &TcContext, frame: &T) -> Result<(), Fault> {
     ctx.store(0, frame, 0).map_err(|_| Fault::Rewrite)
 }
 
-/// Sends the answer back out of the interface the packet arrived on (towards the pod).
+/// Swaps the Ethernet addresses of the frame in place (it goes back where it came from).
 #[inline(always)]
-fn bounce(ctx: &TcContext) -> i32 {
+pub fn swap_macs(ctx: &TcContext) -> Result<(), Fault> {
+    let eth: EthHdr = ctx.load(0).map_err(|_| Fault::Rewrite)?;
+    ctx.store(0, &swapped(&eth), 0).map_err(|_| Fault::Rewrite)
+}
+
+/// Sends the frame back out of the interface it arrived on (towards the pod).
+#[inline(always)]
+pub fn bounce(ctx: &TcContext) -> i32 {
     // SAFETY: reading a field of the program context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags.

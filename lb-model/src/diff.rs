@@ -1,9 +1,15 @@
 //! What is in the maps ([`Applied`]), and the ordered operations that turn it into the desired state.
 //!
 //! Update order (DESIGN.md section 3; no blackhole, never a half-written Service): write new
-//! backends, then slots up to max(old, new), then the master with the new count, then delete
-//! slots above the new count; unused backends and rev-NAT entries are deleted last ([`Applied::gc`]).
-//! A removed frontend goes in reverse: master first, then its slots.
+//! backends, then the MEMBERS entries of backends entering the frontend, then slots up to
+//! max(old, new), then the master with the new count, then delete slots above the new count, then
+//! the MEMBERS entries of backends that left; unused backends and rev-NAT entries are deleted last
+//! ([`Applied::gc`]). A removed frontend goes in reverse: master first, then its slots, then its
+//! members. So every slot `1..=count` of a master always names a backend that exists and is a
+//! member of that frontend.
+//!
+//! New backend and rev-NAT ids come from a cursor that only moves forward, so a freed id is not
+//! handed out again while conntrack or affinity entries may still hold it (see `ids.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::OnceLock;
@@ -11,14 +17,14 @@ use std::sync::OnceLock;
 use lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, SVC_FLAG_TERMINATING_FALLBACK};
 
 use crate::desired::{DesiredState, FrontendState};
-use crate::ids::IdSpace;
+use crate::ids::{advance, id_after, Cursors, IdSpace};
 use crate::slots;
 use crate::{BackendAddr, Frontend};
 
 /// One frontend as it is in the maps.
 ///
 /// The master entry (slot 0) exists iff `rev_nat_id != 0` (every master xlb writes has a rev-NAT
-/// id >= 1); an entry with `rev_nat_id == 0` only describes leftover slots.
+/// id >= 1); an entry with `rev_nat_id == 0` only describes leftover slots or members.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AppliedFrontend {
     pub rev_nat_id: u32,
@@ -29,20 +35,27 @@ pub struct AppliedFrontend {
     pub slots: Vec<u32>,
     /// The master's backend count (what the datapath selects from).
     pub count: u32,
+    /// Backend ids with a MEMBERS entry for this frontend, holding that backend's address.
+    pub members: BTreeSet<u32>,
 }
 
 impl AppliedFrontend {
     fn has_master(&self) -> bool {
         self.rev_nat_id != 0
     }
+    /// Nothing of the frontend is left in the maps.
+    fn is_empty(&self) -> bool {
+        !self.has_master() && self.slots.is_empty() && self.members.is_empty()
+    }
 }
 
 /// The datapath maps' content, as the agent last wrote (or read back) it.
 ///
-/// Change it through [`Applied::apply`]: that keeps a private index (address -> id, free ids,
-/// unreferenced ids) up to date, so planning one Service does not scan the whole maps. The index
-/// is built lazily on first use; after editing the public fields directly (e.g. while reading the
-/// maps back) call [`Applied::reindex`] if the index may already have been built.
+/// Change it through [`Applied::apply`]: that keeps a private index (address -> id, ids in use,
+/// unreferenced ids) and the id cursors up to date, so planning one Service does not scan the
+/// whole maps. The index is built lazily on first use; after editing the public fields directly
+/// (e.g. while reading the maps back) call [`Applied::reindex`] if the index may already have
+/// been built.
 #[derive(Clone, Debug, Default)]
 pub struct Applied {
     pub frontends: BTreeMap<Frontend, AppliedFrontend>,
@@ -51,6 +64,10 @@ pub struct Applied {
     /// Rev-NAT id -> frontend it restores.
     pub rev_nat: BTreeMap<u32, Frontend>,
     index: OnceLock<Index>,
+    /// Where new ids are searched from. History, not map content: it survives
+    /// [`Applied::reindex`] and is not compared. `None` until the first [`Applied::apply`]
+    /// (until then, the index's cursors past the largest ids present stand for it).
+    cursors: Option<Cursors>,
 }
 
 impl PartialEq for Applied {
@@ -63,41 +80,48 @@ impl PartialEq for Applied {
 impl Eq for Applied {}
 
 /// Derived lookups over [`Applied`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct Index {
     /// Address -> id (the smallest id when a read-back map holds an address twice).
     backend_of: HashMap<BackendAddr, u32>,
-    /// Backend ids; referrers are slots.
+    /// Backend ids; referrers are slots and member entries.
     backends: IdSpace,
-    /// Frontend -> rev-NAT id of its REV_NAT entry.
-    rev_of: HashMap<Frontend, u32>,
     /// Rev-NAT ids; referrers are masters.
     revs: IdSpace,
+    /// Past the largest ids present (entries or references) when the index was built.
+    cursors: Cursors,
 }
 
 impl Index {
     fn build(a: &Applied) -> Index {
-        let mut ix = Index::default();
+        let mut backend_of = HashMap::new();
+        let mut backends = IdSpace::default();
+        let mut revs = IdSpace::default();
         for (id, (b, _)) in &a.backends {
-            ix.backend_of.entry(*b).or_insert(*id);
+            backend_of.entry(*b).or_insert(*id);
         }
-        for (id, fe) in &a.rev_nat {
-            ix.rev_of.entry(*fe).or_insert(*id);
-        }
+        let mut max_backend = a.backends.keys().next_back().copied().unwrap_or(0);
+        let mut max_rev = a.rev_nat.keys().next_back().copied().unwrap_or(0);
         for af in a.frontends.values() {
-            for id in &af.slots {
-                ix.backends.add_ref(*id, a.backends.contains_key(id));
+            for &id in af.slots.iter().chain(&af.members) {
+                backends.add_ref(id, a.backends.contains_key(&id));
+                max_backend = max_backend.max(id);
             }
-            ix.revs
-                .add_ref(af.rev_nat_id, a.rev_nat.contains_key(&af.rev_nat_id));
+            revs.add_ref(af.rev_nat_id, a.rev_nat.contains_key(&af.rev_nat_id));
+            max_rev = max_rev.max(af.rev_nat_id);
         }
         for id in a.backends.keys() {
-            ix.backends.refresh(*id, true);
+            backends.refresh(*id, true);
         }
         for id in a.rev_nat.keys() {
-            ix.revs.refresh(*id, true);
+            revs.refresh(*id, true);
         }
-        ix
+        Index {
+            backend_of,
+            backends,
+            revs,
+            cursors: Cursors::past(max_backend, max_rev),
+        }
     }
 }
 
@@ -118,6 +142,18 @@ pub enum MapOp {
     },
     DeleteRevNat {
         id: u32,
+    },
+    /// MEMBERS entry: backend `backend_id`, at address `backend`, is a member of `frontend`.
+    /// Written before any slot of the frontend names the id.
+    PutMember {
+        frontend: Frontend,
+        backend_id: u32,
+        backend: BackendAddr,
+    },
+    /// Deleted after no slot `1..=count` of the frontend names the id any more.
+    DeleteMember {
+        frontend: Frontend,
+        backend_id: u32,
     },
     /// Slot `slot` (>= 1) of `frontend` -> backend id.
     PutSlot {
@@ -161,30 +197,21 @@ impl Plan {
     }
 
     /// Frontends whose ops refer to an id written by one of the `failed` prepare ops: they must be
-    /// skipped, or a slot would point to a missing backend (or a master to a missing rev-NAT).
+    /// skipped, or a slot or member would name a missing backend (or a master a missing rev-NAT).
     pub fn blocked_by(&self, failed: &[MapOp]) -> BTreeSet<Frontend> {
-        let backends: BTreeSet<u32> = failed
-            .iter()
-            .filter_map(|op| {
-                if let MapOp::PutBackend { id, .. } = op {
-                    Some(*id)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let revs: BTreeSet<u32> = failed
-            .iter()
-            .filter_map(|op| {
-                if let MapOp::PutRevNat { id, .. } = op {
-                    Some(*id)
-                } else {
-                    None
-                }
-            })
-            .collect();
+        let mut backends = BTreeSet::new();
+        let mut revs = BTreeSet::new();
+        for op in failed {
+            match *op {
+                MapOp::PutBackend { id, .. } => backends.insert(id),
+                MapOp::PutRevNat { id, .. } => revs.insert(id),
+                _ => false,
+            };
+        }
         let needs = |op: &MapOp| match op {
-            MapOp::PutSlot { backend_id, .. } => backends.contains(backend_id),
+            MapOp::PutSlot { backend_id, .. } | MapOp::PutMember { backend_id, .. } => {
+                backends.contains(backend_id)
+            }
             MapOp::PutMaster { rev_nat_id, .. } => revs.contains(rev_nat_id),
             _ => false,
         };
@@ -199,9 +226,16 @@ impl Plan {
 impl Applied {
     /// Record an op that the datapath executed successfully.
     pub fn apply(&mut self, op: &MapOp) {
+        if self.cursors.is_none() {
+            // Fixed from the content before the first change, as a plan on it saw them.
+            self.cursors = Some(self.index().cursors);
+        }
         let ix = self.index.get_mut();
         match *op {
             MapOp::PutBackend { id, backend, state } => {
+                if let Some(c) = &mut self.cursors {
+                    advance(&mut c.backend, id);
+                }
                 let old = self.backends.insert(id, (backend, state));
                 if let Some(ix) = ix {
                     if let Some((ob, _)) = old.filter(|(ob, _)| *ob != backend) {
@@ -221,22 +255,49 @@ impl Applied {
                 }
             }
             MapOp::PutRevNat { id, frontend } => {
-                let old = self.rev_nat.insert(id, frontend);
+                if let Some(c) = &mut self.cursors {
+                    advance(&mut c.rev_nat, id);
+                }
+                self.rev_nat.insert(id, frontend);
                 if let Some(ix) = ix {
-                    if let Some(of) = old.filter(|of| *of != frontend) {
-                        forget(&mut ix.rev_of, &of, id);
-                    }
-                    ix.rev_of.entry(frontend).or_insert(id);
                     ix.revs.refresh(id, true);
                 }
             }
             MapOp::DeleteRevNat { id } => {
-                let old = self.rev_nat.remove(&id);
+                self.rev_nat.remove(&id);
                 if let Some(ix) = ix {
-                    if let Some(of) = old {
-                        forget(&mut ix.rev_of, &of, id);
-                    }
                     ix.revs.refresh(id, false);
+                }
+            }
+            MapOp::PutMember {
+                frontend,
+                backend_id,
+                ..
+            } => {
+                let e = self.frontends.entry(frontend).or_default();
+                if e.members.insert(backend_id) {
+                    if let Some(ix) = ix {
+                        ix.backends
+                            .add_ref(backend_id, self.backends.contains_key(&backend_id));
+                    }
+                }
+            }
+            MapOp::DeleteMember {
+                frontend,
+                backend_id,
+            } => {
+                let Some(e) = self.frontends.get_mut(&frontend) else {
+                    return;
+                };
+                if !e.members.remove(&backend_id) {
+                    return;
+                }
+                if e.is_empty() {
+                    self.frontends.remove(&frontend);
+                }
+                if let Some(ix) = ix {
+                    ix.backends
+                        .drop_ref(backend_id, self.backends.contains_key(&backend_id));
                 }
             }
             MapOp::PutSlot {
@@ -270,7 +331,7 @@ impl Applied {
                 while e.slots.last() == Some(&0) {
                     e.slots.pop();
                 }
-                if !e.has_master() && e.slots.is_empty() {
+                if e.is_empty() {
                     self.frontends.remove(&frontend);
                 }
                 if let Some(ix) = ix {
@@ -303,7 +364,7 @@ impl Applied {
                 e.count = 0;
                 e.flags = 0;
                 e.affinity_timeout = 0;
-                if e.slots.is_empty() {
+                if e.is_empty() {
                     self.frontends.remove(&frontend);
                 }
                 if let Some(ix) = ix {
@@ -313,8 +374,8 @@ impl Applied {
         }
     }
 
-    /// Deletes of backends no slot refers to any more and of rev-NAT entries whose frontend is gone.
-    /// Run after the frontend ops of a plan, so nothing in use is removed.
+    /// Deletes of backends no slot or member entry refers to any more, and of rev-NAT entries
+    /// whose frontend is gone. Run after the frontend ops of a plan, so nothing in use is removed.
     pub fn gc(&self) -> Vec<MapOp> {
         let ix = self.index();
         let backends = ix
@@ -326,13 +387,14 @@ impl Applied {
         backends.chain(revs).collect()
     }
 
-    /// Backend id for an address: the existing one (ids are stable), else the smallest unused
-    /// id that is not in `reserved` (ids already handed out in the same plan).
+    /// Backend id for an address: the existing one (ids are stable), else the id a plan would
+    /// hand out next: the first unused id from the cursor on that is not in `reserved` (ids
+    /// already handed out in the same plan).
     pub fn backend_id(&self, b: &BackendAddr, reserved: &BTreeSet<u32>) -> u32 {
         let ix = self.index();
         match ix.backend_of.get(b) {
             Some(&id) => id,
-            None => ix.backends.pool.smallest_free(reserved),
+            None => ix.backends.pool.next_free(self.cursors().backend, reserved),
         }
     }
 
@@ -343,6 +405,10 @@ impl Applied {
 
     fn index(&self) -> &Index {
         self.index.get_or_init(|| Index::build(self))
+    }
+
+    fn cursors(&self) -> Cursors {
+        self.cursors.unwrap_or_else(|| self.index().cursors)
     }
 }
 
@@ -366,7 +432,7 @@ pub fn plan(applied: &Applied, desired: &DesiredState, touched: &BTreeSet<Fronte
         ids: HashMap::new(),
         reserved: BTreeSet::new(),
         rev_reserved: BTreeSet::new(),
-        next_rev: 1,
+        cursors: applied.cursors(),
     };
     let mut frontends = Vec::new();
     for fe in touched {
@@ -395,9 +461,8 @@ struct Planner<'a> {
     /// New backend / rev-NAT ids handed out in this plan.
     reserved: BTreeSet<u32>,
     rev_reserved: BTreeSet<u32>,
-    /// Every pool id below this one is taken or reserved (new rev-NAT ids are handed out in
-    /// increasing order), so the search for the next one starts here.
-    next_rev: u32,
+    /// Where the next new ids are searched from; past every id this plan handed out.
+    cursors: Cursors,
 }
 
 impl Planner<'_> {
@@ -407,22 +472,33 @@ impl Planner<'_> {
     fn update(&mut self, fe: &Frontend, st: &FrontendState) -> Vec<MapOp> {
         let cur = self.applied.frontends.get(fe);
         let old: &[u32] = cur.map(|c| c.slots.as_slice()).unwrap_or(&[]);
+        let members = cur.map(|c| &c.members);
         let fallback = if st.flags & SVC_FLAG_TERMINATING_FALLBACK != 0 {
             BACKEND_TERMINATING
         } else {
             BACKEND_ACTIVE
         };
-        let ids: Vec<u32> = st
+        let wanted: Vec<(u32, &BackendAddr)> = st
             .backends
             .iter()
             .take(Self::MAX_SLOTS)
-            .map(|b| self.backend(b, fallback))
+            .map(|b| (self.backend(b, fallback), b))
             .collect();
+        let ids: Vec<u32> = wanted.iter().map(|(id, _)| *id).collect();
         let rev = self.rev_nat(fe, cur);
-        self.restate_leaving(old);
+        self.restate_leaving(cur);
         let new = slots::assign(old, &ids);
         let n = new.len();
-        let mut ops = Vec::new();
+        // Members first: a slot may name an id only once the id is a member.
+        let mut ops: Vec<MapOp> = wanted
+            .iter()
+            .filter(|(id, _)| !members.is_some_and(|m| m.contains(id)))
+            .map(|&(backend_id, b)| MapOp::PutMember {
+                frontend: *fe,
+                backend_id,
+                backend: *b,
+            })
+            .collect();
         for (i, &id) in new.iter().enumerate() {
             if old.get(i) != Some(&id) {
                 ops.push(MapOp::PutSlot {
@@ -448,40 +524,38 @@ impl Planner<'_> {
                 affinity_timeout: st.affinity_timeout,
             });
         }
-        for (i, &id) in old.iter().enumerate().skip(n) {
-            if id != 0 {
-                ops.push(MapOp::DeleteSlot {
-                    frontend: *fe,
-                    slot: slot_no(i),
-                });
-            }
+        delete_slots(fe, old, n, &mut ops);
+        // Members last: only now does no slot 1..=count name the ids that left.
+        if let Some(members) = members.filter(|m| !m.is_empty()) {
+            let staying: BTreeSet<u32> = new.iter().copied().collect();
+            delete_members(fe, members.difference(&staying), &mut ops);
         }
         ops
     }
 
-    /// Master first (new flows stop at once), then the slots.
+    /// Master first (new flows stop at once), then the slots, then the members.
     fn remove(&mut self, fe: &Frontend) -> Vec<MapOp> {
         let Some(cur) = self.applied.frontends.get(fe) else {
             return Vec::new();
         };
-        self.restate_leaving(&cur.slots);
-        let mut ops = vec![MapOp::DeleteMaster { frontend: *fe }];
-        for (i, &id) in cur.slots.iter().enumerate() {
-            if id != 0 {
-                ops.push(MapOp::DeleteSlot {
-                    frontend: *fe,
-                    slot: slot_no(i),
-                });
-            }
+        self.restate_leaving(Some(cur));
+        let mut ops = Vec::new();
+        if cur.has_master() {
+            ops.push(MapOp::DeleteMaster { frontend: *fe });
         }
+        delete_slots(fe, &cur.slots, 0, &mut ops);
+        delete_members(fe, cur.members.iter(), &mut ops);
         ops
     }
 
     /// A backend's state depends on every frontend using it: when a touched frontend stops using
     /// a backend that other (untouched) frontends keep, its state may change (e.g. the last
     /// frontend using it as ready went away: now it is only a terminating fallback).
-    fn restate_leaving(&mut self, old_slots: &[u32]) {
-        for id in old_slots {
+    fn restate_leaving(&mut self, cur: Option<&AppliedFrontend>) {
+        let Some(cur) = cur else {
+            return;
+        };
+        for id in cur.slots.iter().chain(&cur.members) {
             let Some((b, _)) = self.applied.backends.get(id) else {
                 continue;
             };
@@ -509,15 +583,12 @@ impl Planner<'_> {
                 id
             }
             None => {
-                let from = self
-                    .reserved
-                    .last()
-                    .map_or(1, |last| last.saturating_add(1));
                 let id = self
                     .ix
                     .backends
                     .pool
-                    .smallest_free_from(from, &self.reserved);
+                    .next_free(self.cursors.backend, &self.reserved);
+                self.cursors.backend = id_after(id);
                 self.reserved.insert(id);
                 self.prepare.push(MapOp::PutBackend {
                     id,
@@ -531,33 +602,52 @@ impl Planner<'_> {
         id
     }
 
-    /// The rev-NAT id of a desired frontend: its REV_NAT entry's, else the id its master already
-    /// uses (if free), else a new one; queues the PutRevNat when the entry is missing.
+    /// The rev-NAT id of a desired frontend: the one its master uses when the REV_NAT entry
+    /// restores this frontend, or is missing (queues its PutRevNat); else a new id. A frontend
+    /// without a master gets a new id even when an unused REV_NAT entry for it is still there, so
+    /// a re-created Service never shares conntrack or affinity entries with its earlier self.
     fn rev_nat(&mut self, fe: &Frontend, cur: Option<&AppliedFrontend>) -> u32 {
-        if let Some(&id) = self.ix.rev_of.get(fe) {
-            return id;
+        let kept = cur.filter(|c| c.has_master()).map(|c| c.rev_nat_id);
+        if let Some(id) = kept {
+            match self.applied.rev_nat.get(&id) {
+                Some(f) if f == fe => return id,
+                None if !self.rev_reserved.contains(&id) => {
+                    self.rev_reserved.insert(id);
+                    self.prepare.push(MapOp::PutRevNat { id, frontend: *fe });
+                    return id;
+                }
+                _ => {}
+            }
         }
-        let id = cur
-            .map(|c| c.rev_nat_id)
-            .filter(|&id| {
-                id != 0
-                    && !self.applied.rev_nat.contains_key(&id)
-                    && !self.rev_reserved.contains(&id)
-            })
-            .unwrap_or_else(|| {
-                let from = self.next_rev;
-                self.ix
-                    .revs
-                    .pool
-                    .smallest_free_from(from, &self.rev_reserved)
-            });
-        if self.ix.revs.pool.is_free(id) && id >= self.next_rev {
-            self.next_rev = id.saturating_add(1);
-        }
+        let id = self
+            .ix
+            .revs
+            .pool
+            .next_free(self.cursors.rev_nat, &self.rev_reserved);
+        self.cursors.rev_nat = id_after(id);
         self.rev_reserved.insert(id);
         self.prepare.push(MapOp::PutRevNat { id, frontend: *fe });
         id
     }
+}
+
+/// Delete the slots of `old` from index `from` on (the ones above the new count).
+fn delete_slots(fe: &Frontend, old: &[u32], from: usize, ops: &mut Vec<MapOp>) {
+    for (i, &id) in old.iter().enumerate().skip(from) {
+        if id != 0 {
+            ops.push(MapOp::DeleteSlot {
+                frontend: *fe,
+                slot: slot_no(i),
+            });
+        }
+    }
+}
+
+fn delete_members<'a>(fe: &Frontend, ids: impl Iterator<Item = &'a u32>, ops: &mut Vec<MapOp>) {
+    ops.extend(ids.map(|&backend_id| MapOp::DeleteMember {
+        frontend: *fe,
+        backend_id,
+    }));
 }
 
 /// Slot number of slot index `i` (index 0 = slot 1).

@@ -1,13 +1,67 @@
-//! Id bookkeeping for the BACKENDS and REV_NAT maps: which ids are free (smallest first, so ids
-//! stay small and dense), and which ids no longer have a user (to garbage-collect).
+//! Id bookkeeping for the BACKENDS and REV_NAT maps: which ids are in use, where the next new id
+//! is searched from, and which ids no longer have a user (to garbage-collect).
+//!
+//! # Why new ids come from a forward-only cursor, not the smallest free id
+//!
+//! An id lives on after its map entry is deleted. A conntrack entry keeps the `backend_id` and
+//! `rev_nat_id` of its flow, and an affinity entry is keyed by a `rev_nat_id` and stores a
+//! `backend_id`, for as long as those entries live (an established TCP flow: a day). Handing a
+//! freed id to the next new backend or frontend would give those stale entries a new meaning: an
+//! affinity entry of a deleted backend would pin clients to whichever backend got its id, and a
+//! re-created Service would inherit the flows and affinity of the Service that had its rev-NAT id
+//! (the datapath re-selects a re-used tuple only when the master's `rev_nat_id` differs).
+//!
+//! So a new id is the first id at or after a cursor that is not in use, and the cursor then moves
+//! past it. The cursor only moves forward, wrapping from `u32::MAX` back to 1 (ids in use are
+//! skipped, 0 is never an id); a freed id comes back only after 2^32 - 1 further ids were
+//! handed out, far longer than any conntrack or affinity entry lives. The cursor starts past the
+//! largest id ever seen: past the largest id present in the maps after a read-back (what an
+//! earlier agent freed above that is unknown, a small risk only at a restart), then past every
+//! id handed out.
 //!
 //! Everything is incremental so a plan for one Service costs O(log n), not a scan of every id.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-/// Free ids of `1..=u32::MAX` as disjoint inclusive intervals (start -> end). Intervals rather than
-/// a set of gaps keep it small whatever ids a read-back map holds.
+/// The id after `id` in handing-out order: `id + 1`, and 1 after `u32::MAX` (0 is never an id).
+pub(crate) const fn id_after(id: u32) -> u32 {
+    if id == u32::MAX {
+        1
+    } else {
+        id + 1
+    }
+}
+
+/// Move `cursor` past `id` when `id` lies at or ahead of it (an id just handed out). Ahead means
+/// within the next 2^31 ids, wrapping (serial-number arithmetic, RFC 1982), so the cursor never
+/// moves back to an older id that is re-written (e.g. a backend's state change).
+pub(crate) fn advance(cursor: &mut u32, id: u32) {
+    if id != 0 && id.wrapping_sub(*cursor) < 1 << 31 {
+        *cursor = id_after(id);
+    }
+}
+
+/// Where the next new id of each space is searched from (the next id to try, >= 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Cursors {
+    pub backend: u32,
+    pub rev_nat: u32,
+}
+
+impl Cursors {
+    /// Cursors past the largest ids present.
+    pub fn past(max_backend: u32, max_rev_nat: u32) -> Self {
+        Cursors {
+            backend: id_after(max_backend),
+            rev_nat: id_after(max_rev_nat),
+        }
+    }
+}
+
+/// Ids in use of `1..=u32::MAX`, kept as the free ones: disjoint inclusive intervals
+/// (start -> end). Intervals rather than a set of gaps keep it small whatever ids a read-back map
+/// holds.
 #[derive(Clone, Debug)]
 pub(crate) struct IdPool {
     free: BTreeMap<u32, u32>,
@@ -69,15 +123,17 @@ impl IdPool {
                 .is_some_and(|(_, &end)| id <= end)
     }
 
-    /// The smallest free id not in `reserved` (ids handed out earlier in the same plan).
-    pub fn smallest_free(&self, reserved: &BTreeSet<u32>) -> u32 {
-        self.smallest_free_from(1, reserved)
+    /// The first free id at or after `cursor` that is not in `reserved` (new ids handed out
+    /// earlier in the same plan), wrapping from `u32::MAX` back to 1.
+    pub fn next_free(&self, cursor: u32, reserved: &BTreeSet<u32>) -> u32 {
+        self.first_free_from(cursor.max(1), reserved)
+            .or_else(|| self.first_free_from(1, reserved))
+            // 2^32 - 1 ids in use: the maps hold a few hundred thousand entries at most.
+            .expect("id space exhausted")
     }
 
-    /// The smallest free id `>= from` not in `reserved`. A plan handing out many ids passes the
-    /// last one + 1, so it never walks again over the ids it already reserved.
-    pub fn smallest_free_from(&self, from: u32, reserved: &BTreeSet<u32>) -> u32 {
-        let from = from.max(1);
+    /// The first free id `>= from` not in `reserved`, if any before the end of the id space.
+    fn first_free_from(&self, from: u32, reserved: &BTreeSet<u32>) -> Option<u32> {
         let first = self
             .free
             .range(..=from)
@@ -90,7 +146,7 @@ impl IdPool {
             let mut id = start.max(from);
             loop {
                 if !reserved.contains(&id) {
-                    return id;
+                    return Some(id);
                 }
                 if id == end {
                     break;
@@ -98,8 +154,7 @@ impl IdPool {
                 id += 1;
             }
         }
-        // 2^32 - 1 ids in use: the maps hold a few hundred thousand entries at most.
-        unreachable!("id space exhausted")
+        None
     }
 }
 
@@ -160,31 +215,75 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pool_hands_out_smallest_free_and_reuses_freed_ids() {
+    fn pool_hands_out_the_first_free_id_from_the_cursor() {
         let mut p = IdPool::default();
         let none = BTreeSet::new();
-        assert_eq!(p.smallest_free(&none), 1);
+        assert_eq!(p.next_free(1, &none), 1);
+        assert_eq!(p.next_free(0, &none), 1, "0 is never an id");
         for id in [1, 2, 3, 5] {
             p.take(id);
         }
-        assert_eq!(p.smallest_free(&none), 4);
-        assert_eq!(p.smallest_free(&BTreeSet::from([4])), 6);
-        assert_eq!(p.smallest_free(&BTreeSet::from([4, 6, 7])), 8);
-        assert_eq!(p.smallest_free_from(5, &BTreeSet::new()), 6);
-        assert_eq!(p.smallest_free_from(4, &BTreeSet::new()), 4);
-        assert_eq!(p.smallest_free_from(2, &BTreeSet::from([4])), 6);
-        assert_eq!(p.smallest_free_from(0, &BTreeSet::new()), 4);
+        assert_eq!(p.next_free(1, &none), 4);
+        assert_eq!(p.next_free(1, &BTreeSet::from([4])), 6);
+        assert_eq!(p.next_free(1, &BTreeSet::from([4, 6, 7])), 8);
+        assert_eq!(p.next_free(5, &none), 6);
+        assert_eq!(p.next_free(4, &none), 4);
+        assert_eq!(p.next_free(2, &BTreeSet::from([4])), 6);
         p.give(2);
-        assert_eq!(p.smallest_free(&none), 2);
+        assert_eq!(
+            p.next_free(3, &none),
+            4,
+            "a freed id behind the cursor is not found"
+        );
         p.give(2); // idempotent
         p.take(2);
         p.take(4);
-        assert_eq!(p.smallest_free(&none), 6);
+        assert_eq!(p.next_free(1, &none), 6);
         // Everything given back merges into the initial interval.
         for id in [1, 2, 3, 4, 5] {
             p.give(id);
         }
         assert_eq!(p.free, BTreeMap::from([(1, u32::MAX)]));
+    }
+
+    #[test]
+    fn pool_wraps_from_the_end_of_the_id_space_to_the_first_free_id() {
+        let mut p = IdPool::default();
+        for id in [1, 2, u32::MAX - 1, u32::MAX] {
+            p.take(id);
+        }
+        assert_eq!(p.next_free(u32::MAX - 1, &BTreeSet::new()), 3);
+        assert_eq!(p.next_free(u32::MAX, &BTreeSet::from([3])), 4);
+        assert_eq!(p.next_free(u32::MAX - 2, &BTreeSet::new()), u32::MAX - 2);
+    }
+
+    #[test]
+    fn cursor_moves_only_forward_and_wraps_past_zero() {
+        assert_eq!(id_after(0), 1);
+        assert_eq!(id_after(7), 8);
+        assert_eq!(id_after(u32::MAX), 1);
+        let mut c = 5;
+        advance(&mut c, 5);
+        assert_eq!(c, 6);
+        advance(&mut c, 9);
+        assert_eq!(c, 10);
+        advance(&mut c, 3); // an older id re-written: the cursor stays
+        assert_eq!(c, 10);
+        advance(&mut c, 0);
+        assert_eq!(c, 10);
+        let mut c = u32::MAX;
+        advance(&mut c, u32::MAX);
+        assert_eq!(c, 1);
+        let mut c = u32::MAX - 1;
+        advance(&mut c, 2); // handed out after wrapping: ahead of the cursor
+        assert_eq!(c, 3);
+        assert_eq!(
+            Cursors::past(0, 4),
+            Cursors {
+                backend: 1,
+                rev_nat: 5
+            }
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! desired::service_frontends(svc, slices, node, cfg) -> frontends of one Service   (pure)
 //! DesiredState (all frontends) --diff::plan(&Applied, &DesiredState, touched)--> Plan (ordered MapOps)
 //! datapath executes the ops; Applied::apply(op) records each op that succeeded
+//! ReadBack: the maps' entries -> Applied (at start, so a restart reconciles, never flushes)
 //! ```
 //!
 //! The split mirrors kube-proxy's `ServiceChangeTracker` / `EndpointsChangeTracker`: a change to one
@@ -15,6 +16,7 @@ pub mod desired;
 pub mod diff;
 mod ids;
 pub mod manifest;
+pub mod readback;
 mod slots;
 pub mod state;
 mod translate;
@@ -24,6 +26,7 @@ use std::net::Ipv4Addr;
 
 pub use desired::{DesiredState, FrontendState};
 pub use diff::{Applied, AppliedFrontend, MapOp, Plan};
+pub use readback::ReadBack;
 pub use state::{Changes, ClusterState, Config, NodeInfo, ServiceKey as SvcKey, SourceEvent};
 
 /// L4 protocol of a frontend / backend.
@@ -102,6 +105,24 @@ impl Frontend {
             scope: k.scope,
         })
     }
+    /// The MEMBERS map key of backend `backend_id` in this frontend.
+    pub fn member_key(&self, backend_id: u32) -> lb_common::MemberKey {
+        lb_common::MemberKey::of(&self.key(0), backend_id)
+    }
+    /// Inverse of [`Frontend::member_key`]: the frontend and the backend id.
+    pub fn from_member_key(k: &lb_common::MemberKey) -> Option<(Self, u32)> {
+        let fe = lb_common::ServiceKey::new(k.addr, k.port, k.proto, k.scope, 0);
+        Some((Frontend::from_key(&fe)?, k.backend_id))
+    }
+    /// The REV_NAT map value restoring this frontend (it holds no protocol).
+    pub fn to_rev_nat(&self) -> lb_common::RevNat {
+        let k = self.key(0);
+        lb_common::RevNat {
+            addr: k.addr,
+            port: k.port,
+            _pad: 0,
+        }
+    }
 }
 
 impl fmt::Display for Frontend {
@@ -125,6 +146,15 @@ impl BackendAddr {
             port: lb_common::port(self.port),
             proto: self.proto.number(),
             state,
+        }
+    }
+    /// The MEMBERS map value naming this backend.
+    pub fn to_member(&self) -> lb_common::MemberValue {
+        let b = self.to_map(0);
+        lb_common::MemberValue {
+            addr: b.addr,
+            port: b.port,
+            _pad: 0,
         }
     }
     pub fn from_map(b: &lb_common::Backend) -> Option<Self> {

@@ -53,6 +53,14 @@ impl World {
         assert_eq!(self.applied, self.sim.to_applied());
     }
 
+    /// A world with the Service "web" (ClusterIP [`WEB`]) and its endpoints `ips`.
+    fn web(ips: &[&str]) -> World {
+        let mut w = World::new();
+        w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+        w.slice("web", ips);
+        w
+    }
+
     fn slice(&mut self, svc: &str, ips: &[&str]) -> Plan {
         self.event(SourceEvent::SliceUpsert(simple_slice(
             &format!("{svc}-1"),
@@ -72,8 +80,22 @@ fn slots_of(w: &World, f: &Frontend) -> Vec<u32> {
     w.applied.frontends[f].slots.clone()
 }
 
+/// The PutMember of backend `id` at `ip`:9376 in web().
+fn member(id: u32, ip: &str) -> MapOp {
+    MapOp::PutMember {
+        frontend: web(),
+        backend_id: id,
+        backend: be(ip, 9376),
+    }
+}
+
+/// Index of the first op in `ops` matching `f`.
+fn pos(ops: &[MapOp], f: impl Fn(&MapOp) -> bool) -> usize {
+    ops.iter().position(f).expect("op in the plan")
+}
+
 #[test]
-fn new_frontend_writes_backends_and_rev_nat_first_then_slots_then_master() {
+fn new_frontend_writes_backends_first_then_members_then_slots_then_master() {
     let mut w = World::new();
     w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
     let p = w.slice("web", &["10.244.0.2", "10.244.0.1"]);
@@ -97,6 +119,8 @@ fn new_frontend_writes_backends_and_rev_nat_first_then_slots_then_master() {
         vec![(
             web(),
             vec![
+                member(1, "10.244.0.1"),
+                member(2, "10.244.0.2"),
                 MapOp::PutSlot {
                     frontend: web(),
                     slot: 1,
@@ -144,9 +168,7 @@ fn service_without_endpoints_gets_a_master_with_count_zero() {
 
 #[test]
 fn unchanged_input_plans_nothing() {
-    let mut w = World::new();
-    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    w.slice("web", &["10.244.0.1"]);
+    let w = World::web(&["10.244.0.1"]);
     let all = all_frontends(&w.applied, &w.desired);
     assert!(plan(&w.applied, &w.desired, &all).is_empty());
     assert!(w.applied.gc().is_empty());
@@ -154,9 +176,7 @@ fn unchanged_input_plans_nothing() {
 
 #[test]
 fn added_endpoint_costs_one_backend_one_slot_and_the_master() {
-    let mut w = World::new();
-    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    w.slice("web", &["10.244.0.1", "10.244.0.3"]);
+    let mut w = World::web(&["10.244.0.1", "10.244.0.3"]);
     let p = w.slice("web", &["10.244.0.1", "10.244.0.2", "10.244.0.3"]);
     assert_eq!(
         p.prepare,
@@ -169,6 +189,7 @@ fn added_endpoint_costs_one_backend_one_slot_and_the_master() {
     assert_eq!(
         p.frontends[0].1,
         vec![
+            member(3, "10.244.0.2"),
             MapOp::PutSlot {
                 frontend: web(),
                 slot: 3,
@@ -192,12 +213,7 @@ fn added_endpoint_costs_one_backend_one_slot_and_the_master() {
 
 #[test]
 fn removed_endpoint_hole_is_filled_from_the_last_slot_and_its_backend_collected() {
-    let mut w = World::new();
-    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    w.slice(
-        "web",
-        &["10.244.0.1", "10.244.0.2", "10.244.0.3", "10.244.0.4"],
-    );
+    let mut w = World::web(&["10.244.0.1", "10.244.0.2", "10.244.0.3", "10.244.0.4"]);
     assert_eq!(w.applied.gc(), vec![]);
     let before = w.applied.clone();
     let p = w.slice("web", &["10.244.0.1", "10.244.0.3", "10.244.0.4"]);
@@ -221,6 +237,10 @@ fn removed_endpoint_hole_is_filled_from_the_last_slot_and_its_backend_collected(
                 frontend: web(),
                 slot: 4
             },
+            MapOp::DeleteMember {
+                frontend: web(),
+                backend_id: 2
+            },
         ]
     );
     assert_eq!(
@@ -236,10 +256,8 @@ fn removed_endpoint_hole_is_filled_from_the_last_slot_and_its_backend_collected(
 }
 
 #[test]
-fn backend_ids_are_stable_and_freed_ids_are_reused_smallest_first() {
-    let mut w = World::new();
-    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    w.slice("web", &["10.244.0.1", "10.244.0.2", "10.244.0.3"]);
+fn backend_ids_are_stable_and_freed_ids_are_not_handed_out_again() {
+    let mut w = World::web(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]);
     w.slice("web", &["10.244.0.1", "10.244.0.3"]); // frees id 2
     let p = w.slice(
         "web",
@@ -256,8 +274,8 @@ fn backend_ids_are_stable_and_freed_ids_are_reused_smallest_first() {
     assert_eq!(
         new,
         vec![
-            (2, "10.244.0.7:9376/TCP".into()),
-            (4, "10.244.0.8:9376/TCP".into())
+            (4, "10.244.0.7:9376/TCP".into()),
+            (5, "10.244.0.8:9376/TCP".into())
         ]
     );
     assert_eq!(w.applied.backends[&1].0, be("10.244.0.1", 9376));
@@ -278,11 +296,15 @@ fn backend_id_reserves_ids_handed_out_in_the_same_plan() {
         state: BACKEND_ACTIVE,
     });
     assert_eq!(a.backend_id(&be("10.0.0.3", 80), &BTreeSet::new()), 3);
-    assert_eq!(a.backend_id(&be("10.0.0.9", 80), &BTreeSet::new()), 2);
-    assert_eq!(a.backend_id(&be("10.0.0.9", 80), &BTreeSet::from([2])), 4);
     assert_eq!(
-        a.backend_id(&be("10.0.0.9", 80), &BTreeSet::from([2, 4, 5])),
-        6
+        a.backend_id(&be("10.0.0.9", 80), &BTreeSet::new()),
+        4,
+        "past the largest id seen, not the free 2"
+    );
+    assert_eq!(a.backend_id(&be("10.0.0.9", 80), &BTreeSet::from([4])), 5);
+    assert_eq!(
+        a.backend_id(&be("10.0.0.9", 80), &BTreeSet::from([4, 5, 6])),
+        7
     );
 }
 
@@ -305,9 +327,7 @@ fn shared_backends_get_one_id_and_one_write() {
 
 #[test]
 fn backend_state_change_is_written_in_prepare() {
-    let mut w = World::new();
-    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    w.slice("web", &["10.244.0.1"]);
+    let mut w = World::web(&["10.244.0.1"]);
     let draining = slice(
         "web-1",
         "web",
@@ -342,10 +362,8 @@ fn backend_state_change_is_written_in_prepare() {
 }
 
 #[test]
-fn removed_frontend_goes_master_first_then_slots_then_gc() {
-    let mut w = World::new();
-    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    w.slice("web", &["10.244.0.1", "10.244.0.2"]);
+fn removed_frontend_goes_master_first_then_slots_then_members_then_gc() {
+    let mut w = World::web(&["10.244.0.1", "10.244.0.2"]);
     let before = w.applied.clone();
     let p = w.event(SourceEvent::ServiceDelete {
         namespace: "default".into(),
@@ -362,6 +380,14 @@ fn removed_frontend_goes_master_first_then_slots_then_gc() {
             MapOp::DeleteSlot {
                 frontend: web(),
                 slot: 2
+            },
+            MapOp::DeleteMember {
+                frontend: web(),
+                backend_id: 1
+            },
+            MapOp::DeleteMember {
+                frontend: web(),
+                backend_id: 2
             },
         ]
     );
@@ -382,7 +408,7 @@ fn removed_frontend_goes_master_first_then_slots_then_gc() {
 }
 
 #[test]
-fn rev_nat_ids_are_stable_per_frontend_and_reused_smallest_first() {
+fn rev_nat_ids_are_stable_per_frontend_and_freed_ids_not_handed_out_again() {
     let mut w = World::new();
     w.event(SourceEvent::ServiceUpsert(cluster_svc("a", "10.96.0.1")));
     w.event(SourceEvent::ServiceUpsert(cluster_svc("b", "10.96.0.2")));
@@ -407,7 +433,7 @@ fn rev_nat_ids_are_stable_per_frontend_and_reused_smallest_first() {
         "an endpoint change keeps the rev-NAT id"
     );
     w.event(SourceEvent::ServiceUpsert(cluster_svc("d", "10.96.0.4")));
-    assert_eq!(rev(&w, "10.96.0.4"), 2);
+    assert_eq!(rev(&w, "10.96.0.4"), 4, "b's freed id 2 is not re-used");
 }
 
 #[test]
@@ -429,7 +455,7 @@ fn type_change_removes_the_old_frontends_completely() {
         "t",
         json!({"type": "ExternalName", "externalName": "a.example"}),
     )));
-    assert_eq!(w.sim, Sim::default());
+    assert_eq!(w.sim.to_applied(), Applied::default());
 }
 
 #[test]
@@ -470,7 +496,8 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
     let b = |i: u32| be(&format!("10.244.0.{i}"), 9376);
     let mut a = Applied::default();
     // As a read-back after a crash: master count unknown (0), a hole in slot 2, a slot above the
-    // count, an orphan backend, and an orphan rev-NAT entry.
+    // count, an orphan backend, an orphan rev-NAT entry, a missing member (2) and a leftover
+    // member (9) whose backend is gone.
     a.frontends.insert(
         f,
         AppliedFrontend {
@@ -479,6 +506,7 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
             affinity_timeout: 0,
             slots: vec![1, 0, 3, 2],
             count: 0,
+            members: BTreeSet::from([1, 3, 4, 9]),
         },
     );
     for i in 1..=4 {
@@ -486,22 +514,18 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
     }
     a.rev_nat.insert(1, f);
     a.rev_nat.insert(7, fe("10.96.9.9", 80, Proto::Tcp));
-    let mut state = ClusterState {
-        node: node(),
-        ..Default::default()
-    };
-    state.apply(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    state.apply(SourceEvent::SliceUpsert(simple_slice(
-        "web-1",
-        "web",
-        &["10.244.0.1", "10.244.0.2", "10.244.0.3"],
-    )));
-    let (desired, _) = DesiredState::rebuild(&state, &cfg());
+    // What the maps should hold (built through a fresh world).
+    let desired = World::web(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]).desired;
     let p = plan(&a, &desired, &all_frontends(&a, &desired));
     assert!(p.prepare.is_empty());
     assert_eq!(
         p.frontends[0].1,
         vec![
+            MapOp::PutMember {
+                frontend: f,
+                backend_id: 2,
+                backend: b(2)
+            },
             MapOp::PutSlot {
                 frontend: f,
                 slot: 2,
@@ -517,6 +541,14 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
             MapOp::DeleteSlot {
                 frontend: f,
                 slot: 4
+            },
+            MapOp::DeleteMember {
+                frontend: f,
+                backend_id: 4
+            },
+            MapOp::DeleteMember {
+                frontend: f,
+                backend_id: 9
             },
         ]
     );
@@ -570,7 +602,8 @@ fn one_endpoint_change_among_1000_services_is_a_handful_of_ops() {
     let mut applied = Applied::default();
     let mut sim = Sim::default();
     let full = plan(&applied, &desired, &all_frontends(&applied, &desired));
-    assert_eq!(full.op_count(), 1000 * (1 + 1 + 5 + 5)); // rev-NAT, master, 5 slots, 5 backends
+    // rev-NAT, master, 5 slots, 5 members, 5 backends
+    assert_eq!(full.op_count(), 1000 * (1 + 1 + 5 + 5 + 5));
     sim.execute(&full, &mut applied, || false);
 
     let mut state = state;
@@ -595,7 +628,8 @@ fn one_endpoint_change_among_1000_services_is_a_handful_of_ops() {
     assert_eq!(changes.services.len(), 1);
     let (touched, _) = desired.update_service(&state, &k, &cfg());
     let p = plan(&applied, &desired, &touched.into_iter().collect());
-    assert_eq!(p.op_count(), 2, "{p:?}"); // PutBackend + PutSlot; the count did not change
+    // PutBackend, PutMember, PutSlot, DeleteMember; the count did not change.
+    assert_eq!(p.op_count(), 4, "{p:?}");
     sim.execute(&p, &mut applied, || false);
     sim.check_equals(&desired).unwrap();
     assert_eq!(applied, sim.to_applied());
@@ -613,7 +647,7 @@ fn rebuild_and_full_plan_of_10k_services_is_fast() {
     let t = Instant::now();
     let p = plan(&applied, &desired, &all_frontends(&applied, &desired));
     let planning = t.elapsed();
-    assert_eq!(p.op_count(), 10_000 * (1 + 1 + 10 + 10));
+    assert_eq!(p.op_count(), 10_000 * (1 + 1 + 10 + 10 + 10));
     eprintln!("10k Services / 100k endpoints: rebuild {rebuild:?}, full plan {planning:?}");
     // Generous bounds: debug builds on a shared 2-core machine; release is far faster.
     assert!(rebuild.as_secs_f64() < 10.0 && planning.as_secs_f64() < 10.0);
@@ -653,4 +687,237 @@ fn shared_backend_state_follows_when_the_frontend_using_it_as_ready_goes() {
             state: BACKEND_TERMINATING
         }]
     );
+}
+
+#[test]
+fn replaced_endpoint_member_is_written_before_its_slot_and_the_old_one_deleted_after() {
+    let mut w = World::web(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]);
+    let p = w.slice("web", &["10.244.0.1", "10.244.0.2", "10.244.0.4"]);
+    assert_eq!(
+        p.frontends[0].1,
+        vec![
+            member(4, "10.244.0.4"),
+            MapOp::PutSlot {
+                frontend: web(),
+                slot: 3,
+                backend_id: 4
+            },
+            MapOp::DeleteMember {
+                frontend: web(),
+                backend_id: 3
+            },
+        ]
+    );
+    assert_eq!(
+        w.applied.frontends[&web()].members,
+        BTreeSet::from([1, 2, 4])
+    );
+    assert!(
+        !w.applied.backends.contains_key(&3),
+        "gc ran after the member went"
+    );
+}
+
+#[test]
+fn scale_down_deletes_the_members_after_the_master_and_the_slots() {
+    let mut w = World::web(&["10.244.0.1", "10.244.0.2", "10.244.0.3", "10.244.0.4"]);
+    let p = w.slice("web", &["10.244.0.1"]);
+    let ops = &p.frontends[0].1;
+    let master = pos(ops, |op| matches!(op, MapOp::PutMaster { count: 1, .. }));
+    let last_slot = ops
+        .iter()
+        .rposition(|op| matches!(op, MapOp::DeleteSlot { .. }))
+        .unwrap();
+    let first_member = pos(ops, |op| matches!(op, MapOp::DeleteMember { .. }));
+    assert!(master < last_slot && last_slot < first_member, "{ops:?}");
+    let gone: Vec<u32> = ops
+        .iter()
+        .filter_map(|op| match op {
+            MapOp::DeleteMember { backend_id, .. } => Some(*backend_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(gone, vec![2, 3, 4]);
+    assert_eq!(w.applied.frontends[&web()].members, BTreeSet::from([1]));
+    assert_eq!(w.sim.members.len(), 1);
+}
+
+#[test]
+fn missing_member_of_a_staying_slot_is_rewritten() {
+    let w = World::web(&["10.244.0.1", "10.244.0.2"]);
+    let mut a = w.applied.clone();
+    a.frontends.get_mut(&web()).unwrap().members.remove(&2);
+    a.reindex();
+    let p = plan(&a, &w.desired, &all_frontends(&a, &w.desired));
+    assert_eq!(p.prepare, vec![]);
+    assert_eq!(p.frontends, vec![(web(), vec![member(2, "10.244.0.2")])]);
+}
+
+#[test]
+fn recreated_frontend_gets_a_new_rev_nat_id() {
+    let mut w = World::web(&["10.244.0.1"]);
+    assert_eq!(w.applied.frontends[&web()].rev_nat_id, 1);
+    w.event(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "web".into(),
+    });
+    assert!(w.applied.rev_nat.is_empty());
+    let p = w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    // The slice is still there: the backend comes back too, under a new id as well.
+    assert_eq!(
+        p.prepare,
+        vec![
+            MapOp::PutBackend {
+                id: 2,
+                backend: be("10.244.0.1", 9376),
+                state: BACKEND_ACTIVE
+            },
+            MapOp::PutRevNat {
+                id: 2,
+                frontend: web()
+            },
+        ]
+    );
+    assert_eq!(w.applied.frontends[&web()].rev_nat_id, 2);
+}
+
+#[test]
+fn recreated_frontend_does_not_take_over_a_leftover_rev_nat_entry() {
+    // The master was deleted but the REV_NAT entry not yet (gc pending or failed).
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    let mut a = w.applied.clone();
+    a.apply(&MapOp::DeleteMaster { frontend: web() });
+    assert_eq!(a.rev_nat.get(&1), Some(&web()));
+    let p = plan(&a, &w.desired, &BTreeSet::from([web()]));
+    assert_eq!(
+        p.prepare,
+        vec![MapOp::PutRevNat {
+            id: 2,
+            frontend: web()
+        }]
+    );
+}
+
+#[test]
+fn freed_backend_id_is_not_reused_by_the_next_new_backend() {
+    let mut w = World::web(&["10.244.0.1", "10.244.0.2"]);
+    w.slice("web", &["10.244.0.1"]); // frees id 2
+    assert_eq!(w.applied.backends.keys().copied().collect::<Vec<_>>(), [1]);
+    w.slice("web", &["10.244.0.1", "10.244.0.3"]);
+    assert_eq!(w.applied.backends[&3].0, be("10.244.0.3", 9376));
+    // The same address coming back is a new backend too.
+    w.slice("web", &["10.244.0.1"]);
+    w.slice("web", &["10.244.0.1", "10.244.0.3"]);
+    assert_eq!(w.applied.backends[&4].0, be("10.244.0.3", 9376));
+    // The cursor is history, not content: it survives a re-index.
+    w.applied.reindex();
+    assert_eq!(
+        w.applied.backend_id(&be("10.0.0.1", 1), &BTreeSet::new()),
+        5
+    );
+}
+
+#[test]
+fn read_back_cursor_starts_past_the_largest_id_present() {
+    let mut w = World::web(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]);
+    w.slice("web", &["10.244.0.1", "10.244.0.3"]); // frees id 2; 3 stays
+    let read = w.sim.to_applied();
+    assert_eq!(read, w.applied);
+    assert_eq!(read.backend_id(&be("10.0.0.1", 1), &BTreeSet::new()), 4);
+    // A slot or member naming an id without its entry counts as well.
+    let mut a = Applied::default();
+    a.frontends.insert(
+        web(),
+        AppliedFrontend {
+            members: BTreeSet::from([9]),
+            ..Default::default()
+        },
+    );
+    assert_eq!(a.backend_id(&be("10.0.0.1", 1), &BTreeSet::new()), 10);
+}
+
+#[test]
+fn read_back_keeps_orphans_for_gc_and_repairs_wrong_members() {
+    let f = web();
+    let b1 = be("10.244.0.1", 9376);
+    let b2 = be("10.244.0.2", 9376);
+    let mut r = lb_model::ReadBack::new();
+    r.service(
+        &f.key(0),
+        &ServiceValue {
+            count: 1,
+            rev_nat_id: 3,
+            flags: SVC_FLAG_CLUSTER_IP,
+            ..Default::default()
+        },
+    );
+    r.service(
+        &f.key(1),
+        &ServiceValue {
+            backend_id: 1,
+            ..Default::default()
+        },
+    );
+    r.backend(1, &b1.to_map(BACKEND_ACTIVE));
+    r.backend(2, &b2.to_map(BACKEND_ACTIVE));
+    r.rev_nat(3, &f.to_rev_nat());
+    // Orphan: no master uses id 8.
+    r.rev_nat(8, &fe("10.96.9.9", 53, Proto::Udp).to_rev_nat());
+    // Members 1 (in a slot) and 2 (not) both hold the wrong address.
+    r.member(&f.member_key(1), &b2.to_member());
+    r.member(&f.member_key(2), &b1.to_member());
+    let a = r.finish();
+    assert_eq!(a.rev_nat[&3], f);
+    assert_eq!(a.rev_nat[&8], fe("10.96.9.9", 53, Proto::Tcp));
+    assert_eq!(a.frontends[&f].members, BTreeSet::from([2]));
+    // What the maps should hold (built through a fresh world).
+    let desired = World::web(&["10.244.0.1"]).desired;
+    let p = plan(&a, &desired, &all_frontends(&a, &desired));
+    assert_eq!(
+        p.frontends,
+        vec![(
+            f,
+            vec![
+                MapOp::PutMember {
+                    frontend: f,
+                    backend_id: 1,
+                    backend: b1
+                },
+                MapOp::DeleteMember {
+                    frontend: f,
+                    backend_id: 2
+                },
+            ]
+        )]
+    );
+    let mut a = a;
+    p.frontends[0].1.iter().for_each(|op| a.apply(op));
+    assert_eq!(
+        a.gc(),
+        vec![
+            MapOp::DeleteBackend { id: 2 },
+            MapOp::DeleteRevNat { id: 8 }
+        ]
+    );
+}
+
+#[test]
+fn failed_backend_write_blocks_the_frontend_that_would_make_it_a_member() {
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    w.state.apply(SourceEvent::SliceUpsert(simple_slice(
+        "web-1",
+        "web",
+        &["10.244.0.1"],
+    )));
+    let (touched, _) = w
+        .desired
+        .update_service(&w.state, &key("default", "web"), &cfg());
+    let p = plan(&w.applied, &w.desired, &touched.into_iter().collect());
+    let only_member = Plan {
+        prepare: p.prepare.clone(),
+        frontends: vec![(web(), vec![member(1, "10.244.0.1")])],
+    };
+    assert_eq!(only_member.blocked_by(&p.prepare), BTreeSet::from([web()]));
 }

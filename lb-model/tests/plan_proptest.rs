@@ -1,7 +1,10 @@
 //! Property test of the whole pipeline: random event sequences go through ClusterState,
 //! DesiredState and plan, and every single map op is executed on a simulated datapath that checks
-//! it never exposes a blackhole. After each step the maps must equal the desired state exactly,
-//! and `Applied` (kept up to date with `Applied::apply`) must equal what the maps hold.
+//! it never exposes a blackhole: every slot 1..=count of every master names an existing backend
+//! that is a member (MEMBERS entry with its address) of the frontend. The simulator also fails
+//! when a new backend or rev-NAT entry takes an id used before (id quarantine). After each step
+//! the maps must equal the desired state exactly (members included), and `Applied` (kept up to
+//! date with `Applied::apply`) must equal what the maps hold, read back.
 
 mod common;
 

@@ -6,6 +6,8 @@
 //! which detaches the programs and removes the pins.
 
 use std::fs::OpenOptions;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -64,6 +66,8 @@ pub struct AgentSpec {
     pub pod_devices: String,
     /// Further arguments after the standard ones.
     pub extra_args: Vec<String>,
+    /// `--metrics-addr` (inside the node's namespace); None: "none", no HTTP endpoint.
+    pub metrics_addr: Option<SocketAddr>,
     /// Start the agent in its own session (survives the terminal; the demo's `--keep`).
     pub detach: bool,
 }
@@ -78,6 +82,7 @@ impl AgentSpec {
             log_path: log_path.to_path_buf(),
             pod_devices: "xp*".to_string(),
             extra_args: Vec::new(),
+            metrics_addr: None,
             detach: false,
         }
     }
@@ -128,13 +133,17 @@ impl Agent {
         if !self.spec.manifests.as_os_str().is_empty() {
             cmd.arg("--manifests").arg(&self.spec.manifests);
         }
+        let metrics = self
+            .spec
+            .metrics_addr
+            .map_or_else(|| "none".to_string(), |a| a.to_string());
         cmd.arg("--pin-path")
             .arg(&self.spec.pin_path)
             .args([
                 "--pod-devices",
                 &self.spec.pod_devices,
                 "--metrics-addr",
-                "none",
+                &metrics,
             ])
             .args(&self.spec.extra_args)
             .stdin(Stdio::null())
@@ -242,6 +251,16 @@ impl Agent {
 
     pub fn spec(&self) -> &AgentSpec {
         &self.spec
+    }
+
+    /// The agent's `/metrics` page (Prometheus text), fetched inside the node's namespace.
+    /// An error when the spec has no metrics address or the agent does not answer.
+    pub fn metrics(&self) -> Result<String> {
+        let addr = self
+            .spec
+            .metrics_addr
+            .ok_or_else(|| Error::Agent("started without a metrics address".into()))?;
+        http_get(&self.spec.netns, addr, "/metrics")
     }
 
     /// Leave the agent running and its pins in place when this handle drops (demo `--keep`).
@@ -356,6 +375,88 @@ pub fn inspect_raw(pin_path: &Path, what: &str) -> Result<String> {
     )
 }
 
+/// One conntrack entry, as `xlb inspect conntrack -o json` prints it (the fields tests use; the
+/// others are ignored).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct InspectCt {
+    /// "forward" or "reply".
+    pub dir: String,
+    pub saddr: std::net::Ipv4Addr,
+    pub sport: u16,
+    pub daddr: std::net::Ipv4Addr,
+    pub dport: u16,
+    pub proto: String,
+    #[serde(default)]
+    pub backend_id: u32,
+    /// The conntrack state name (`lb_common::ct_state::name`), when the binary prints one.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Past its expiry: a miss for the datapath, waiting for the sweeper.
+    #[serde(default)]
+    pub expired: bool,
+}
+
+impl InspectCt {
+    /// Whether `addr` is either end of the entry's tuple.
+    pub fn involves(&self, addr: std::net::Ipv4Addr) -> bool {
+        self.saddr == addr || self.daddr == addr
+    }
+}
+
+/// Run `xlb inspect conntrack -o json --pin-path PIN` and parse it.
+pub fn inspect_conntrack(pin_path: &Path) -> Result<Vec<InspectCt>> {
+    let out = inspect_raw(pin_path, "conntrack")?;
+    serde_json::from_str(&out).map_err(|e| Error::Inspect(format!("{e}: {out}")))
+}
+
+/// `GET path` over HTTP/1.0 to `addr` from inside the network namespace `netns`: the body.
+pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<String> {
+    let what = format!("GET http://{addr}{path} in {netns}");
+    let raw = crate::netns::run_in(netns, || -> std::io::Result<Vec<u8>> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // HTTP/1.0: the server closes after the response, so reading to EOF gets all of it.
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(buf)
+    })?
+    .map_err(io_err(what.clone()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| Error::Agent(format!("{what}: no HTTP header in {text:?}")))?;
+    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1) != Some("200") {
+        return Err(Error::Agent(format!("{what}: {head}")));
+    }
+    Ok(body.to_string())
+}
+
+/// The sum of every sample of metric `name` (any labels) in a Prometheus text page; None when
+/// it has no sample.
+pub fn metric_sum(page: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in page.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // Exactly this name: followed by labels or the value, not a longer name.
+        let rest = match rest.chars().next() {
+            Some('{') => rest.split_once('}').map_or("", |(_, v)| v),
+            Some(' ') => rest,
+            _ => continue,
+        };
+        if let Some(v) = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
 /// The frontend "addr:port/PROTO" in `services`, if present.
 pub fn find_frontend<'a>(
     services: &'a [InspectService],
@@ -377,5 +478,35 @@ mod tests {
         assert_eq!(s[0].backend_addrs(), vec!["10.244.1.10:9376".to_string()]);
         assert!(find_frontend(&s, "10.96.0.80:80/TCP").is_some());
         assert!(find_frontend(&s, "10.96.0.80:80/UDP").is_none());
+    }
+
+    #[test]
+    fn parses_conntrack_json_with_or_without_a_state() {
+        let json = r#"[{"dir":"forward","saddr":"10.244.1.100","sport":40000,"daddr":"10.96.0.80","dport":80,
+            "proto":"TCP","nat_addr":"10.244.1.10","nat_port":9376,"backend_id":3,"rev_nat_id":1,"age_ms":5},
+            {"dir":"reply","saddr":"10.244.1.10","sport":9376,"daddr":"10.244.1.100","dport":40000,
+            "proto":"TCP","backend_id":3,"state":"closed","flags":[],"expires_in_s":-0.5,"expired":true}]"#;
+        let ct: Vec<InspectCt> = serde_json::from_str(json).unwrap();
+        assert_eq!(ct[0].state, None);
+        assert_eq!(ct[1].state.as_deref(), Some("closed"));
+        assert!(ct[1].expired && !ct[0].expired);
+        assert!(ct[1].involves("10.244.1.100".parse().unwrap()));
+        assert!(!ct[1].involves("10.244.1.11".parse().unwrap()));
+    }
+
+    #[test]
+    fn sums_prometheus_samples_of_exactly_one_name() {
+        let page = "# HELP xlb_conntrack_gc_deleted Entries removed\n\
+                    # TYPE xlb_conntrack_gc_deleted counter\n\
+                    xlb_conntrack_gc_deleted_total 12\n\
+                    xlb_conntrack_gc_deleted_total_more 100\n\
+                    xlb_datapath_packets_total{reason=\"reply\"} 3\n\
+                    xlb_datapath_packets_total{reason=\"new_flow\"} 4.5\n";
+        assert_eq!(
+            metric_sum(page, "xlb_conntrack_gc_deleted_total"),
+            Some(12.0)
+        );
+        assert_eq!(metric_sum(page, "xlb_datapath_packets_total"), Some(7.5));
+        assert_eq!(metric_sum(page, "xlb_nothing"), None);
     }
 }

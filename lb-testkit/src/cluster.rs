@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
-use crate::client::{self, ClientError, TcpConn};
+use crate::client::{self, ClientError, Dial, TcpConn, UdpConn};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
 use crate::server::ServeHostname;
@@ -113,6 +113,23 @@ impl Pod {
         addr: impl Into<std::net::SocketAddr>,
     ) -> Result<TcpConn, ClientError> {
         TcpConn::open(&self.ns, addr.into())
+    }
+    /// A UDP flow from this pod: a socket bound to `src_port` (None: any) connected to `addr`.
+    pub fn udp_conn(
+        &self,
+        src_port: Option<u16>,
+        addr: impl Into<std::net::SocketAddr>,
+    ) -> Result<UdpConn, ClientError> {
+        UdpConn::open(&self.ns, src_port, addr.into())
+    }
+    /// Short TCP connections one after the other from this pod (see [`client::tcp_burst`]).
+    pub fn tcp_burst(
+        &self,
+        dials: &[Dial],
+        timeout: std::time::Duration,
+        max_errors: usize,
+    ) -> Result<Vec<Result<String, ClientError>>, ClientError> {
+        client::tcp_burst(&self.ns, dials, timeout, max_errors)
     }
 }
 

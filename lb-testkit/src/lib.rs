@@ -17,8 +17,11 @@ pub mod wait;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub use agent::{inspect_services, xlb_bin, Agent, AgentSpec, InspectService};
-pub use client::{ClientError, TcpConn};
+pub use agent::{
+    inspect_conntrack, inspect_services, metric_sum, xlb_bin, Agent, AgentSpec, InspectCt,
+    InspectService,
+};
+pub use client::{ClientError, Close, Dial, TcpConn, UdpConn};
 pub use cluster::{Cluster, Node, Pod};
 pub use error::{Error, Result};
 pub use netns::NetNs;

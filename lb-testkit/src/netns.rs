@@ -81,16 +81,7 @@ impl NetNs {
     /// Run `f` on a fresh thread that has entered this network namespace; sockets it creates
     /// belong to the namespace. The calling thread is unaffected.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let fd = self.open()?;
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| Error::Invalid(format!("setns into {}: {e}", self.name)))?;
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        run_in(&self.name, f)
     }
 
     /// Write a sysctl of this namespace (`key` in dotted form, e.g. "net.ipv4.ip_forward").
@@ -137,6 +128,20 @@ pub fn command_in(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Co
         });
     }
     Ok(cmd)
+}
+
+/// Run `f` on a fresh thread that has entered the network namespace `name` (see [`NetNs::run`]).
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let fd = open_ns(name)?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| Error::Invalid(format!("setns into {name}: {e}")))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 fn open_ns(name: &str) -> Result<OwnedFd> {

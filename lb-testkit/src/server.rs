@@ -1,7 +1,8 @@
 //! serve-hostname, like Kubernetes' serve_hostname image the tutorials use, extended so tests can
 //! prove which pod a long-lived connection talks to:
 //! - TCP: on accept write "<podname>\n", then answer every received line with "<podname> <line>\n"
-//!   until EOF;
+//!   until EOF; the line "close" makes the server close the connection first (no answer), so a
+//!   client can end a connection without its own socket going through TIME_WAIT;
 //! - UDP: answer each datagram with "<podname>".
 //!
 //! It records the source address of every connection and datagram (a test asserts the backend saw
@@ -10,6 +11,7 @@
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -123,9 +125,8 @@ fn accept_loop(l: TcpListener, name: &str, shared: &Arc<Shared>) {
                 }));
                 conns.retain(|c: &JoinHandle<()>| !c.is_finished());
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
+            // Nothing to accept: wait for the next connection (or the stop flag's next look).
+            Err(e) if e.kind() == ErrorKind::WouldBlock => wait_readable(&l, POLL),
             Err(e) => {
                 tracing::warn!(error = %e, "serve-hostname accept");
                 std::thread::sleep(POLL);
@@ -135,6 +136,17 @@ fn accept_loop(l: TcpListener, name: &str, shared: &Arc<Shared>) {
     for c in conns {
         let _ = c.join();
     }
+}
+
+/// Block until `fd` is readable (for a listener: a connection is waiting) or `timeout` passed.
+fn wait_readable(fd: &impl AsRawFd, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; the result only decides when to try accept() again.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
 }
 
 fn serve_conn(stream: TcpStream, name: &str, shared: &Shared) -> std::io::Result<()> {
@@ -150,6 +162,7 @@ fn serve_conn(stream: TcpStream, name: &str, shared: &Shared) -> std::io::Result
         }
         match r.read_line(&mut line) {
             Ok(0) => return Ok(()),
+            Ok(_) if line == "close\n" => return Ok(()),
             Ok(_) if line.ends_with('\n') => {
                 w.write_all(format!("{name} {}\n", line.trim_end()).as_bytes())?;
                 line.clear();

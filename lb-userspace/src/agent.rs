@@ -5,6 +5,8 @@
 //! change reaches the maps within milliseconds while a burst becomes one plan.
 //! On start the maps are read back (never flushed): the first plan after the source's first full
 //! sync only writes what differs, so a restart disturbs no established flow.
+//! The same loop sweeps expired conntrack entries ([`crate::ct_gc`]) in short slices between
+//! events.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -18,7 +20,8 @@ use lb_model::{
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::datapath::{Datapath, MapSizes, PinnedMaps};
+use crate::ct_gc::{CtGc, GcConfig};
+use crate::datapath::{Datapath, LoadOptions, MapSizes, PinnedMaps};
 use crate::metrics::{KindLabel, Metrics, ReasonLabel};
 
 /// Where the agent gets the cluster from.
@@ -57,6 +60,10 @@ pub struct AgentConfig {
     pub map_sizes: MapSizes,
     /// Service CIDR: unallocated addresses in it are refused (None: no such refusal).
     pub service_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    /// Conntrack lifetimes (a load-time global of the eBPF programs).
+    pub ct_timeouts: lb_common::CtTimeouts,
+    /// Conntrack sweeper settings.
+    pub ct_gc: GcConfig,
     /// How often to look for new pod devices and retry failed frontends.
     pub tick: Duration,
 }
@@ -69,7 +76,12 @@ pub fn report_problem(metrics: &Metrics, p: &Problem) {
 
 pub async fn run(cfg: AgentConfig, source: Source) -> anyhow::Result<()> {
     let (metrics, registry) = Metrics::new();
-    let mut dp = Datapath::open_with(&cfg.pin_path, &cfg.map_sizes, cfg.service_cidr)
+    let opts = LoadOptions {
+        sizes: cfg.map_sizes.clone(),
+        service_cidr: cfg.service_cidr,
+        ct_timeouts: cfg.ct_timeouts,
+    };
+    let mut dp = Datapath::open_with_options(&cfg.pin_path, &opts)
         .with_context(|| format!("opening the datapath at {}", cfg.pin_path.display()))?;
     let mut applied = dp.read_applied().context("reading the pinned maps back")?;
     tracing::info!(
@@ -79,6 +91,7 @@ pub async fn run(cfg: AgentConfig, source: Source) -> anyhow::Result<()> {
         "datapath loaded; state restored from pinned maps"
     );
     let stats_maps = PinnedMaps::open(&cfg.pin_path).context("opening pinned maps for stats")?;
+    let mut gc = CtGc::open(&cfg.pin_path, cfg.ct_gc.clone()).context("opening the conntrack maps for the sweeper")?;
 
     if let Some(addr) = cfg.metrics_addr {
         let (m, r) = (metrics.clone(), registry);
@@ -159,6 +172,17 @@ pub async fn run(cfg: AgentConfig, source: Source) -> anyhow::Result<()> {
                         backends = applied.backends.len(),
                         "agent ready"
                     );
+                }
+            }
+            _ = tokio::time::sleep_until(gc.deadline().into()) => {
+                // At most one slice (a few ms) per turn: events are handled between slices.
+                match gc.step(&|id| crate::ct_gc::affinity_timeout(&applied, id)) {
+                    None => {}
+                    Some(Ok(report)) => metrics.observe_ct_sweep(&report),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "conntrack sweep failed; retrying after the interval");
+                        metrics.conntrack_gc_errors.inc();
+                    }
                 }
             }
             _ = tick.tick() => {

@@ -22,10 +22,10 @@ use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
-    map_names, prog_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
-    ServiceKey, ServiceValue, Stat, STAT_COUNT,
+    global_names, map_names, prog_names, AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, FragKey,
+    FragValue, MemberKey, MemberValue, RevNat, ServiceKey, ServiceValue, Stat, STAT_COUNT,
 };
-use lb_model::{Applied, AppliedFrontend, BackendAddr, Frontend, MapOp, Plan};
+use lb_model::{Applied, Frontend, MapOp, Plan, ReadBack};
 use thiserror::Error;
 
 /// bpffs magic number (statfs f_type).
@@ -94,6 +94,8 @@ pub struct MapSizes {
     pub rev_nat: u32,
     pub conntrack: u32,
     pub affinity: u32,
+    pub members: u32,
+    pub frags: u32,
 }
 
 impl Default for MapSizes {
@@ -104,7 +106,64 @@ impl Default for MapSizes {
             rev_nat: lb_common::DEFAULT_REV_NAT_MAX,
             conntrack: lb_common::DEFAULT_CONNTRACK_MAX,
             affinity: lb_common::DEFAULT_AFFINITY_MAX,
+            members: lb_common::DEFAULT_MEMBERS_MAX,
+            frags: lb_common::DEFAULT_FRAGS_MAX,
         }
+    }
+}
+
+impl MapSizes {
+    /// (map name, capacity) of every sized map.
+    fn by_name(&self) -> [(&'static str, u32); 7] {
+        [
+            (map_names::SERVICES, self.services),
+            (map_names::BACKENDS, self.backends),
+            (map_names::REV_NAT, self.rev_nat),
+            (map_names::CONNTRACK, self.conntrack),
+            (map_names::AFFINITY, self.affinity),
+            (map_names::MEMBERS, self.members),
+            (map_names::FRAGS, self.frags),
+        ]
+    }
+}
+
+/// Everything fixed when the eBPF object is loaded.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Map capacities (only effective when the maps are created, not when pinned ones are reused).
+    pub sizes: MapSizes,
+    /// Service CIDR whose unallocated addresses are refused; `None` disables.
+    pub service_cidr: Option<(Ipv4Addr, u8)>,
+    /// Conntrack lifetimes (the `CT_TIMEOUTS` global).
+    pub ct_timeouts: CtTimeouts,
+}
+
+impl LoadOptions {
+    /// Load xlb's eBPF object with these sizes and globals, its maps pinned under `pins` (reusing
+    /// pins an earlier agent left) or, with `None`, unpinned (benchmarks, tests). The programs are
+    /// not loaded into the kernel yet.
+    pub fn load_object(&self, pins: Option<&PinLayout>) -> Result<Ebpf> {
+        let obj = crate::ebpf_object();
+        if obj.is_empty() {
+            return Err(Error::EmptyObject);
+        }
+        let mut loader = EbpfLoader::new();
+        for (name, size) in self.sizes.by_name() {
+            loader.map_max_entries(name, size);
+        }
+        let map_paths: Vec<(&'static str, PathBuf)> = match pins {
+            Some(pins) => map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let (cidr_addr, cidr_mask) = service_cidr_words(self.service_cidr);
+        loader
+            .override_global(global_names::SERVICE_CIDR_ADDR, &cidr_addr, true)
+            .override_global(global_names::SERVICE_CIDR_MASK, &cidr_mask, true)
+            .override_global(global_names::CT_TIMEOUTS, &self.ct_timeouts, true);
+        Ok(loader.load(obj)?)
     }
 }
 
@@ -179,8 +238,14 @@ impl Datapath {
 
     /// [`Datapath::open`], with a Service CIDR whose unallocated addresses are refused.
     pub fn open_with(pin_path: &Path, sizes: &MapSizes, service_cidr: Option<(Ipv4Addr, u8)>) -> Result<Self> {
-        let obj = crate::ebpf_object();
-        if obj.is_empty() {
+        let opts = LoadOptions { sizes: sizes.clone(), service_cidr, ..LoadOptions::default() };
+        Self::open_with_options(pin_path, &opts)
+    }
+
+    /// Load the eBPF object as `opts` says, with maps pinned under `pin_path` (reusing pins from an
+    /// earlier agent), and load its programs.
+    pub fn open_with_options(pin_path: &Path, opts: &LoadOptions) -> Result<Self> {
+        if crate::ebpf_object().is_empty() {
             return Err(Error::EmptyObject);
         }
         check_bpffs(pin_path)?;
@@ -188,23 +253,7 @@ impl Datapath {
         for dir in [pins.maps(), pins.links()] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        let map_paths: Vec<(&'static str, PathBuf)> =
-            map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect();
-        let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(map_names::SERVICES, sizes.services)
-            .map_max_entries(map_names::BACKENDS, sizes.backends)
-            .map_max_entries(map_names::REV_NAT, sizes.rev_nat)
-            .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
-            .map_max_entries(map_names::AFFINITY, sizes.affinity);
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let (cidr_addr, cidr_mask) = service_cidr_words(service_cidr);
-        loader
-            .override_global(lb_common::global_names::SERVICE_CIDR_ADDR, &cidr_addr, true)
-            .override_global(lb_common::global_names::SERVICE_CIDR_MASK, &cidr_mask, true);
-        let mut ebpf = loader.load(obj)?;
+        let mut ebpf = opts.load_object(Some(&pins))?;
         for hook in Hook::ALL {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(hook.prog())
@@ -358,7 +407,7 @@ impl Datapath {
     /// Read the maps back into an [`Applied`] (used at start, so a restart reconciles, never flushes).
     pub fn read_applied(&mut self) -> Result<Applied> {
         let maps = TypedMaps::borrow(&mut self.ebpf)?;
-        read_applied(&maps.services, &maps.backends, &maps.rev_nat)
+        read_applied(&maps.services, &maps.backends, &maps.rev_nat, &maps.members)
     }
 }
 
@@ -386,6 +435,7 @@ struct TypedMaps<'a> {
     services: HashMap<&'a mut MapData, ServiceKey, ServiceValue>,
     backends: HashMap<&'a mut MapData, u32, Backend>,
     rev_nat: HashMap<&'a mut MapData, u32, RevNat>,
+    members: HashMap<&'a mut MapData, MemberKey, MemberValue>,
 }
 
 impl<'a> TypedMaps<'a> {
@@ -393,11 +443,13 @@ impl<'a> TypedMaps<'a> {
         let mut services = None;
         let mut backends = None;
         let mut rev_nat = None;
+        let mut members = None;
         for (name, map) in ebpf.maps_mut() {
             match name {
                 n if n == map_names::SERVICES => services = Some(map),
                 n if n == map_names::BACKENDS => backends = Some(map),
                 n if n == map_names::REV_NAT => rev_nat = Some(map),
+                n if n == map_names::MEMBERS => members = Some(map),
                 _ => {}
             }
         }
@@ -412,6 +464,7 @@ impl<'a> TypedMaps<'a> {
             services: typed(map_names::SERVICES, services)?,
             backends: typed(map_names::BACKENDS, backends)?,
             rev_nat: typed(map_names::REV_NAT, rev_nat)?,
+            members: typed(map_names::MEMBERS, members)?,
         })
     }
 
@@ -419,12 +472,14 @@ impl<'a> TypedMaps<'a> {
         match op {
             MapOp::PutBackend { id, backend, state } => self.backends.insert(id, backend.to_map(*state), 0),
             MapOp::DeleteBackend { id } => ignore_missing(self.backends.remove(id)),
-            MapOp::PutRevNat { id, frontend } => self.rev_nat.insert(
-                id,
-                RevNat { addr: lb_common::ip4(frontend.addr.octets()), port: lb_common::port(frontend.port), _pad: 0 },
-                0,
-            ),
+            MapOp::PutRevNat { id, frontend } => self.rev_nat.insert(id, frontend.to_rev_nat(), 0),
             MapOp::DeleteRevNat { id } => ignore_missing(self.rev_nat.remove(id)),
+            MapOp::PutMember { frontend, backend_id, backend } => {
+                self.members.insert(frontend.member_key(*backend_id), backend.to_member(), 0)
+            }
+            MapOp::DeleteMember { frontend, backend_id } => {
+                ignore_missing(self.members.remove(&frontend.member_key(*backend_id)))
+            }
             MapOp::PutSlot { frontend, slot, backend_id } => self.services.insert(
                 frontend.key(*slot),
                 ServiceValue { backend_id: *backend_id, ..Default::default() },
@@ -456,55 +511,32 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
+/// Read SERVICES, BACKENDS, REV_NAT and MEMBERS back (see [`ReadBack`]); linear in the entries.
 fn read_applied<T: std::borrow::Borrow<MapData>>(
     services: &HashMap<T, ServiceKey, ServiceValue>,
     backends: &HashMap<T, u32, Backend>,
     rev_nat: &HashMap<T, u32, RevNat>,
+    members: &HashMap<T, MemberKey, MemberValue>,
 ) -> Result<Applied> {
     let map_err = |name| move |source| Error::Map { name, source };
-    let mut applied = Applied::default();
-    let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
+    let mut r = ReadBack::new();
     for item in services.iter() {
         let (k, v) = item.map_err(map_err(map_names::SERVICES))?;
-        let Some(fe) = Frontend::from_key(&k) else { continue };
-        if k.slot == 0 {
-            let e = applied.frontends.entry(fe).or_default();
-            e.rev_nat_id = v.rev_nat_id;
-            e.flags = v.flags;
-            e.affinity_timeout = v.affinity_timeout;
-            e.count = v.count; // slots are filled below
-        } else {
-            slots.entry(fe).or_default().insert(k.slot, v.backend_id);
-        }
-    }
-    // Only slots 1..=count of a master are meaningful; leftovers above count (an interrupted
-    // update) are kept so the next plan deletes them.
-    for (fe, s) in slots {
-        let e: &mut AppliedFrontend = applied.frontends.entry(fe).or_default();
-        let max = s.keys().copied().max().unwrap_or(0);
-        e.slots = (1..=max).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
+        r.service(&k, &v);
     }
     for item in backends.iter() {
         let (id, b) = item.map_err(map_err(map_names::BACKENDS))?;
-        if let Some(addr) = BackendAddr::from_map(&b) {
-            applied.backends.insert(id, (addr, b.state));
-        }
+        r.backend(id, &b);
     }
     for item in rev_nat.iter() {
-        let (id, r) = item.map_err(map_err(map_names::REV_NAT))?;
-        // The protocol is not stored in REV_NAT; recover it from the frontend using this id.
-        let addr = Ipv4Addr::from(lb_common::ip4_from(r.addr));
-        let port = lb_common::port_from(r.port);
-        if let Some(fe) = applied
-            .frontends
-            .iter()
-            .find(|(fe, af)| af.rev_nat_id == id && fe.addr == addr && fe.port == port)
-            .map(|(fe, _)| *fe)
-        {
-            applied.rev_nat.insert(id, fe);
-        }
+        let (id, v) = item.map_err(map_err(map_names::REV_NAT))?;
+        r.rev_nat(id, &v);
     }
-    Ok(applied)
+    for item in members.iter() {
+        let (k, v) = item.map_err(map_err(map_names::MEMBERS))?;
+        r.member(&k, &v);
+    }
+    Ok(r.finish())
 }
 
 /// Read-only access to the pinned maps of a running (or exited) agent, for `xlb inspect`, metrics
@@ -515,6 +547,8 @@ pub struct PinnedMaps {
     pub rev_nat: HashMap<MapData, u32, RevNat>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub members: HashMap<MapData, MemberKey, MemberValue>,
+    pub frags: HashMap<MapData, FragKey, FragValue>,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
@@ -538,12 +572,14 @@ impl PinnedMaps {
             rev_nat: typed!(map_names::REV_NAT),
             conntrack: typed!(map_names::CONNTRACK),
             affinity: typed!(map_names::AFFINITY),
+            members: typed!(map_names::MEMBERS),
+            frags: typed!(map_names::FRAGS),
             stats: typed!(map_names::STATS),
         })
     }
 
     pub fn applied(&self) -> Result<Applied> {
-        read_applied(&self.services, &self.backends, &self.rev_nat)
+        read_applied(&self.services, &self.backends, &self.rev_nat, &self.members)
     }
 
     /// Datapath counters summed over CPUs, by `Stat`.

@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::Context as _;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use lb_common::{
-    ip4_from, port_from, BACKEND_ACTIVE, BACKEND_TERMINATING, CT_FORWARD, SVC_FLAG_AFFINITY,
+    ct_state, ip4_from, port_from, BACKEND_ACTIVE, BACKEND_TERMINATING, CT_FORWARD, CT_F_FIN_FWD,
+    CT_F_FIN_REV, CT_F_HAIRPIN, SVC_FLAG_AFFINITY,
     SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_INT_LOCAL,
     SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_TERMINATING_FALLBACK,
 };
@@ -74,7 +75,32 @@ pub struct CtRow {
     pub nat_port: u16,
     pub backend_id: u32,
     pub rev_nat_id: u32,
-    pub age_ms: u64,
+    /// `lb_common::ct_state::name` of the state.
+    pub state: &'static str,
+    /// `fin_fwd`, `fin_rev`, `hairpin`.
+    pub flags: Vec<&'static str>,
+    /// Seconds until the entry expires (CLOCK_MONOTONIC_COARSE); negative once expired.
+    pub expires_in_s: f64,
+    /// The datapath treats the entry as a miss; the next sweep removes it.
+    pub expired: bool,
+}
+
+/// Names of the `CT_F_*` flags set in `flags`.
+pub fn ct_flag_names(flags: u8) -> Vec<&'static str> {
+    [(CT_F_FIN_FWD, "fin_fwd"), (CT_F_FIN_REV, "fin_rev"), (CT_F_HAIRPIN, "hairpin")]
+        .into_iter()
+        .filter(|(f, _)| flags & f != 0)
+        .map(|(_, n)| n)
+        .collect()
+}
+
+/// "12.3s", or "expired 2.0s ago".
+pub fn time_left(expires_in_s: f64) -> String {
+    if expires_in_s > 0.0 {
+        format!("{expires_in_s:.1}s")
+    } else {
+        format!("expired {:.1}s ago", 0.0 - expires_in_s)
+    }
 }
 
 pub fn flag_names(flags: u32) -> Vec<&'static str> {
@@ -167,18 +193,12 @@ pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendRow>> {
     Ok(rows)
 }
 
-/// Monotonic clock in ns, as bpf_ktime_get_ns() sees it.
-fn ktime_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
 pub fn conntrack(maps: &PinnedMaps) -> anyhow::Result<Vec<CtRow>> {
-    let now = ktime_ns();
+    let now = crate::ct_gc::now_coarse_ns();
     let mut rows = Vec::new();
     for item in maps.conntrack.iter() {
         let (k, v) = item.context("reading the conntrack map")?;
+        let left = crate::ct_gc::time_left_s(&v, now);
         rows.push(CtRow {
             dir: if k.dir == CT_FORWARD { "forward" } else { "reply" },
             saddr: Ipv4Addr::from(ip4_from(k.saddr)),
@@ -190,11 +210,30 @@ pub fn conntrack(maps: &PinnedMaps) -> anyhow::Result<Vec<CtRow>> {
             nat_port: port_from(v.nat_port),
             backend_id: v.backend_id,
             rev_nat_id: v.rev_nat_id,
-            age_ms: now.saturating_sub(v.last_seen_ns) / 1_000_000,
+            state: ct_state::name(v.state),
+            flags: ct_flag_names(v.flags),
+            // Rounded to ms so the JSON stays readable.
+            expires_in_s: (left * 1000.0).round() / 1000.0,
+            expired: crate::ct_gc::ct_expired(&v, now),
         });
     }
     rows.sort_by_key(|r| (r.dir, u32::from(r.saddr), r.sport, u32::from(r.daddr), r.dport));
     Ok(rows)
+}
+
+/// "N entries (M expired): 3 established, 1 closed".
+pub fn ct_summary(rows: &[CtRow]) -> String {
+    let expired = rows.iter().filter(|r| r.expired).count();
+    let mut by_state = std::collections::BTreeMap::new();
+    for r in rows.iter().filter(|r| !r.expired) {
+        *by_state.entry(r.state).or_insert(0usize) += 1;
+    }
+    let states: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    let mut line = format!("{} entries ({expired} expired)", rows.len());
+    if !states.is_empty() {
+        line += &format!(": {}", states.join(", "));
+    }
+    line
 }
 
 fn table(header: &[&str]) -> Table {
@@ -262,7 +301,18 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
             if output == Output::Json {
                 return json(&rows);
             }
-            let mut t = table(&["DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED TO", "BACKEND", "REV-NAT", "IDLE"]);
+            let mut t = table(&[
+                "DIR",
+                "PROTO",
+                "SOURCE",
+                "DESTINATION",
+                "TRANSLATED TO",
+                "BACKEND",
+                "REV-NAT",
+                "STATE",
+                "FLAGS",
+                "TIME LEFT",
+            ]);
             for r in &rows {
                 t.add_row(vec![
                     r.dir.to_string(),
@@ -272,11 +322,13 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
                     format!("{}:{}", r.nat_addr, r.nat_port),
                     r.backend_id.to_string(),
                     r.rev_nat_id.to_string(),
-                    format!("{:.1}s", r.age_ms as f64 / 1000.0),
+                    r.state.to_string(),
+                    r.flags.join(","),
+                    time_left(r.expires_in_s),
                 ]);
             }
             println!("{t}");
-            println!("{} entries", rows.len());
+            println!("{}", ct_summary(&rows));
         }
         What::Stats => {
             let stats = maps.stats()?;
@@ -304,5 +356,47 @@ mod erased {
         fn to_json(&self) -> serde_json::Result<String> {
             serde_json::to_string_pretty(self)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(state: &'static str, expires_in_s: f64) -> CtRow {
+        CtRow {
+            dir: "forward",
+            saddr: Ipv4Addr::new(10, 244, 1, 2),
+            sport: 40000,
+            daddr: Ipv4Addr::new(10, 96, 0, 80),
+            dport: 80,
+            proto: "TCP".into(),
+            nat_addr: Ipv4Addr::new(10, 244, 1, 10),
+            nat_port: 9376,
+            backend_id: 1,
+            rev_nat_id: 1,
+            state,
+            flags: vec![],
+            expires_in_s,
+            expired: expires_in_s <= 0.0,
+        }
+    }
+
+    #[test]
+    fn conntrack_flags_time_left_and_summary() {
+        assert_eq!(ct_flag_names(0), Vec::<&str>::new());
+        assert_eq!(ct_flag_names(CT_F_FIN_FWD | CT_F_HAIRPIN), ["fin_fwd", "hairpin"]);
+        assert_eq!(ct_flag_names(0xff), ["fin_fwd", "fin_rev", "hairpin"]);
+        assert_eq!(time_left(12.34), "12.3s");
+        assert_eq!(time_left(-2.0), "expired 2.0s ago");
+        assert_eq!(time_left(0.0), "expired 0.0s ago");
+        let rows = [row("established", 10.0), row("closed", 3.0), row("established", 1.0), row("closed", -1.0)];
+        assert_eq!(ct_summary(&rows), "4 entries (1 expired): 1 closed, 2 established");
+        assert_eq!(ct_summary(&[]), "0 entries (0 expired)");
+        let json = serde_json::to_value(&rows[3]).unwrap();
+        assert_eq!(json["state"], "closed");
+        assert_eq!(json["expires_in_s"], -1.0);
+        assert_eq!(json["expired"], true);
+        assert!(json.get("age_ms").is_none());
     }
 }

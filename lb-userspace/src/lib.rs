@@ -1,9 +1,12 @@
 //! The xlb agent, CLI and BPF datapath driver.
 //!
-//! `datapath` is the only module that touches aya; everything it executes is planned by the pure
-//! `lb-model` crate.
+//! `datapath` is the only module that touches aya for programs and Service maps (everything it
+//! executes is planned by the pure `lb-model` crate); `ct_gc` sweeps conntrack through
+//! `bpf_batch`'s batched map operations.
 
 pub mod agent;
+pub mod bpf_batch;
+pub mod ct_gc;
 pub mod datapath;
 pub mod inspect;
 pub mod metrics;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use lb_common::CtTimeouts;
 use lb_userspace::agent::{self, AgentConfig, Source};
+use lb_userspace::ct_gc::GcConfig;
 use lb_userspace::datapath::{self, MapSizes};
 use lb_userspace::inspect;
 use tracing_subscriber::EnvFilter;
@@ -21,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent: keep the BPF maps equal to the Services of a manifests directory or the API server.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Print the pinned maps (works whether or not the agent runs).
     Inspect {
         what: inspect::What,
@@ -76,9 +78,51 @@ struct AgentArgs {
     /// are refused at once (as kube-proxy's nftables mode does), not left to time out.
     #[arg(long, value_parser = parse_cidr)]
     service_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    /// Conntrack lifetime (seconds) of a TCP flow whose SYN got no answer yet.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_syn, value_parser = lifetime)]
+    ct_timeout_tcp_syn: u32,
+    /// Conntrack lifetime (seconds) of an established TCP flow, renewed by its packets.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_established, value_parser = lifetime)]
+    ct_timeout_tcp_established: u32,
+    /// Conntrack lifetime (seconds) of a TCP flow after a FIN from one side.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_fin_wait, value_parser = lifetime)]
+    ct_timeout_tcp_fin_wait: u32,
+    /// Conntrack lifetime (seconds) of a TCP flow after FINs from both sides or a RST.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_close, value_parser = lifetime)]
+    ct_timeout_tcp_close: u32,
+    /// Conntrack lifetime (seconds) of a UDP flow that got no reply yet.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.udp, value_parser = lifetime)]
+    ct_timeout_udp: u32,
+    /// Conntrack lifetime (seconds) of a UDP flow that got a reply.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.udp_stream, value_parser = lifetime)]
+    ct_timeout_udp_stream: u32,
+    /// Shortest time (seconds) between conntrack sweeps; the interval adapts within the bounds.
+    #[arg(long, default_value = "1", value_parser = seconds)]
+    ct_gc_min_interval: Duration,
+    /// Longest time (seconds) between conntrack sweeps: an expired entry stays at most this long.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    ct_gc_max_interval: Duration,
     /// Log format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
+}
+
+/// A conntrack lifetime: whole seconds, at least 1.
+fn lifetime(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("a lifetime must be at least 1 second".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s}: {e}")),
+    }
+}
+
+/// A positive duration in seconds (fractions allowed: "0.5").
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(format!("{s}: expected seconds in (0, 86400]"));
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
@@ -110,7 +154,7 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(run_agent(args))
+            rt.block_on(run_agent(*args))
         }
         Cmd::Inspect { what, pin_path, output } => {
             // Behave like a Unix filter: `xlb inspect ... | head` ends quietly.
@@ -140,6 +184,12 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         "none" | "" => None,
         a => Some(a.parse::<SocketAddr>().with_context(|| format!("invalid --metrics-addr {a:?}"))?),
     };
+    anyhow::ensure!(
+        args.ct_gc_min_interval <= args.ct_gc_max_interval,
+        "--ct-gc-min-interval ({:?}) is longer than --ct-gc-max-interval ({:?})",
+        args.ct_gc_min_interval,
+        args.ct_gc_max_interval
+    );
     let cfg = AgentConfig {
         pin_path: args.pin_path,
         pod_devices,
@@ -153,6 +203,19 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         },
         tick: Duration::from_millis(250),
         service_cidr: args.service_cidr,
+        ct_timeouts: CtTimeouts {
+            tcp_syn: args.ct_timeout_tcp_syn,
+            tcp_established: args.ct_timeout_tcp_established,
+            tcp_fin_wait: args.ct_timeout_tcp_fin_wait,
+            tcp_close: args.ct_timeout_tcp_close,
+            udp: args.ct_timeout_udp,
+            udp_stream: args.ct_timeout_udp_stream,
+        },
+        ct_gc: GcConfig {
+            min_interval: args.ct_gc_min_interval,
+            max_interval: args.ct_gc_max_interval,
+            ..GcConfig::default()
+        },
     };
     let source = match (args.manifests, args.kubeconfig, args.in_cluster) {
         (Some(dir), _, _) => Source::Manifests(dir),

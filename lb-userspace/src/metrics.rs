@@ -28,6 +28,11 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
 /// Every metric the agent exports. Cloning shares the underlying values.
 #[derive(Clone)]
 pub struct Metrics {
@@ -44,6 +49,20 @@ pub struct Metrics {
     pub backends: Gauge,
     pub devices: Gauge,
     pub datapath_packets: Family<ReasonLabel, Counter>,
+    /// Live conntrack entries by state, as of the last sweep.
+    pub conntrack_entries: Family<StateLabel, Gauge>,
+    /// Expired conntrack entries the sweeper deleted.
+    pub conntrack_gc_deleted: Counter,
+    /// Stale affinity entries the sweeper deleted.
+    pub affinity_gc_deleted: Counter,
+    /// Time one sweep spent working (the sum of its slices).
+    pub conntrack_gc_duration: Histogram,
+    /// Live conntrack entries / capacity, as of the last sweep.
+    pub conntrack_fill_ratio: Gauge<f64, AtomicU64>,
+    /// The sweep interval chosen after the last sweep.
+    pub conntrack_gc_interval: Gauge<f64, AtomicU64>,
+    /// Sweeps abandoned on a map error.
+    pub conntrack_gc_errors: Counter,
     pub ready: Arc<AtomicBool>,
     /// Unix seconds of the reconcile loop's last turn (liveness).
     pub heartbeat: Arc<AtomicU64>,
@@ -64,6 +83,13 @@ impl Metrics {
             backends: Gauge::default(),
             devices: Gauge::default(),
             datapath_packets: Family::default(),
+            conntrack_entries: Family::default(),
+            conntrack_gc_deleted: Counter::default(),
+            affinity_gc_deleted: Counter::default(),
+            conntrack_gc_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            conntrack_fill_ratio: Gauge::default(),
+            conntrack_gc_interval: Gauge::default(),
+            conntrack_gc_errors: Counter::default(),
             ready: Arc::new(AtomicBool::new(false)),
             heartbeat: Arc::new(AtomicU64::new(now_secs())),
         };
@@ -90,11 +116,54 @@ impl Metrics {
             "Packets handled by the eBPF programs, by verdict or reason",
             m.datapath_packets.clone(),
         );
+        r.register(
+            "conntrack_entries",
+            "Live conntrack entries by state, as of the last sweep",
+            m.conntrack_entries.clone(),
+        );
+        r.register(
+            "conntrack_gc_deleted",
+            "Expired conntrack entries removed by the sweeper",
+            m.conntrack_gc_deleted.clone(),
+        );
+        r.register(
+            "affinity_gc_deleted",
+            "Stale session-affinity entries removed by the sweeper",
+            m.affinity_gc_deleted.clone(),
+        );
+        r.register(
+            "conntrack_gc_duration_seconds",
+            "Time one conntrack sweep spent working (sum of its slices)",
+            m.conntrack_gc_duration.clone(),
+        );
+        r.register(
+            "conntrack_fill_ratio",
+            "Live conntrack entries divided by the map's capacity, as of the last sweep",
+            m.conntrack_fill_ratio.clone(),
+        );
+        r.register(
+            "conntrack_gc_interval_seconds",
+            "Time until the next conntrack sweep, as chosen after the last one",
+            m.conntrack_gc_interval.clone(),
+        );
+        r.register("conntrack_gc_errors", "Conntrack sweeps abandoned on a map error", m.conntrack_gc_errors.clone());
         (m, r)
     }
 
     pub fn beat(&self) {
         self.heartbeat.store(now_secs(), Ordering::Relaxed);
+    }
+
+    /// Record a completed conntrack sweep.
+    pub fn observe_ct_sweep(&self, r: &crate::ct_gc::SweepReport) {
+        for (state, n) in r.live.named() {
+            self.conntrack_entries.get_or_create(&StateLabel { state }).set(n as i64);
+        }
+        self.conntrack_gc_deleted.inc_by(r.deleted);
+        self.affinity_gc_deleted.inc_by(r.affinity_deleted);
+        self.conntrack_gc_duration.observe(r.busy.as_secs_f64());
+        self.conntrack_fill_ratio.set(r.fill_ratio);
+        self.conntrack_gc_interval.set(r.next_interval.as_secs_f64());
     }
 }
 
@@ -147,5 +216,47 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ct_gc::{StateCounts, SweepReport};
+
+    #[test]
+    fn a_sweep_shows_up_under_the_documented_names() {
+        let (m, r) = Metrics::new();
+        let mut live = StateCounts::default();
+        live.add(lb_common::ct_state::TCP_ESTABLISHED);
+        live.add(lb_common::ct_state::TCP_ESTABLISHED);
+        live.add(lb_common::ct_state::UDP_REPLIED);
+        m.observe_ct_sweep(&SweepReport {
+            scanned: 10,
+            deleted: 7,
+            live,
+            affinity_deleted: 2,
+            max_entries: 100,
+            fill_ratio: 0.03,
+            busy: Duration::from_millis(3),
+            next_interval: Duration::from_millis(1500),
+            ..Default::default()
+        });
+        let mut text = String::new();
+        encode(&mut text, &r).unwrap();
+        for line in [
+            "xlb_conntrack_entries{state=\"established\"} 2",
+            "xlb_conntrack_entries{state=\"udp_replied\"} 1",
+            "xlb_conntrack_entries{state=\"closed\"} 0",
+            "xlb_conntrack_gc_deleted_total 7",
+            "xlb_affinity_gc_deleted_total 2",
+            "xlb_conntrack_gc_duration_seconds_count 1",
+            "xlb_conntrack_fill_ratio 0.03",
+            "xlb_conntrack_gc_interval_seconds 1.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
     }
 }

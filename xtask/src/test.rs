@@ -4,6 +4,8 @@
 //! invocation: a separate `cargo build` resolves features differently and compiles kube twice.
 //! Leftovers of crashed earlier runs are removed before, and of this run after. `--no-fail-fast`:
 //! CI sees every test binary's "test result:" line, not just the first failing one.
+//! `--include-ignored`: root-only tests are `#[ignore = "needs root"]`, so a plain `cargo test` as a
+//! normal user says what it skipped; this command runs as root and includes them.
 
 use anyhow::{bail, Context as _, Result};
 
@@ -15,7 +17,7 @@ pub fn test(extra: &[String]) -> Result<()> {
     report_stale("before");
     let status = cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
-        .args(extra)
+        .args(with_ignored(extra))
         .env("XLB_BIN", &xlb)
         .status()
         .context("running cargo test")?;
@@ -26,8 +28,30 @@ pub fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `extra` with `--include-ignored` passed to the test binaries (after the `--` separator).
+fn with_ignored(extra: &[String]) -> Vec<String> {
+    let mut args = extra.to_vec();
+    match args.iter().position(|a| a == "--") {
+        Some(i) => args.insert(i + 1, "--include-ignored".into()),
+        None => args.extend(["--".into(), "--include-ignored".into()]),
+    }
+    args
+}
+
 fn report_stale(when: &str) {
     for r in lb_testkit::cleanup_stale(lb_testkit::TEST_BASE) {
         println!("test: removed stale {r} ({when} the run)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_ignored;
+
+    #[test]
+    fn root_tests_are_included_whatever_the_extra_arguments() {
+        assert_eq!(with_ignored(&[]), ["--", "--include-ignored"]);
+        let extra = ["packet".to_string(), "--".into(), "--nocapture".into()];
+        assert_eq!(with_ignored(&extra), ["packet", "--", "--include-ignored", "--nocapture"]);
     }
 }

@@ -14,11 +14,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use aya::maps::{HashMap, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use lb_common::{
-    ip4, map_names, port, prog_names, Backend, RevNat, ServiceKey, ServiceValue, BACKEND_ACTIVE,
-    PROTO_TCP, SCOPE_EXT, SVC_FLAG_CLUSTER_IP,
+    ip4, map_names, port, prog_names, Backend, MemberKey, MemberValue, RevNat, ServiceKey,
+    ServiceValue, BACKEND_ACTIVE, PROTO_TCP, SCOPE_EXT, SVC_FLAG_CLUSTER_IP,
 };
+use lb_userspace::datapath::{LoadOptions, MapSizes};
 use serde::{Deserialize, Serialize};
 
 use crate::rules::{cluster_ip, SERVICE_PORT};
@@ -78,16 +79,23 @@ fn endpoints_of(i: usize) -> usize {
 impl Loaded {
     fn load(max_services: usize) -> anyhow::Result<Self> {
         let eps: usize = (0..max_services).map(endpoints_of).sum();
-        let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(map_names::SERVICES, (max_services + eps + 1024) as u32)
-            .map_max_entries(map_names::BACKENDS, (eps + 1024) as u32)
-            .map_max_entries(map_names::REV_NAT, (max_services + 1024) as u32)
-            .map_max_entries(map_names::CONNTRACK, 1 << 20);
-        let mut ebpf = loader
-            .load(lb_userspace::ebpf_object())
-            .context("loading the eBPF object")?;
-        for name in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::NOOP_TC] {
+        let opts = LoadOptions {
+            sizes: MapSizes {
+                services: (max_services + eps + 1024) as u32,
+                backends: (eps + 1024) as u32,
+                rev_nat: (max_services + 1024) as u32,
+                conntrack: 1 << 20,
+                members: (eps + 1024) as u32,
+                ..MapSizes::default()
+            },
+            ..LoadOptions::default()
+        };
+        let mut ebpf = opts.load_object(None).context("loading the eBPF object")?;
+        for name in [
+            prog_names::FROM_POD,
+            prog_names::TO_POD,
+            prog_names::NOOP_TC,
+        ] {
             let Some(p) = ebpf.program_mut(name) else {
                 bail!("program {name} missing from the object");
             };
@@ -114,8 +122,8 @@ impl Loaded {
         Ok(HashMap::try_from(m)?)
     }
 
-    /// Add Services until there are `n`, written in the agent's order (backends, slots, rev-NAT,
-    /// master).
+    /// Add Services until there are `n`, written in the agent's order (backends, rev-NAT,
+    /// members, slots, master).
     fn fill_to(&mut self, n: usize) -> anyhow::Result<()> {
         for i in self.filled..n {
             let fe = ServiceKey::new(
@@ -128,30 +136,16 @@ impl Loaded {
             let count = endpoints_of(i);
             let first = self.next_backend;
             self.next_backend += count as u32;
-            {
-                let mut backends = self.hash::<u32, Backend>(map_names::BACKENDS)?;
-                for k in 0..count as u32 {
-                    let id = first + k;
-                    let addr = u32::from_be_bytes([10, 128, 0, 0]) + id;
-                    let b = Backend {
-                        addr: ip4(addr.to_be_bytes()),
-                        port: port(TARGET_PORT),
-                        proto: PROTO_TCP,
-                        state: BACKEND_ACTIVE,
-                    };
-                    backends.insert(id, b, 0)?;
-                }
-            }
-            let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
-            for k in 0..count as u32 {
-                services.insert(
-                    fe.with_slot(k as u16 + 1),
-                    ServiceValue {
-                        backend_id: first + k,
-                        ..Default::default()
-                    },
-                    0,
-                )?;
+            let ids = first..first + count as u32;
+            let backend = |id: u32| Backend {
+                addr: ip4((u32::from_be_bytes([10, 128, 0, 0]) + id).to_be_bytes()),
+                port: port(TARGET_PORT),
+                proto: PROTO_TCP,
+                state: BACKEND_ACTIVE,
+            };
+            let mut backends = self.hash::<u32, Backend>(map_names::BACKENDS)?;
+            for id in ids.clone() {
+                backends.insert(id, backend(id), 0)?;
             }
             let rev_nat_id = i as u32 + 1;
             self.hash::<u32, RevNat>(map_names::REV_NAT)?.insert(
@@ -163,6 +157,25 @@ impl Loaded {
                 },
                 0,
             )?;
+            // The datapath checks a re-used or affinity-pinned flow's backend is a member.
+            let mut members = self.hash::<MemberKey, MemberValue>(map_names::MEMBERS)?;
+            for id in ids.clone() {
+                let b = backend(id);
+                let m = MemberValue {
+                    addr: b.addr,
+                    port: b.port,
+                    _pad: 0,
+                };
+                members.insert(MemberKey::of(&fe, id), m, 0)?;
+            }
+            let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
+            for (slot, backend_id) in (1..).zip(ids) {
+                let v = ServiceValue {
+                    backend_id,
+                    ..Default::default()
+                };
+                services.insert(fe.with_slot(slot), v, 0)?;
+            }
             let master = ServiceValue {
                 backend_id: 0,
                 count: count as u32,

@@ -1,37 +1,64 @@
-//! A simulated datapath: the three maps as BTreeMaps, executing `MapOp`s one by one and checking
-//! after each op that the datapath could never pick a missing slot or backend.
+//! A simulated datapath: the four maps userspace writes as BTreeMaps, executing `MapOp`s one by
+//! one and checking after each op that the datapath could never pick a missing slot or backend,
+//! nor a backend that is not a member of the frontend. It also remembers every backend and
+//! rev-NAT id it ever held, and fails when a new entry takes an id that was used before (ids are
+//! quarantined: conntrack and affinity entries may still hold them).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, RevNat, ServiceKey, ServiceValue};
-use lb_model::{Applied, AppliedFrontend, BackendAddr, DesiredState, Frontend, MapOp, Plan};
+use lb_common::{Backend, MemberKey, MemberValue, RevNat, ServiceKey, ServiceValue};
+use lb_model::{Applied, BackendAddr, DesiredState, Frontend, MapOp, Plan, ReadBack};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sim {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u32, RevNat>,
+    pub members: BTreeMap<MemberKey, MemberValue>,
+    /// Every backend / rev-NAT id the maps ever held.
+    pub used_backend_ids: BTreeSet<u32>,
+    pub used_rev_nat_ids: BTreeSet<u32>,
+}
+
+/// Record `id` as used when `new` (its entry did not exist); fail when it was used before.
+fn first_use(used: &mut BTreeSet<u32>, id: u32, new: bool, what: &str) {
+    if new && !used.insert(id) {
+        panic!("{what} id {id} handed out again");
+    }
 }
 
 impl Sim {
     pub fn exec(&mut self, op: &MapOp) {
         match *op {
             MapOp::PutBackend { id, backend, state } => {
+                let new = !self.backends.contains_key(&id);
+                first_use(&mut self.used_backend_ids, id, new, "backend");
                 self.backends.insert(id, backend.to_map(state));
             }
             MapOp::DeleteBackend { id } => {
                 self.backends.remove(&id);
             }
             MapOp::PutRevNat { id, frontend } => {
-                let r = RevNat {
-                    addr: lb_common::ip4(frontend.addr.octets()),
-                    port: lb_common::port(frontend.port),
-                    _pad: 0,
-                };
-                self.rev_nat.insert(id, r);
+                let new = !self.rev_nat.contains_key(&id);
+                first_use(&mut self.used_rev_nat_ids, id, new, "rev-NAT");
+                self.rev_nat.insert(id, frontend.to_rev_nat());
             }
             MapOp::DeleteRevNat { id } => {
                 self.rev_nat.remove(&id);
+            }
+            MapOp::PutMember {
+                frontend,
+                backend_id,
+                backend,
+            } => {
+                self.members
+                    .insert(frontend.member_key(backend_id), backend.to_member());
+            }
+            MapOp::DeleteMember {
+                frontend,
+                backend_id,
+            } => {
+                self.members.remove(&frontend.member_key(backend_id));
             }
             MapOp::PutSlot {
                 frontend,
@@ -72,8 +99,9 @@ impl Sim {
         }
     }
 
-    /// Every master with count n has slots 1..=n, each pointing to an existing backend, and its
-    /// rev-NAT entry exists and restores this frontend.
+    /// Every master with count n has slots 1..=n, each pointing to an existing backend that is a
+    /// member of the frontend (a MEMBERS entry with the backend's address), and its rev-NAT entry
+    /// exists and restores this frontend.
     pub fn check_no_blackhole(&self) -> Result<(), String> {
         for (k, v) in self.services.iter().filter(|(k, _)| k.slot == 0) {
             let fe = Frontend::from_key(k).unwrap();
@@ -82,11 +110,17 @@ impl Sim {
                     .services
                     .get(&k.with_slot(slot as u16))
                     .ok_or(format!("{fe}: slot {slot} missing"))?;
-                if !self.backends.contains_key(&s.backend_id) {
-                    return Err(format!(
-                        "{fe}: slot {slot} -> missing backend {}",
-                        s.backend_id
-                    ));
+                let id = s.backend_id;
+                let b = self
+                    .backends
+                    .get(&id)
+                    .ok_or(format!("{fe}: slot {slot} -> missing backend {id}"))?;
+                let m = self
+                    .members
+                    .get(&fe.member_key(id))
+                    .ok_or(format!("{fe}: slot {slot} -> backend {id} is no member"))?;
+                if (m.addr, m.port) != (b.addr, b.port) {
+                    return Err(format!("{fe}: member {id} has another address: {m:?}"));
                 }
             }
             let r = self
@@ -150,49 +184,17 @@ impl Sim {
 
     /// The maps read back as an `Applied` (what the agent's read-back produces).
     pub fn to_applied(&self) -> Applied {
-        let mut a = Applied::default();
-        let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
-        for (k, v) in &self.services {
-            let fe = Frontend::from_key(k).unwrap();
-            if k.slot == 0 {
-                let e: &mut AppliedFrontend = a.frontends.entry(fe).or_default();
-                e.rev_nat_id = v.rev_nat_id;
-                e.flags = v.flags;
-                e.affinity_timeout = v.affinity_timeout;
-                e.count = v.count;
-            } else {
-                slots.entry(fe).or_default().insert(k.slot, v.backend_id);
-            }
-        }
-        for (fe, s) in slots {
-            let e = a.frontends.entry(fe).or_default();
-            let max = s.keys().copied().max().unwrap_or(0);
-            e.slots = (1..=max).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
-        }
-        for (id, b) in &self.backends {
-            a.backends
-                .insert(*id, (BackendAddr::from_map(b).unwrap(), b.state));
-        }
-        for (id, r) in &self.rev_nat {
-            // REV_NAT has no protocol: take it from the master using this id.
-            let fe = a
-                .frontends
-                .iter()
-                .find(|(_, af)| af.rev_nat_id == *id)
-                .map(|(fe, _)| *fe)
-                .unwrap();
-            assert_eq!(
-                (lb_common::ip4(fe.addr.octets()), lb_common::port(fe.port)),
-                (r.addr, r.port)
-            );
-            a.rev_nat.insert(*id, fe);
-        }
-        a
+        let mut r = ReadBack::new();
+        self.services.iter().for_each(|(k, v)| r.service(k, v));
+        self.backends.iter().for_each(|(id, b)| r.backend(*id, b));
+        self.rev_nat.iter().for_each(|(id, v)| r.rev_nat(*id, v));
+        self.members.iter().for_each(|(k, v)| r.member(k, v));
+        r.finish()
     }
 
     /// The maps hold exactly the desired state: one master per desired frontend with its count,
-    /// flags and timeout, its backends in slots 1..=count, no other entry, backends in the right
-    /// state, no unused backend or rev-NAT entry.
+    /// flags and timeout, its backends in slots 1..=count and as its members, no other entry,
+    /// backends in the right state, no unused backend or rev-NAT entry.
     pub fn check_equals(&self, desired: &DesiredState) -> Result<(), String> {
         let masters: BTreeSet<Frontend> = self
             .services
@@ -234,6 +236,21 @@ impl Sim {
                 "{} SERVICES entries, want {entries}",
                 self.services.len()
             ));
+        }
+        let want_members: BTreeMap<MemberKey, MemberValue> = desired
+            .frontends
+            .keys()
+            .flat_map(|fe| {
+                let count = self.services[&fe.key(0)].count as u16;
+                (1..=count).map(move |slot| {
+                    let id = self.services[&fe.key(slot)].backend_id;
+                    let b = BackendAddr::from_map(&self.backends[&id]).unwrap();
+                    (fe.member_key(id), b.to_member())
+                })
+            })
+            .collect();
+        if want_members != self.members {
+            return Err(format!("members {:?}, want {want_members:?}", self.members));
         }
         if used.len() != self.backends.len() {
             return Err(format!(

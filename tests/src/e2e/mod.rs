@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use lb_testkit::agent::{find_frontend, inspect_services};
 use lb_testkit::manifests::{self, SvcManifest};
-use lb_testkit::{unique_prefix, wait_until, Agent, AgentSpec, Cluster, InspectService, Pod};
+use lb_testkit::{
+    inspect_conntrack, unique_prefix, wait_until, Agent, AgentSpec, ClientError, Close, Cluster,
+    Dial, InspectCt, InspectService, Pod,
+};
 
 /// How long the datapath may take to reflect a manifest change.
 pub const CONVERGE: Duration = Duration::from_secs(10);
@@ -113,12 +116,36 @@ impl Env {
         svc.write_to(&self.manifests).expect("writing manifest")
     }
 
+    /// Add a client pod (no server) on node `k` whose ephemeral ports are
+    /// [`CLIENT_EPHEMERAL_PORTS`], so they never collide with ports a test binds explicitly
+    /// below 50000 (e.g. [`REUSED_PORTS`]).
+    pub fn add_client(&mut self, k: u8, name: &str, ip: Ipv4Addr) -> &Pod {
+        let pod = self.add_pod(k, name, ip, &[], &[]);
+        pod.ns
+            .sysctl("net.ipv4.ip_local_port_range", CLIENT_EPHEMERAL_PORTS)
+            .unwrap_or_else(|e| panic!("ephemeral ports of {name}: {e}"));
+        pod
+    }
+
+    /// Delete the manifest file of Service `name` (as `kubectl delete` would the Service and
+    /// its EndpointSlice).
+    pub fn delete(&self, name: &str) {
+        let path = self.manifests.join(format!("{name}.yaml"));
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("deleting {}: {e}", path.display()));
+    }
+
     /// Start one agent per node and wait until each is ready.
     pub fn start_agents(&mut self) {
+        self.start_agents_with(|_| {});
+    }
+
+    /// [`Env::start_agents`], with `configure` applied to each node's spec (after the defaults).
+    pub fn start_agents_with(&mut self, configure: impl Fn(&mut AgentSpec)) {
         for node in &self.cluster.nodes {
             let log = self.dir.0.join(format!("{}.log", node.name));
             let mut spec = AgentSpec::new(&node.ns, &self.manifests, &node.pin_path(), &log);
             spec.extra_args = MAP_SIZE_ARGS.iter().map(|s| s.to_string()).collect();
+            configure(&mut spec);
             let agent =
                 Agent::start(spec).unwrap_or_else(|e| panic!("agent on {}: {e}", node.name));
             self.agents.push(agent);
@@ -153,19 +180,154 @@ impl Env {
         );
     }
 
+    /// Wait until `frontend` is gone from every node.
+    pub fn wait_no_frontend(&self, frontend: &str) {
+        self.wait_presence(frontend, false);
+    }
+
+    /// `xlb inspect conntrack` of node `k`.
+    pub fn conntrack(&self, k: u8) -> Vec<InspectCt> {
+        inspect_conntrack(&self.pin(k))
+            .unwrap_or_else(|e| panic!("inspect conntrack on node{k}: {e}"))
+    }
+
+    /// The conntrack entries of every node that involve `addr` (as source or destination).
+    pub fn conntrack_of(&self, addr: Ipv4Addr) -> Vec<(u8, InspectCt)> {
+        self.cluster
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                self.conntrack(n.index)
+                    .into_iter()
+                    .filter(|e| e.involves(addr))
+                    .map(move |e| (n.index, e))
+            })
+            .collect()
+    }
+
     /// Wait until `frontend` is present on every node (whatever its backends).
     pub fn wait_frontend(&self, frontend: &str) {
+        self.wait_presence(frontend, true);
+    }
+
+    fn wait_presence(&self, frontend: &str, present: bool) {
         let ok = wait_until(CONVERGE, POLL, || {
             self.cluster.nodes.iter().all(|n| {
-                inspect_services(&n.pin_path()).is_ok_and(|s| find_frontend(&s, frontend).is_some())
+                inspect_services(&n.pin_path())
+                    .is_ok_and(|s| find_frontend(&s, frontend).is_some() == present)
             })
         });
         assert!(
             ok,
-            "{frontend} never appeared; node1: {:#?}",
+            "{frontend} never {}; node1: {:#?}",
+            if present { "appeared" } else { "went away" },
             inspect_services(&self.pin(1))
         );
     }
+}
+
+/// Ephemeral ports of client pods made by [`Env::add_client`].
+pub const CLIENT_EPHEMERAL_PORTS: &str = "50000 60999";
+/// The small range of source ports the tuple-reuse tests bind explicitly: every port is used
+/// many times, for Service and direct connections alike.
+pub const REUSED_PORTS: std::ops::Range<u16> = 40000..40100;
+/// Connect and read timeout of burst connections: a lost SYN is retransmitted after 1 s and
+/// still makes it; a connection whose SYN-ACK is rewritten (or dropped) fails.
+pub const BURST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A burst stops after this many failed connections (each may cost [`BURST_TIMEOUT`]).
+pub const BURST_MAX_ERRORS: usize = 10;
+
+/// The `k`-th port of [`REUSED_PORTS`], cycling.
+pub fn reused_port(k: usize) -> u16 {
+    let n = usize::from(REUSED_PORTS.end - REUSED_PORTS.start);
+    REUSED_PORTS.start + (k % n) as u16
+}
+
+/// `n` dials, the `k`-th from [`reused_port`]`(k)` to `dst(k)`, closed as `close(k)`.
+pub fn reused_port_dials(
+    n: usize,
+    dst: impl Fn(usize) -> SocketAddr,
+    close: impl Fn(usize) -> Close,
+) -> Vec<Dial> {
+    (0..n)
+        .map(|k| Dial {
+            src_port: Some(reused_port(k)),
+            dst: dst(k),
+            close: close(k),
+        })
+        .collect()
+}
+
+/// Closing alternates per round of [`REUSED_PORTS`]: a RST round, then a round the server
+/// closes first. Both leave the client's 4-tuple free at once, so the next round re-uses it.
+pub fn rst_or_server_fin(k: usize) -> Close {
+    let n = usize::from(REUSED_PORTS.end - REUSED_PORTS.start);
+    if (k / n).is_multiple_of(2) {
+        Close::Rst
+    } else {
+        Close::ServerFin
+    }
+}
+
+/// Run `dials` from `client` and assert every one was answered and `ok(k, answer)` holds for
+/// each. Returns the answers per pod. Panics with a summary (failures by kind, the first ones,
+/// the tally) otherwise.
+pub fn assert_burst(
+    what: &str,
+    client: &Pod,
+    dials: &[Dial],
+    ok: impl Fn(usize, &str) -> bool,
+) -> BTreeMap<String, usize> {
+    let t = std::time::Instant::now();
+    let results = client
+        .tcp_burst(dials, BURST_TIMEOUT, BURST_MAX_ERRORS)
+        .unwrap_or_else(|e| panic!("{what}: burst from {}: {e}", client.name));
+    eprintln!("{what}: {} connections in {:?}", results.len(), t.elapsed());
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    let mut first = Vec::new();
+    for (k, (d, r)) in dials.iter().zip(&results).enumerate() {
+        let bad = match r {
+            Ok(who) => {
+                *tally.entry(who.clone()).or_default() += 1;
+                (!ok(k, who)).then(|| format!("answered by {who}"))
+            }
+            Err(e) => Some(format!("error: {e}")),
+        };
+        if let Some(bad) = bad {
+            let kind = match r {
+                Ok(_) => "wrong pod".to_string(),
+                Err(e) => error_kind(e),
+            };
+            *kinds.entry(kind).or_default() += 1;
+            if first.len() < 10 {
+                first.push(format!("#{k} :{:?} -> {}: {bad}", d.src_port, d.dst));
+            }
+        }
+    }
+    let failed: usize = kinds.values().sum();
+    assert!(
+        failed == 0 && results.len() == dials.len(),
+        "{what}: {failed} of {} connections failed{} ({kinds:?}); first: {first:#?}; answers: {tally:?}",
+        results.len(),
+        if results.len() < dials.len() {
+            format!(" (stopped early, {} planned)", dials.len())
+        } else {
+            String::new()
+        },
+    );
+    tally
+}
+
+fn error_kind(e: &ClientError) -> String {
+    match e {
+        ClientError::Refused => "refused",
+        ClientError::Timeout => "timeout",
+        ClientError::Unreachable(_) => "unreachable",
+        ClientError::Closed => "closed",
+        ClientError::Other(_) => "other",
+    }
+    .to_string()
 }
 
 /// `n` TCP requests from `client` to `target`: answers per pod name (errors as "<error: ...>").

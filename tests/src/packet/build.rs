@@ -2,7 +2,10 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use etherparse::{IpHeaders, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, TcpHeader};
+use etherparse::{
+    icmpv4::{DestUnreachableHeader, TimeExceededCode},
+    Icmpv4Type, IpHeaders, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, TcpHeader,
+};
 
 /// MAC of the client pod and of the host side of its veth.
 pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -52,6 +55,13 @@ impl TcpFlags {
         ack: false,
         fin: false,
         rst: true,
+        psh: false,
+    };
+    pub const FIN_ACK: TcpFlags = TcpFlags {
+        syn: false,
+        ack: true,
+        fin: true,
+        rst: false,
         psh: false,
     };
 }
@@ -204,6 +214,111 @@ pub fn as_fragment(frame: &[u8], more_fragments: bool, offset_units: u16) -> Vec
     ip.more_fragments = more_fragments;
     ip.dont_fragment = false;
     ip.fragment_offset = offset_units.try_into().expect("13-bit offset");
+    ip.header_checksum = ip.calc_header_checksum();
+    let hdr = ip.to_bytes();
+    out[14..14 + hdr.len()].copy_from_slice(&hdr);
+    out
+}
+
+/// The IPv4 packet inside an Ethernet frame (what an ICMP error quotes).
+pub fn ip_packet(frame: &[u8]) -> Vec<u8> {
+    frame[14..].to_vec()
+}
+
+/// Which ICMP error an [`IcmpError`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpErrorKind {
+    /// Destination unreachable, port unreachable (type 3 code 3).
+    PortUnreachable,
+    /// Destination unreachable, fragmentation needed (type 3 code 4) with the next-hop MTU.
+    FragNeeded { mtu: u16 },
+    /// Time exceeded in transit (type 11 code 0).
+    TimeExceeded,
+}
+
+impl IcmpErrorKind {
+    fn icmp_type(self) -> Icmpv4Type {
+        match self {
+            IcmpErrorKind::PortUnreachable => {
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
+            }
+            IcmpErrorKind::FragNeeded { mtu } => {
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: mtu,
+                })
+            }
+            IcmpErrorKind::TimeExceeded => {
+                Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit)
+            }
+        }
+    }
+}
+
+/// An ICMP error from `src` to `dst` quoting `quote` (an IPv4 packet, whole or cut, as
+/// [`ip_packet`] returns it).
+#[derive(Clone, Debug)]
+pub struct IcmpError {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub kind: IcmpErrorKind,
+    pub quote: Vec<u8>,
+    pub macs: ([u8; 6], [u8; 6]),
+}
+
+impl IcmpError {
+    /// An error going into the client pod (Ethernet from the host side).
+    pub fn new(src: Ipv4Addr, dst: Ipv4Addr, kind: IcmpErrorKind, quote: &[u8]) -> Self {
+        IcmpError {
+            src,
+            dst,
+            kind,
+            quote: quote.to_vec(),
+            macs: (HOST_MAC, POD_MAC),
+        }
+    }
+
+    pub fn frame(&self) -> Vec<u8> {
+        let mut ip = ipv4(self.src, self.dst, IpNumber::ICMP, &[]);
+        ip.dont_fragment = false;
+        let builder = PacketBuilder::ethernet2(self.macs.0, self.macs.1)
+            .ip(IpHeaders::Ipv4(ip, Default::default()))
+            .icmpv4(self.kind.icmp_type());
+        let mut out = Vec::with_capacity(builder.size(self.quote.len()));
+        builder
+            .write(&mut out, &self.quote)
+            .expect("etherparse writes the frame");
+        out
+    }
+}
+
+/// A fragment of the (unfragmented, option-less) IPv4 frame `frame`: the bytes `range` of its IP
+/// payload (the start a multiple of 8), with `more_fragments`, the offset, the total length and
+/// the header checksum set. The first fragment (`range.start == 0`) carries the L4 header; the
+/// L4 checksum stays the one of the whole datagram.
+pub fn fragment(frame: &[u8], range: std::ops::Range<usize>, more_fragments: bool) -> Vec<u8> {
+    assert!(range.start % 8 == 0, "fragment offsets are multiples of 8");
+    let (mut ip, payload) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 frame");
+    let payload = &payload[..usize::from(ip.total_len) - ip.header_len()];
+    let part = &payload[range.clone()];
+    ip.dont_fragment = false;
+    ip.more_fragments = more_fragments;
+    ip.fragment_offset = u16::try_from(range.start / 8)
+        .expect("offset")
+        .try_into()
+        .expect("13-bit offset");
+    ip.set_payload_len(part.len()).expect("payload length");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = frame[..14].to_vec();
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(part);
+    out
+}
+
+/// `frame` with another IP identification (and its header checksum recomputed).
+pub fn with_ip_id(frame: &[u8], id: u16) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let (mut ip, _) = Ipv4Header::from_slice(&out[14..]).expect("an IPv4 frame");
+    ip.identification = id;
     ip.header_checksum = ip.calc_header_checksum();
     let hdr = ip.to_bytes();
     out[14..14 + hdr.len()].copy_from_slice(&hdr);
