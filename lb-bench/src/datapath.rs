@@ -133,16 +133,8 @@ fn run_mode(
                 let conn = measure(bed.direct(0))?;
                 row(conn, 0.0, None);
                 if n == largest {
-                    let gbit = stream(
-                        &bed.client.ns,
-                        SocketAddrV4::new(bed.backends[0].ip, SINK_PORT).into(),
-                        plan.stream,
-                    )?;
-                    res.streams.push(StreamRow {
-                        mode: mode.label().into(),
-                        services: n,
-                        gbit_s: gbit,
-                    });
+                    let direct = SocketAddrV4::new(bed.backends[0].ip, SINK_PORT).into();
+                    stream_row(&bed, plan, mode, n, direct, res)?;
                 }
             }
             Mode::Xlb => {
@@ -152,12 +144,7 @@ fn run_mode(
                 let conn = measure(svc)?;
                 row(conn, agent.ready_after.as_secs_f64(), agent.rss_mib());
                 if n == largest {
-                    let gbit = stream(&bed.client.ns, svc_stream, plan.stream)?;
-                    res.streams.push(StreamRow {
-                        mode: mode.label().into(),
-                        services: n,
-                        gbit_s: gbit,
-                    });
+                    stream_row(&bed, plan, mode, n, svc_stream, res)?;
                     if plan.endpoint_changes > 0 {
                         let ch = endpoint_changes(&bed, &set, &probe_file, plan.endpoint_changes)?;
                         res.endpoint_change = Some(ch);
@@ -173,18 +160,31 @@ fn run_mode(
                 let conn = measure(svc)?;
                 row(conn, rules.took.as_secs_f64(), None);
                 if n == largest {
-                    let gbit = stream(&bed.client.ns, svc_stream, plan.stream)?;
-                    res.streams.push(StreamRow {
-                        mode: mode.label().into(),
-                        services: n,
-                        gbit_s: gbit,
-                    });
+                    stream_row(&bed, plan, mode, n, svc_stream, res)?;
                 }
                 drop(rules);
             }
         }
         crate::interrupt::check()?;
     }
+    Ok(())
+}
+
+/// One long TCP stream from the client to `target`, recorded for `mode` at `n` Services.
+fn stream_row(
+    bed: &Bed,
+    plan: &DpPlan,
+    mode: Mode,
+    n: usize,
+    target: SocketAddr,
+    res: &mut DpResults,
+) -> anyhow::Result<()> {
+    let gbit = stream(&bed.client.ns, target, plan.stream)?;
+    res.streams.push(StreamRow {
+        mode: mode.label().into(),
+        services: n,
+        gbit_s: gbit,
+    });
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Map keys and values shared by the xlb eBPF programs (`lb-ebpf`) and userspace.
 //!
 //! Every type here is `#[repr(C)]` with explicit padding fields, so the kernel and user side agree
-//! byte for byte and `aya::Pod` is sound (no implicit padding). Addresses and ports are stored in
+//! byte for byte; `bytemuck`'s derived `Pod` proves there is no implicit padding, which makes the
+//! `aya::Pod` implementations sound. Addresses and ports are stored in
 //! **network byte order**, exactly as they appear in packets, so the datapath never converts:
 //! an IPv4 address is `u32::from_ne_bytes(ip.octets())`, a port is `port.to_be()`. Use the
 //! helpers [`ip4`] / [`port`] / [`ip4_from`] / [`port_from`] on the user side.
@@ -10,6 +11,8 @@
 //! holding the backend count and flags, and slots `1..=count` holding backend ids, so an endpoint
 //! change rewrites one slot instead of the whole Service.
 #![cfg_attr(not(test), no_std)]
+
+use bytemuck::{Pod, Zeroable};
 
 /// IP protocol numbers used in keys.
 pub const PROTO_TCP: u8 = 6;
@@ -22,7 +25,6 @@ pub const PROTO_SCTP: u8 = 132;
 pub mod map_names {
     pub const SERVICES: &str = "XLB_SVC_V1";
     pub const BACKENDS: &str = "XLB_BE_V1";
-    pub const REV_NAT: &str = "XLB_RNAT_V1";
     /// V2: the value carries a state and an expiry instead of seen-flags and a last-seen time.
     pub const CONNTRACK: &str = "XLB_CT_V2";
     /// V2: one more counter per reason.
@@ -32,7 +34,7 @@ pub mod map_names {
     pub const MEMBERS: &str = "XLB_MEMBER_V1";
     /// (src, dst, IP id, proto) of a fragmented datagram -> its L4 ports.
     pub const FRAGS: &str = "XLB_FRAG_V1";
-    pub const ALL: [&str; 8] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS, AFFINITY, MEMBERS, FRAGS];
+    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, CONNTRACK, STATS, AFFINITY, MEMBERS, FRAGS];
 }
 
 /// Names of the programs in the eBPF object.
@@ -63,7 +65,6 @@ pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 /// Default map capacities (overridable by the agent at load time).
 pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
 pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
-pub const DEFAULT_REV_NAT_MAX: u32 = 131_072;
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
 pub const DEFAULT_MEMBERS_MAX: u32 = 262_144;
@@ -77,7 +78,7 @@ pub const SCOPE_INT: u8 = 1;
 /// Key of `SERVICES`: one frontend (addr, port, proto, scope) and a slot.
 /// Slot 0 is the master entry, slots `1..=count` hold backend ids.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ServiceKey {
     /// Frontend IPv4 address, network byte order.
     pub addr: u32,
@@ -116,10 +117,16 @@ pub const SVC_FLAG_TERMINATING_FALLBACK: u32 = 1 << 7;
 /// `affinity_timeout`; `backend_id` is 0. For a slot: only `backend_id`.
 /// A master with `count == 0` means "Service without endpoints": refuse new flows at once.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
 pub struct ServiceValue {
     pub backend_id: u32,
     pub count: u32,
+    /// Master only: the identity of this incarnation of the frontend, >= 1. It stays while the
+    /// frontend exists; a frontend removed and created again gets a new one (ids come from a
+    /// forward-only cursor). Conntrack and affinity entries carry it, so a SYN on a live tuple
+    /// or an affinity entry of an earlier Service at the same address is not taken for this
+    /// one. The name is Cilium's, whose replies are restored from a reverse-NAT table by this
+    /// id; xlb has no such table (reply entries carry the frontend itself).
     pub rev_nat_id: u32,
     pub flags: u32,
     /// Session affinity timeout in seconds (sessionAffinity ClientIP).
@@ -133,7 +140,7 @@ pub const BACKEND_TERMINATING: u8 = 1;
 
 /// Value of `BACKENDS` (key: backend id, `u32`). Ids are stable for an (addr, port, proto).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
 pub struct Backend {
     /// Backend IPv4 address, network byte order.
     pub addr: u32,
@@ -141,15 +148,6 @@ pub struct Backend {
     pub port: u16,
     pub proto: u8,
     pub state: u8,
-}
-
-/// Value of `REV_NAT` (key: rev-NAT id, `u32`): the frontend to restore on replies.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct RevNat {
-    pub addr: u32,
-    pub port: u16,
-    pub _pad: u16,
 }
 
 /// Direction of a conntrack entry.
@@ -161,7 +159,7 @@ pub const CT_REPLY: u8 = 1;
 
 /// Key of `CONNTRACK` (LRU hash): a full 5-tuple plus direction.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct CtKey {
     pub saddr: u32,
     pub daddr: u32,
@@ -236,7 +234,7 @@ pub const CT_F_HAIRPIN: u8 = 1 << 2;
 ///
 /// An entry whose `expires_ns` has passed counts as a miss; the agent's sweeper deletes it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
 pub struct CtValue {
     pub backend_id: u32,
     /// Forward: backend address. Reply: frontend address. Network byte order.
@@ -247,6 +245,7 @@ pub struct CtValue {
     pub state: u8,
     /// `CT_F_*`.
     pub flags: u8,
+    /// The frontend's `ServiceValue::rev_nat_id` when the flow was set up.
     pub rev_nat_id: u32,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) after which the entry is dead.
     /// Refreshed at most once a second per flow, so busy flows do not write the map per packet.
@@ -287,7 +286,7 @@ impl CtKey {
 /// Defaults: netfilter's as kube-proxy configures it (24 h established, 120 s half-closed,
 /// 30 s / 120 s UDP) and Cilium's (60 s SYN, 10 s closing).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtTimeouts {
     pub tcp_syn: u32,
     pub tcp_established: u32,
@@ -327,7 +326,7 @@ impl Default for CtTimeouts {
 
 /// Key of `MEMBERS`: a frontend (as in [`ServiceKey`], slot 0) and one of its backend ids.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct MemberKey {
     pub addr: u32,
     pub port: u16,
@@ -345,7 +344,7 @@ impl MemberKey {
 /// Value of `MEMBERS`: the member's address, so a conntrack or affinity entry holding an id is
 /// checked by identity (address and port), not only by the id.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
 pub struct MemberValue {
     pub addr: u32,
     pub port: u16,
@@ -354,7 +353,7 @@ pub struct MemberValue {
 
 /// Key of `FRAGS` (LRU hash): one fragmented datagram as it arrived.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct FragKey {
     pub saddr: u32,
     pub daddr: u32,
@@ -366,7 +365,7 @@ pub struct FragKey {
 
 /// Value of `FRAGS`: the L4 ports the first fragment carried (network byte order).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
 pub struct FragValue {
     pub sport: u16,
     pub dport: u16,
@@ -374,17 +373,18 @@ pub struct FragValue {
 
 /// Key of `AFFINITY` (LRU hash): sessionAffinity ClientIP is per (client address, Service port).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct AffinityKey {
     /// Client IPv4 address, network byte order.
     pub client: u32,
+    /// The frontend's `ServiceValue::rev_nat_id` (this incarnation of the Service port).
     pub rev_nat_id: u32,
 }
 
 /// Value of `AFFINITY`: the backend chosen for that client, and when it was last used.
 /// The entry is used only while that backend is still a member of the frontend.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
 pub struct AffinityValue {
     pub backend_id: u32,
     pub _pad: u32,
@@ -514,28 +514,41 @@ pub const fn port_from(p: u16) -> u16 {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY: all types are #[repr(C)], Copy, and have no implicit padding (checked by the
-    // size assertions below), so any byte pattern read from a map is a valid value.
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for RevNat {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtValue {}
-    unsafe impl aya::Pod for AffinityKey {}
-    unsafe impl aya::Pod for AffinityValue {}
-    unsafe impl aya::Pod for CtTimeouts {}
-    unsafe impl aya::Pod for MemberKey {}
-    unsafe impl aya::Pod for MemberValue {}
-    unsafe impl aya::Pod for FragKey {}
-    unsafe impl aya::Pod for FragValue {}
+
+    /// `aya::Pod` for types whose `bytemuck::Pod` derive already proved them padding-free and
+    /// valid for any bytes (the orphan rule forbids a blanket impl).
+    macro_rules! aya_pod {
+        ($($t:ty),* $(,)?) => {$(
+            const _: fn() = || {
+                fn is_pod<T: bytemuck::Pod>() {}
+                is_pod::<$t>();
+            };
+            // SAFETY: `$t: bytemuck::Pod` (checked just above): #[repr(C)], Copy, no padding,
+            // every bit pattern valid, which is exactly what `aya::Pod` requires.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    aya_pod!(
+        ServiceKey,
+        ServiceValue,
+        Backend,
+        CtKey,
+        CtValue,
+        AffinityKey,
+        AffinityValue,
+        CtTimeouts,
+        MemberKey,
+        MemberValue,
+        FragKey,
+        FragValue,
+    );
 }
 
 // Layout guards: a change here is an ABI change with the kernel side (bump map names).
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
-const _: () = assert!(core::mem::size_of::<RevNat>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);

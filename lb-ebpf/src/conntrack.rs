@@ -176,7 +176,16 @@ pub fn update(key: &CtKey, entry: *mut CtValue, pkt: &Packet, dir: Dir, now: u64
     let (state, flags) = next_state(cur.state, cur.flags, pkt, dir);
     let expires_ns = now + lifetime_ns(state);
     let changed = state != cur.state || flags != cur.flags;
-    if !changed && !force_pair && expires_ns < cur.expires_ns + REFRESH_NS {
+    let due = changed || expires_ns >= cur.expires_ns + REFRESH_NS;
+    if !due && !force_pair {
+        return;
+    }
+    let pair_key = key.pair(&cur);
+    if !due {
+        // Only make sure the pair exists; the expiry stays as it is.
+        if CONNTRACK.get_ptr(&pair_key).is_none() {
+            recreate_pair(key, &pair_key, &cur);
+        }
         return;
     }
     // SAFETY: as above; plain stores into the map value (other CPUs may race, and any of the
@@ -186,7 +195,6 @@ pub fn update(key: &CtKey, entry: *mut CtValue, pkt: &Packet, dir: Dir, now: u64
         (*entry).flags = flags;
         (*entry).expires_ns = expires_ns;
     }
-    let pair_key = key.pair(&cur);
     match CONNTRACK.get_ptr_mut(&pair_key) {
         Some(pair) => {
             // SAFETY: a live map value returned by the lookup just above.
@@ -197,16 +205,25 @@ pub fn update(key: &CtKey, entry: *mut CtValue, pkt: &Packet, dir: Dir, now: u64
             }
         }
         None => {
-            let value = CtValue {
+            let now_value = CtValue {
                 state,
                 flags,
                 expires_ns,
-                ..pair_value(key, &cur)
+                ..cur
             };
-            if CONNTRACK.insert(&pair_key, &value, BPF_ANY.into()).is_ok() {
-                bump(Stat::CtReplyRecreated);
-            }
+            recreate_pair(key, &pair_key, &now_value);
         }
+    }
+}
+
+/// Writes the lost pair of the entry at `key` that holds `v`.
+#[inline(always)]
+fn recreate_pair(key: &CtKey, pair_key: &CtKey, v: &CtValue) {
+    if CONNTRACK
+        .insert(pair_key, &pair_value(key, v), BPF_ANY.into())
+        .is_ok()
+    {
+        bump(Stat::CtReplyRecreated);
     }
 }
 

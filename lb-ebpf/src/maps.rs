@@ -8,12 +8,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue,
-    MemberKey, MemberValue, RevNat, ServiceKey, ServiceValue, DEFAULT_AFFINITY_MAX,
-    DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MEMBERS_MAX,
-    DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, STAT_COUNT,
+    MemberKey, MemberValue, ServiceKey, ServiceValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
+    DEFAULT_CONNTRACK_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MEMBERS_MAX, DEFAULT_SERVICES_MAX,
+    STAT_COUNT,
 };
 
-/// Frontends: master entries (slot 0) and backend slots `1..=count`.
+/// Frontends: master entries (slot 0) and backend slots `1..=count`. A reply is restored from
+/// the frontend its conntrack entry carries; the master's `rev_nat_id` only tells one
+/// incarnation of a frontend from the next (there is no reverse-NAT map).
 #[map(name = "XLB_SVC_V1")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
@@ -21,11 +23,6 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 /// Backend id -> address.
 #[map(name = "XLB_BE_V1")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
-
-/// Rev-NAT id -> frontend. Written and read back by the agent; the datapath restores replies
-/// from the frontend its reply entries carry.
-#[map(name = "XLB_RNAT_V1")]
-pub static REV_NAT: HashMap<u32, RevNat> = HashMap::with_max_entries(DEFAULT_REV_NAT_MAX, 0);
 
 /// Forward and reply entries of every translated flow. LRU, so a full table evicts the
 /// coldest flows instead of refusing new ones.
@@ -71,7 +68,6 @@ const fn same(a: &str, b: &str) -> bool {
 // The literals above must match the shared names userspace looks up.
 const _: () = assert!(same("XLB_SVC_V1", map_names::SERVICES));
 const _: () = assert!(same("XLB_BE_V1", map_names::BACKENDS));
-const _: () = assert!(same("XLB_RNAT_V1", map_names::REV_NAT));
 const _: () = assert!(same("XLB_CT_V2", map_names::CONNTRACK));
 const _: () = assert!(same("XLB_MEMBER_V1", map_names::MEMBERS));
 const _: () = assert!(same("XLB_FRAG_V1", map_names::FRAGS));

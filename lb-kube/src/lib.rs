@@ -3,26 +3,28 @@
 //!
 //! ```text
 //! watcher(Service) ─┐
-//! watcher(Slice)  ──┼─ select ─ translate::Sources ─ mpsc::Sender<SourceEvent> ─ agent
+//! watcher(Slice)  ──┼─ select ─ translate::Sources ─ mpsc::Sender<E: From<Event>> ─ agent
 //! watcher(Node)   ──┘  (each with kube-runtime's default backoff)
 //! ```
+//!
+//! The source is a plain producer: everything it has to say, cluster changes, skipped objects and
+//! failed API calls alike, is an [`Event`] on its one channel, in the order it happened.
 //!
 //! - Each kind's initial list (and every relist: after a 410 Gone, kube-runtime starts over)
 //!   becomes one `Resync` of that kind; watch events become upserts and deletes; `Synced` follows
 //!   once every kind has been listed.
-//! - API errors (server down, 410, 5xx, RBAC) are logged and retried with kube-runtime's
-//!   `default_backoff` (0.8 s doubling to 30 s, jittered); [`run`] never gives up on them. While
-//!   the API is away no event is sent, so the datapath stays as it is.
+//! - API errors (server down, 410, 5xx, RBAC) are logged, sent as [`Event::ApiError`] and retried
+//!   with kube-runtime's `default_backoff` (0.8 s doubling to 30 s, jittered); [`run`] never gives
+//!   up on them. While the API is away no cluster event is sent, so the datapath stays as it is.
 //! - kube-runtime resumes a broken watch from the last resourceVersion it saw (no relist, no lost
 //!   update); only a 410 Gone makes it relist.
-//! - Objects that do not decode are reported through [`Observer::problem`] and treated as absent
-//!   (see [`lenient`] for why kube-rs alone would let one bad object block a whole kind).
+//! - Objects that do not decode are sent as [`Event::Problem`] and treated as absent (see
+//!   [`lenient`] for why kube-rs alone would let one bad object block a whole kind).
 
 pub mod lenient;
 mod translate;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -54,15 +56,18 @@ pub enum Error {
     NoNodeName,
 }
 
-/// Hooks for metrics. Every method has a no-op default; `()` observes nothing.
-pub trait Observer: Send + Sync {
-    /// An object was skipped (it did not decode). Already logged.
-    fn problem(&self, _problem: &Problem) {}
-    /// A list or watch call failed; the watcher retries after its backoff. Already logged.
-    fn watch_error(&self, _kind: &'static str, _error: &watcher::Error) {}
+/// What the source sends.
+#[derive(Debug)]
+pub enum Event {
+    /// A change of the cluster.
+    Cluster(SourceEvent),
+    /// An object was skipped (it did not decode) and is treated as absent. Not logged here: the
+    /// receiver reports it, as it does the problems of other sources.
+    Problem(Problem),
+    /// A list or watch call of `kind` failed; the watcher retries after its backoff. Already
+    /// logged (with the detail a 410 Gone relist deserves).
+    ApiError { kind: &'static str, error: String },
 }
-
-impl Observer for () {}
 
 /// A client from the kubeconfig at `path`, or (None) inferred as kubectl does: the in-cluster
 /// service account when running in a pod, else `$KUBECONFIG` / `~/.kube/config`.
@@ -83,14 +88,13 @@ pub async fn client_from_kubeconfig(path: Option<&Path>) -> Result<Client, Error
     Ok(Client::try_from(config)?)
 }
 
-/// Watch the API and send what changes on `tx` until `tx` is closed (then `Ok`). API errors are
-/// retried forever; the only error is a configuration one.
-pub async fn run(
-    client: Client,
-    node_name: String,
-    tx: mpsc::Sender<SourceEvent>,
-    observer: Arc<dyn Observer>,
-) -> Result<(), Error> {
+/// Watch the API and send what happens on `tx` until `tx` is closed (then `Ok`). API errors are
+/// retried forever; the only error is a configuration one. `E` is the receiver's event type (any
+/// type an [`Event`] converts into; `Event` itself will do).
+pub async fn run<E>(client: Client, node_name: String, tx: mpsc::Sender<E>) -> Result<(), Error>
+where
+    E: From<Event> + Send,
+{
     if node_name.is_empty() {
         return Err(Error::NoNodeName);
     }
@@ -113,24 +117,27 @@ pub async fn run(
     tracing::info!("watching Services, EndpointSlices and this Node");
 
     while let Some(update) = updates.next().await {
-        let update = match update {
-            Ok(u) => u,
+        let events = match update {
+            Ok(update) => {
+                let (events, problems) = sources.on_update(update);
+                let problems = problems.into_iter().map(Event::Problem);
+                problems
+                    .chain(events.into_iter().map(Event::Cluster))
+                    .collect()
+            }
             Err((kind, e)) => {
                 log_watch_error(kind, &e);
-                observer.watch_error(kind, &e);
-                continue;
+                vec![Event::ApiError {
+                    kind,
+                    error: e.to_string(),
+                }]
             }
         };
-        let (events, problems) = sources.on_update(update);
-        for p in &problems {
-            tracing::warn!(object = %p.object, kind = p.kind, reason = %p.reason, "skipping invalid object");
-            observer.problem(p);
-        }
         for ev in events {
-            if matches!(ev, SourceEvent::Synced) {
+            if matches!(ev, Event::Cluster(SourceEvent::Synced)) {
                 tracing::info!("Services, EndpointSlices and Node listed");
             }
-            if tx.send(ev).await.is_err() {
+            if tx.send(ev.into()).await.is_err() {
                 return Ok(());
             }
         }

@@ -1,8 +1,6 @@
 //! Client construction: kubeconfig errors, and https servers (a rustls crypto provider is
 //! compiled in; without one kube-rs panics on the first https client).
 
-use std::sync::Arc;
-
 #[tokio::test]
 async fn https_kubeconfig_builds_a_client() {
     let dir = tempfile::tempdir().unwrap();
@@ -37,7 +35,7 @@ async fn empty_node_name_is_rejected() {
     let path = dir.path().join("kubeconfig");
     api.write_kubeconfig(&path).unwrap();
     let client = lb_kube::client_from_kubeconfig(Some(&path)).await.unwrap();
-    let (tx, _rx) = tokio::sync::mpsc::channel(1);
-    let r = lb_kube::run(client, String::new(), tx, Arc::new(())).await;
+    let (tx, _rx) = tokio::sync::mpsc::channel::<lb_kube::Event>(1);
+    let r = lb_kube::run(client, String::new(), tx).await;
     assert!(matches!(r, Err(lb_kube::Error::NoNodeName)));
 }

@@ -2,10 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
-use crate::state::{ClusterState, Config, NodeInfo, ServiceKey};
+pub use crate::kube_proxy::service_frontends;
+use crate::state::{ClusterState, Config, ServiceKey};
 use crate::{BackendAddr, Frontend, Problem};
 use lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, SVC_FLAG_TERMINATING_FALLBACK};
 
@@ -44,7 +42,7 @@ pub struct DesiredState {
 
 impl DesiredState {
     /// Recompute the frontends of one Service from `state` (removing it when it is gone or skipped).
-    /// Returns the frontends touched (old and new), for [`crate::diff::plan`], and any problems.
+    /// Returns the frontends touched (old and new), for [`crate::planner::plan`], and any problems.
     ///
     /// Cost is proportional to this Service (and to a Service waiting for a frontend it releases),
     /// never to the number of Services.
@@ -134,19 +132,27 @@ impl DesiredState {
         }
     }
 
+    /// Set one frontend's desired state directly, outside any Service's filing (`by_service`
+    /// is left alone): for callers that program frontends without Kubernetes objects, such as
+    /// the packet tests and the benchmarks. The agent goes through [`Self::update_service`].
+    pub fn set_frontend(&mut self, fe: Frontend, st: FrontendState) {
+        self.insert_frontend(fe, st);
+    }
+
+    /// Remove one frontend set with [`Self::set_frontend`].
+    pub fn remove_frontend(&mut self, fe: &Frontend) {
+        if let Some(old) = self.frontends.remove(fe) {
+            self.count_backends(&old, false);
+        }
+    }
+
     /// File a frontend (its owner's `by_service` entry is the caller's job).
-    pub(crate) fn insert_frontend(&mut self, fe: Frontend, st: FrontendState) {
+    fn insert_frontend(&mut self, fe: Frontend, st: FrontendState) {
         if let Some(old) = self.frontends.remove(&fe) {
             self.count_backends(&old, false);
         }
         self.count_backends(&st, true);
         self.frontends.insert(fe, st);
-    }
-
-    fn remove_frontend(&mut self, fe: &Frontend) {
-        if let Some(old) = self.frontends.remove(fe) {
-            self.count_backends(&old, false);
-        }
     }
 
     fn count_backends(&mut self, st: &FrontendState, add: bool) {
@@ -163,15 +169,4 @@ impl DesiredState {
             }
         }
     }
-}
-
-/// The frontends of one Service (pure kube-proxy semantics), sorted, and the problems met:
-/// skipped Services give none; an invalid port is a problem for that port only.
-pub fn service_frontends<'a>(
-    svc: &Service,
-    slices: impl Iterator<Item = &'a EndpointSlice>,
-    node: &NodeInfo,
-    cfg: &Config,
-) -> (Vec<(Frontend, FrontendState)>, Vec<Problem>) {
-    crate::translate::service_frontends(svc, slices, node, cfg)
 }

@@ -1,5 +1,6 @@
-//! Id bookkeeping for the BACKENDS and REV_NAT maps: which ids are in use, where the next new id
-//! is searched from, and which ids no longer have a user (to garbage-collect).
+//! Id bookkeeping for backend ids (BACKENDS keys) and frontend ids (the masters' `rev_nat_id`):
+//! which ids are in use, where the next new id is searched from, and which backend ids no longer
+//! have a user (to garbage-collect).
 //!
 //! # Why new ids come from a forward-only cursor, not the smallest free id
 //!
@@ -8,8 +9,10 @@
 //! `backend_id`, for as long as those entries live (an established TCP flow: a day). Handing a
 //! freed id to the next new backend or frontend would give those stale entries a new meaning: an
 //! affinity entry of a deleted backend would pin clients to whichever backend got its id, and a
-//! re-created Service would inherit the flows and affinity of the Service that had its rev-NAT id
-//! (the datapath re-selects a re-used tuple only when the master's `rev_nat_id` differs).
+//! re-created Service would inherit the flows and affinity of the Service that had its frontend
+//! id (the datapath re-selects a re-used tuple only when the master's `rev_nat_id` differs). A
+//! frontend id is the identity of one incarnation of a frontend: it has no map of its own, only
+//! the master holds it.
 //!
 //! So a new id is the first id at or after a cursor that is not in use, and the cursor then moves
 //! past it. The cursor only moves forward, wrapping from `u32::MAX` back to 1 (ids in use are
@@ -132,6 +135,15 @@ impl IdPool {
             .expect("id space exhausted")
     }
 
+    /// Hand out a new id: the first free one at or after `cursor` not in `reserved`; the
+    /// cursor moves past it and it joins `reserved` (the ids handed out in the same plan).
+    pub fn hand_out(&self, cursor: &mut u32, reserved: &mut BTreeSet<u32>) -> u32 {
+        let id = self.next_free(*cursor, reserved);
+        *cursor = id_after(id);
+        reserved.insert(id);
+        id
+    }
+
     /// The first free id `>= from` not in `reserved`, if any before the end of the id space.
     fn first_free_from(&self, from: u32, reserved: &BTreeSet<u32>) -> Option<u32> {
         let first = self
@@ -158,12 +170,14 @@ impl IdPool {
     }
 }
 
-/// One id space (backend ids or rev-NAT ids): an id is in use while its map entry exists or
-/// something refers to it; an entry nothing refers to is garbage.
+/// One id space (backend ids or frontend ids): an id is in use while its map entry exists or
+/// something refers to it; an entry nothing refers to is garbage. (Frontend ids have no entry:
+/// they are in use while a master holds them.)
 #[derive(Clone, Debug, Default)]
 pub(crate) struct IdSpace {
     pub pool: IdPool,
-    /// How many map entries refer to each id (slots for backends, masters for rev-NAT).
+    /// How many map entries refer to each id (slots and members for backends, masters for
+    /// frontend ids).
     refs: HashMap<u32, u32>,
     /// Ids whose map entry exists but has no referrer.
     pub unused: BTreeSet<u32>,

@@ -2,30 +2,49 @@
 //!
 //! ```text
 //! source events --> ClusterState::apply --> changed Service keys
-//! desired::service_frontends(svc, slices, node, cfg) -> frontends of one Service   (pure)
-//! DesiredState (all frontends) --diff::plan(&Applied, &DesiredState, touched)--> Plan (ordered MapOps)
-//! datapath executes the ops; Applied::apply(op) records each op that succeeded
-//! ReadBack: the maps' entries -> Applied (at start, so a restart reconciles, never flushes)
+//! desired::service_frontends(svc, slices, node, cfg) -> frontends of one Service   (pure, kube_proxy)
+//! DesiredState (all frontends) --planner::plan(&Applied, &DesiredState, touched)--> Plan (ordered MapOps)
+//! store::execute(&mut impl MapStore, &Plan, &mut Applied): each op encoded as map entries, written,
+//!     and recorded in Applied when it succeeded (prepare -> frontends -> gc)
+//! ReadBack::read(&impl MapStore) -> Applied (at start, so a restart reconciles, never flushes)
 //! ```
+//!
+//! [`store::MapStore`] is the one contract with the maps: the agent's aya maps, the packet tests'
+//! and the bench's unpinned maps, `xlb inspect`'s pinned maps and the in-memory
+//! [`store::MemStore`] of the property tests all implement it, and all go through the same
+//! encoding, executor and read-back.
 //!
 //! The split mirrors kube-proxy's `ServiceChangeTracker` / `EndpointsChangeTracker`: a change to one
 //! Service or EndpointSlice recomputes and rewrites that Service only, so one endpoint change is a
 //! few map writes however many Services exist.
 
+pub mod applied;
 pub mod desired;
-pub mod diff;
 mod ids;
-pub mod manifest;
+mod kube_proxy;
+pub mod planner;
 pub mod readback;
 mod slots;
 pub mod state;
-mod translate;
+pub mod store;
+pub mod yaml_docs;
+
+/// The former path of [`yaml_docs`] (still used by the manifests source and the e2e tests).
+pub use yaml_docs as manifest;
+
+/// The former `diff` module, now [`applied`] (what is in the maps) and [`planner`] (the ops that
+/// change it). Kept as a path for the agent.
+pub mod diff {
+    pub use crate::applied::{Applied, AppliedFrontend};
+    pub use crate::planner::{all_frontends, plan, MapOp, Plan};
+}
 
 use std::fmt;
 use std::net::Ipv4Addr;
 
+pub use applied::{Applied, AppliedFrontend};
 pub use desired::{DesiredState, FrontendState};
-pub use diff::{Applied, AppliedFrontend, MapOp, Plan};
+pub use planner::{MapOp, Plan};
 pub use readback::ReadBack;
 pub use state::{Changes, ClusterState, Config, NodeInfo, ServiceKey as SvcKey, SourceEvent};
 
@@ -113,15 +132,6 @@ impl Frontend {
     pub fn from_member_key(k: &lb_common::MemberKey) -> Option<(Self, u32)> {
         let fe = lb_common::ServiceKey::new(k.addr, k.port, k.proto, k.scope, 0);
         Some((Frontend::from_key(&fe)?, k.backend_id))
-    }
-    /// The REV_NAT map value restoring this frontend (it holds no protocol).
-    pub fn to_rev_nat(&self) -> lb_common::RevNat {
-        let k = self.key(0);
-        lb_common::RevNat {
-            addr: k.addr,
-            port: k.port,
-            _pad: 0,
-        }
     }
 }
 

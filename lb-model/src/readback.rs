@@ -1,27 +1,36 @@
 //! Rebuilding an [`Applied`] from the entries of the maps, in whatever order a map iteration
 //! yields them: at the agent's start (a restart reconciles, never flushes), for `xlb inspect`,
-//! and in tests. Feed every entry of SERVICES, BACKENDS, REV_NAT and MEMBERS, then
-//! [`ReadBack::finish`]. Linear in the number of entries.
+//! and in tests. [`ReadBack::read`] reads a [`MapStore`]; the entry-by-entry methods are there
+//! for tests that build odd map contents by hand. Linear in the number of entries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use lb_common::{Backend, MemberKey, MemberValue, RevNat, ServiceKey, ServiceValue};
+use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue};
 
-use crate::diff::{Applied, AppliedFrontend};
-use crate::{BackendAddr, Frontend, Proto};
+use crate::applied::{Applied, AppliedFrontend};
+use crate::store::MapStore;
+use crate::{BackendAddr, Frontend};
 
 /// Map entries read so far. Entries with an unknown protocol number are skipped.
 #[derive(Debug, Default)]
 pub struct ReadBack {
     applied: Applied,
     slots: BTreeMap<Frontend, BTreeMap<u16, u32>>,
-    rev_nat: Vec<(u32, RevNat)>,
     members: Vec<(Frontend, u32, MemberValue)>,
 }
 
 impl ReadBack {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Every entry of SERVICES, BACKENDS and MEMBERS in `store`, as an [`Applied`].
+    pub fn read<S: MapStore + ?Sized>(store: &S) -> Result<Applied, S::Error> {
+        let mut r = ReadBack::new();
+        store.for_each_service(&mut |k, v| r.service(k, v))?;
+        store.for_each_backend(&mut |id, b| r.backend(id, b))?;
+        store.for_each_member(&mut |k, v| r.member(k, v))?;
+        Ok(r.finish())
     }
 
     /// A SERVICES entry: a master (slot 0) or a slot.
@@ -50,11 +59,6 @@ impl ReadBack {
         }
     }
 
-    /// A REV_NAT entry.
-    pub fn rev_nat(&mut self, id: u32, r: &RevNat) {
-        self.rev_nat.push((id, *r));
-    }
-
     /// A MEMBERS entry.
     pub fn member(&mut self, k: &MemberKey, v: &MemberValue) {
         if let Some((fe, id)) = Frontend::from_member_key(k) {
@@ -66,9 +70,9 @@ impl ReadBack {
     ///
     /// - Slots: all of them, also leftovers above the master's count (an interrupted update) and
     ///   holes (0), so the next plan repairs them.
-    /// - REV_NAT holds no protocol: an entry belongs to the frontend whose master uses its id and
-    ///   has its address and port. An entry no master uses (an interrupted removal) is kept under
-    ///   the TCP frontend of its address, so gc deletes it and new ids are handed out past it.
+    /// - Frontend ids come from the masters (`rev_nat_id`); when two masters hold the same id
+    ///   (never written so by xlb) the first frontend keeps it and the next plan gives the other
+    ///   a new one.
     /// - A MEMBERS entry whose address is not its backend's (never written so by xlb) is left
     ///   out when a slot of its frontend names the id, so the next plan rewrites it; otherwise it
     ///   is kept, so the next plan deletes it unless the frontend still wants that backend.
@@ -76,7 +80,6 @@ impl ReadBack {
         let ReadBack {
             mut applied,
             slots,
-            rev_nat,
             members,
         } = self;
         for (fe, s) in slots {
@@ -84,22 +87,8 @@ impl ReadBack {
             let max = s.keys().copied().max().unwrap_or(0);
             e.slots = (1..=max).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
         }
-        let mut user: HashMap<(u32, RevNat), Frontend> = HashMap::new();
-        for (fe, af) in applied
-            .frontends
-            .iter()
-            .filter(|(_, af)| af.rev_nat_id != 0)
-        {
-            user.entry((af.rev_nat_id, fe.to_rev_nat())).or_insert(*fe);
-        }
-        for (id, r) in rev_nat {
-            let fe = user.get(&(id, r)).copied().unwrap_or_else(|| Frontend {
-                addr: lb_common::ip4_from(r.addr).into(),
-                port: lb_common::port_from(r.port),
-                proto: Proto::Tcp,
-                scope: lb_common::SCOPE_EXT,
-            });
-            applied.rev_nat.insert(id, fe);
+        for (fe, af) in applied.frontends.iter().filter(|(_, af)| af.has_master()) {
+            applied.rev_nat.entry(af.rev_nat_id).or_insert(*fe);
         }
         for (fe, id, v) in members {
             let right = applied

@@ -1,40 +1,21 @@
-//! Map operations: ids, stable slots, update order, garbage collection.
+//! The planner's map operations, executed by the shipped executor on the simulated maps: ids,
+//! stable slots, update order, garbage collection, read-back.
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use common::sim::Sim;
+use common::sim::{Sim, World};
 use common::*;
 use lb_common::*;
-use lb_model::diff::{all_frontends, plan};
+use lb_model::planner::{all_frontends, plan};
 use lb_model::{
     Applied, AppliedFrontend, ClusterState, DesiredState, Frontend, MapOp, Plan, Proto, SourceEvent,
 };
 use serde_json::json;
 
-/// A model + simulated maps, driven through events like the agent drives the real ones.
-struct World {
-    state: ClusterState,
-    desired: DesiredState,
-    applied: Applied,
-    sim: Sim,
-}
-
 impl World {
-    fn new() -> World {
-        World {
-            state: ClusterState {
-                node: node(),
-                ..Default::default()
-            },
-            desired: DesiredState::default(),
-            applied: Applied::default(),
-            sim: Sim::default(),
-        }
-    }
-
     /// Apply an event, plan the touched frontends, execute; returns the plan.
     fn event(&mut self, e: SourceEvent) -> Plan {
         let changes = self.state.apply(e);
@@ -48,7 +29,7 @@ impl World {
     }
 
     fn execute(&mut self, p: &Plan) {
-        self.sim.execute(p, &mut self.applied, || false);
+        self.sim.run(p, &mut self.applied);
         self.sim.check_equals(&self.desired).unwrap();
         assert_eq!(self.applied, self.sim.to_applied());
     }
@@ -147,13 +128,7 @@ fn new_frontend_writes_backends_first_then_members_then_slots_then_master() {
 fn service_without_endpoints_gets_a_master_with_count_zero() {
     let mut w = World::new();
     let p = w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    assert_eq!(
-        p.prepare,
-        vec![MapOp::PutRevNat {
-            id: 1,
-            frontend: web()
-        }]
-    );
+    assert_eq!(p.prepare, vec![], "the frontend id has no entry of its own");
     assert_eq!(
         p.frontends[0].1,
         vec![MapOp::PutMaster {
@@ -401,7 +376,6 @@ fn removed_frontend_goes_master_first_then_slots_then_members_then_gc() {
         vec![
             MapOp::DeleteBackend { id: 1 },
             MapOp::DeleteBackend { id: 2 },
-            MapOp::DeleteRevNat { id: 1 }
         ]
     );
     assert_eq!(w.applied, Applied::default());
@@ -485,7 +459,7 @@ fn failed_prepare_blocks_only_the_frontends_that_need_it() {
         .cloned()
         .collect();
     assert_eq!(
-        p.blocked_by(&failed),
+        p.blocked_by(&failed, &w.applied),
         BTreeSet::from([fe("10.96.0.1", 80, Proto::Tcp)])
     );
 }
@@ -496,8 +470,8 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
     let b = |i: u32| be(&format!("10.244.0.{i}"), 9376);
     let mut a = Applied::default();
     // As a read-back after a crash: master count unknown (0), a hole in slot 2, a slot above the
-    // count, an orphan backend, an orphan rev-NAT entry, a missing member (2) and a leftover
-    // member (9) whose backend is gone.
+    // count, an orphan backend, a missing member (2) and a leftover member (9) whose backend is
+    // gone.
     a.frontends.insert(
         f,
         AppliedFrontend {
@@ -513,7 +487,6 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
         a.backends.insert(i, (b(i), BACKEND_ACTIVE));
     }
     a.rev_nat.insert(1, f);
-    a.rev_nat.insert(7, fe("10.96.9.9", 80, Proto::Tcp));
     // What the maps should hold (built through a fresh world).
     let desired = World::web(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]).desired;
     let p = plan(&a, &desired, &all_frontends(&a, &desired));
@@ -555,13 +528,7 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
     for op in &p.frontends[0].1 {
         a.apply(op);
     }
-    assert_eq!(
-        a.gc(),
-        vec![
-            MapOp::DeleteBackend { id: 4 },
-            MapOp::DeleteRevNat { id: 7 }
-        ]
-    );
+    assert_eq!(a.gc(), vec![MapOp::DeleteBackend { id: 4 }]);
 }
 
 /// Services `svc-i` with ClusterIP 10.96.x.y and `per` endpoints each.
@@ -602,9 +569,9 @@ fn one_endpoint_change_among_1000_services_is_a_handful_of_ops() {
     let mut applied = Applied::default();
     let mut sim = Sim::default();
     let full = plan(&applied, &desired, &all_frontends(&applied, &desired));
-    // rev-NAT, master, 5 slots, 5 members, 5 backends
-    assert_eq!(full.op_count(), 1000 * (1 + 1 + 5 + 5 + 5));
-    sim.execute(&full, &mut applied, || false);
+    // master, 5 slots, 5 members, 5 backends
+    assert_eq!(full.op_count(), 1000 * (1 + 5 + 5 + 5));
+    sim.run(&full, &mut applied);
 
     let mut state = state;
     let k = key("default", "svc-500");
@@ -630,7 +597,7 @@ fn one_endpoint_change_among_1000_services_is_a_handful_of_ops() {
     let p = plan(&applied, &desired, &touched.into_iter().collect());
     // PutBackend, PutMember, PutSlot, DeleteMember; the count did not change.
     assert_eq!(p.op_count(), 4, "{p:?}");
-    sim.execute(&p, &mut applied, || false);
+    sim.run(&p, &mut applied);
     sim.check_equals(&desired).unwrap();
     assert_eq!(applied, sim.to_applied());
 }
@@ -647,7 +614,7 @@ fn rebuild_and_full_plan_of_10k_services_is_fast() {
     let t = Instant::now();
     let p = plan(&applied, &desired, &all_frontends(&applied, &desired));
     let planning = t.elapsed();
-    assert_eq!(p.op_count(), 10_000 * (1 + 1 + 10 + 10 + 10));
+    assert_eq!(p.op_count(), 10_000 * (1 + 10 + 10 + 10));
     eprintln!("10k Services / 100k endpoints: rebuild {rebuild:?}, full plan {planning:?}");
     // Generous bounds: debug builds on a shared 2-core machine; release is far faster.
     assert!(rebuild.as_secs_f64() < 10.0 && planning.as_secs_f64() < 10.0);
@@ -739,7 +706,7 @@ fn scale_down_deletes_the_members_after_the_master_and_the_slots() {
         .collect();
     assert_eq!(gone, vec![2, 3, 4]);
     assert_eq!(w.applied.frontends[&web()].members, BTreeSet::from([1]));
-    assert_eq!(w.sim.members.len(), 1);
+    assert_eq!(w.sim.maps.members.len(), 1);
 }
 
 #[test]
@@ -766,36 +733,72 @@ fn recreated_frontend_gets_a_new_rev_nat_id() {
     // The slice is still there: the backend comes back too, under a new id as well.
     assert_eq!(
         p.prepare,
-        vec![
-            MapOp::PutBackend {
-                id: 2,
-                backend: be("10.244.0.1", 9376),
-                state: BACKEND_ACTIVE
-            },
-            MapOp::PutRevNat {
-                id: 2,
-                frontend: web()
-            },
-        ]
+        vec![MapOp::PutBackend {
+            id: 2,
+            backend: be("10.244.0.1", 9376),
+            state: BACKEND_ACTIVE
+        }]
     );
     assert_eq!(w.applied.frontends[&web()].rev_nat_id, 2);
+    assert_eq!(w.applied.rev_nat.get(&2), Some(&web()));
 }
 
 #[test]
-fn recreated_frontend_does_not_take_over_a_leftover_rev_nat_entry() {
-    // The master was deleted but the REV_NAT entry not yet (gc pending or failed).
+fn frontend_whose_master_is_gone_gets_a_new_id() {
+    // The master was deleted (an interrupted removal) but the frontend is wanted again.
     let mut w = World::new();
     w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
     let mut a = w.applied.clone();
     a.apply(&MapOp::DeleteMaster { frontend: web() });
-    assert_eq!(a.rev_nat.get(&1), Some(&web()));
+    assert!(a.rev_nat.is_empty());
     let p = plan(&a, &w.desired, &BTreeSet::from([web()]));
     assert_eq!(
-        p.prepare,
-        vec![MapOp::PutRevNat {
-            id: 2,
-            frontend: web()
-        }]
+        p.frontends,
+        vec![(
+            web(),
+            vec![MapOp::PutMaster {
+                frontend: web(),
+                count: 0,
+                rev_nat_id: 2,
+                flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0
+            }]
+        )]
+    );
+}
+
+#[test]
+fn read_back_masters_sharing_an_id_are_given_distinct_ids() {
+    // Never written so by xlb: two masters with id 5. The first keeps it, the other gets a new
+    // one past every id present.
+    let a_fe = fe("10.96.0.1", 80, Proto::Tcp);
+    let b_fe = fe("10.96.0.2", 80, Proto::Tcp);
+    let master = ServiceValue {
+        rev_nat_id: 5,
+        flags: SVC_FLAG_CLUSTER_IP,
+        ..Default::default()
+    };
+    let mut r = lb_model::ReadBack::new();
+    r.service(&a_fe.key(0), &master);
+    r.service(&b_fe.key(0), &master);
+    let read = r.finish();
+    assert_eq!(read.rev_nat, BTreeMap::from([(5, a_fe)]));
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("a", "10.96.0.1")));
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("b", "10.96.0.2")));
+    let p = plan(&read, &w.desired, &all_frontends(&read, &w.desired));
+    assert_eq!(
+        p.frontends,
+        vec![(
+            b_fe,
+            vec![MapOp::PutMaster {
+                frontend: b_fe,
+                count: 0,
+                rev_nat_id: 6,
+                flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0
+            }]
+        )]
     );
 }
 
@@ -861,15 +864,15 @@ fn read_back_keeps_orphans_for_gc_and_repairs_wrong_members() {
     );
     r.backend(1, &b1.to_map(BACKEND_ACTIVE));
     r.backend(2, &b2.to_map(BACKEND_ACTIVE));
-    r.rev_nat(3, &f.to_rev_nat());
-    // Orphan: no master uses id 8.
-    r.rev_nat(8, &fe("10.96.9.9", 53, Proto::Udp).to_rev_nat());
     // Members 1 (in a slot) and 2 (not) both hold the wrong address.
     r.member(&f.member_key(1), &b2.to_member());
     r.member(&f.member_key(2), &b1.to_member());
     let a = r.finish();
-    assert_eq!(a.rev_nat[&3], f);
-    assert_eq!(a.rev_nat[&8], fe("10.96.9.9", 53, Proto::Tcp));
+    assert_eq!(
+        a.rev_nat,
+        BTreeMap::from([(3, f)]),
+        "the frontend id comes from the master"
+    );
     assert_eq!(a.frontends[&f].members, BTreeSet::from([2]));
     // What the maps should hold (built through a fresh world).
     let desired = World::web(&["10.244.0.1"]).desired;
@@ -893,13 +896,7 @@ fn read_back_keeps_orphans_for_gc_and_repairs_wrong_members() {
     );
     let mut a = a;
     p.frontends[0].1.iter().for_each(|op| a.apply(op));
-    assert_eq!(
-        a.gc(),
-        vec![
-            MapOp::DeleteBackend { id: 2 },
-            MapOp::DeleteRevNat { id: 8 }
-        ]
-    );
+    assert_eq!(a.gc(), vec![MapOp::DeleteBackend { id: 2 }]);
 }
 
 #[test]
@@ -919,5 +916,8 @@ fn failed_backend_write_blocks_the_frontend_that_would_make_it_a_member() {
         prepare: p.prepare.clone(),
         frontends: vec![(web(), vec![member(1, "10.244.0.1")])],
     };
-    assert_eq!(only_member.blocked_by(&p.prepare), BTreeSet::from([web()]));
+    assert_eq!(
+        only_member.blocked_by(&p.prepare, &w.applied),
+        BTreeSet::from([web()])
+    );
 }

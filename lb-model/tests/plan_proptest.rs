@@ -1,19 +1,26 @@
-//! Property test of the whole pipeline: random event sequences go through ClusterState,
-//! DesiredState and plan, and every single map op is executed on a simulated datapath that checks
-//! it never exposes a blackhole: every slot 1..=count of every master names an existing backend
-//! that is a member (MEMBERS entry with its address) of the frontend. The simulator also fails
-//! when a new backend or rev-NAT entry takes an id used before (id quarantine). After each step
-//! the maps must equal the desired state exactly (members included), and `Applied` (kept up to
-//! date with `Applied::apply`) must equal what the maps hold, read back.
+//! Property tests of the whole pipeline: random event sequences go through ClusterState,
+//! DesiredState and plan, and every plan is run by the shipped executor
+//! (`lb_model::store::execute`) on the shipped in-memory store, wrapped in the simulator, which
+//! checks after every single write that no Service is half-written: every slot 1..=count of
+//! every master names an existing backend that is a member (MEMBERS entry with its address) of
+//! the frontend. The simulator also fails when a new backend or master takes an id used before
+//! (id quarantine). After each step the maps must equal the desired state exactly (members
+//! included), and `Applied` (kept up to date by the executor) must equal what the maps hold,
+//! read back by the shipped read-back.
+//!
+//! Faults: a fault-injecting store (`FaultStore`) fails writes, either at random or exactly one
+//! at a random position of a plan; after each failure every Service is whole, and the agent's
+//! next plan (the frontends the executor reported failed) repairs everything.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::sim::Sim;
+use common::sim::World;
 use common::*;
 use lb_model::desired::service_frontends;
-use lb_model::diff::{all_frontends, plan};
+use lb_model::planner::{all_frontends, plan};
+use lb_model::store::{execute, ExecReport, FaultStore, MapWrite};
 use lb_model::{Applied, ClusterState, DesiredState, Frontend, NodeInfo, Plan, SourceEvent};
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -270,6 +277,66 @@ fn check_slot_writes(
     Ok(())
 }
 
+impl World {
+    /// Apply one event to the model; the plan for the frontends it touched (all of them on a
+    /// resync), and those frontends.
+    fn step(&mut self, ev: &Ev) -> (Plan, BTreeSet<Frontend>) {
+        let changes = self.state.apply(to_event(ev));
+        let touched = if changes.all {
+            let keys: BTreeSet<_> = self
+                .state
+                .services
+                .keys()
+                .chain(self.desired.by_service.keys())
+                .cloned()
+                .collect();
+            for k in &keys {
+                self.desired.update_service(&self.state, k, &cfg());
+            }
+            all_frontends(&self.applied, &self.desired)
+        } else {
+            let mut t = BTreeSet::new();
+            for k in &changes.services {
+                t.extend(self.desired.update_service(&self.state, k, &cfg()).0);
+            }
+            t
+        };
+        (plan(&self.applied, &self.desired, &touched), touched)
+    }
+
+    /// After a plan with failures: every Service is whole, `applied` holds exactly what was
+    /// written, and the agent's next plan (the frontends the report names; its gc also deletes
+    /// what a failed gc left) repairs everything.
+    fn recover(&mut self, report: &ExecReport) -> Result<(), TestCaseError> {
+        self.sim.check_no_blackhole().map_err(TestCaseError::fail)?;
+        prop_assert_eq!(
+            &self.applied,
+            &self.sim.to_applied(),
+            "applied records exactly what was written"
+        );
+        let failed: BTreeSet<Frontend> = report.failed.iter().map(|(fe, _)| *fe).collect();
+        let again = plan(&self.applied, &self.desired, &failed);
+        self.sim.run(&again, &mut self.applied);
+        Ok(())
+    }
+
+    /// The maps equal the desired state, `applied` equals them read back, and nothing is left
+    /// to do.
+    fn check_converged(&self, ev: &Ev) -> Result<(), TestCaseError> {
+        if let Err(e) = self.sim.check_equals(&self.desired) {
+            return Err(TestCaseError::fail(format!("after {ev:?}: {e}")));
+        }
+        prop_assert_eq!(&self.applied, &self.sim.to_applied());
+        let all = all_frontends(&self.applied, &self.desired);
+        prop_assert!(
+            plan(&self.applied, &self.desired, &all).is_empty(),
+            "converged state plans nothing"
+        );
+        prop_assert!(self.applied.gc().is_empty());
+        Ok(())
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -277,58 +344,102 @@ proptest! {
     fn every_op_keeps_the_datapath_consistent(
         steps in prop::collection::vec((event(), prop::option::weighted(0.2, any::<u64>())), 1..25)
     ) {
-        let mut state = ClusterState { node: node(), ..Default::default() };
-        let mut desired = DesiredState::default();
-        let mut applied = Applied::default();
-        let mut sim = Sim::default();
+        let mut c = World::new();
         for (ev, failure_seed) in steps {
-            let changes = state.apply(to_event(&ev));
-            let touched: BTreeSet<Frontend> = if changes.all {
-                let keys: BTreeSet<_> = state.services.keys().chain(desired.by_service.keys()).cloned().collect();
-                for k in &keys {
-                    desired.update_service(&state, k, &cfg());
-                }
-                all_frontends(&applied, &desired)
-            } else {
-                let mut t = BTreeSet::new();
-                for k in &changes.services {
-                    t.extend(desired.update_service(&state, k, &cfg()).0);
-                }
-                t
-            };
-            let before = applied.clone();
-            let ids_before: BTreeMap<_, _> = applied.backends.iter().map(|(id, (b, _))| (*b, *id)).collect();
-            let p = plan(&applied, &desired, &touched);
-            // Failures: a small xorshift stream decides which ops fail (about one in eight).
+            let before = c.applied.clone();
+            let ids_before: BTreeMap<_, _> = c.applied.backends.iter().map(|(id, (b, _))| (*b, *id)).collect();
+            let (p, _) = c.step(&ev);
+            // Failures: a small xorshift stream decides which writes fail (about one in eight).
             let mut x = failure_seed.unwrap_or(0) | 1;
             let failing = failure_seed.is_some();
-            let failures = sim.execute(&p, &mut applied, || {
+            let (report, failures) = c.sim.execute(&p, &mut c.applied, move || {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 failing && x % 8 == 0
             });
             if failures > 0 {
-                // The agent retries with a full reconcile; that one must repair everything.
-                let all = all_frontends(&applied, &desired);
-                let repair = plan(&applied, &desired, &all);
-                sim.execute(&repair, &mut applied, || false);
+                c.recover(&report)?;
             } else {
-                check_slot_writes(&before, &desired, &p)?;
-                for (id, (b, _)) in &applied.backends {
+                prop_assert!(report.is_clean());
+                check_slot_writes(&before, &c.desired, &p)?;
+                for (id, (b, _)) in &c.applied.backends {
                     if let Some(old) = ids_before.get(b) {
                         prop_assert_eq!(old, id, "backend {} changed id", b);
                     }
                 }
             }
-            if let Err(e) = sim.check_equals(&desired) {
-                return Err(TestCaseError::fail(format!("after {ev:?}: {e}")));
+            c.check_converged(&ev)?;
+            check_ownership(&c.state, &c.desired)?;
+        }
+    }
+
+    /// One write fails, at a random position of the plan (prepare, any frontend op, gc). The
+    /// simulator checks every Service is whole after every write that was made; the failed
+    /// write is reported (unless it is a gc delete, left for the next plan), and the agent's
+    /// next plan repairs everything.
+    #[test]
+    fn a_write_failing_anywhere_in_a_plan_leaves_every_service_whole(
+        steps in prop::collection::vec((event(), any::<prop::sample::Index>()), 1..20)
+    ) {
+        let mut c = World::new();
+        for (ev, at) in steps {
+            let (p, _) = c.step(&ev);
+            // How many writes the plan makes (the executor is deterministic): run it on copies.
+            let writes = {
+                let mut dry = FaultStore::new(c.sim.maps.clone(), |_, _| false);
+                execute(&mut dry, &p, &mut c.applied.clone());
+                dry.writes()
+            };
+            if writes > 0 {
+                let n = at.index(writes);
+                let mut store = FaultStore::fail_nth(&mut c.sim, n);
+                let report = execute(&mut store, &p, &mut c.applied);
+                prop_assert_eq!(store.injected().len(), 1);
+                let failed = store.injected()[0];
+                let gc_delete = matches!(failed, MapWrite::DeleteBackend(_)) && n >= p.op_count();
+                prop_assert_eq!(
+                    report.is_clean(),
+                    gc_delete,
+                    "only a failed gc delete goes unreported: {:?} {:?}",
+                    failed,
+                    report
+                );
+                c.recover(&report)?;
             }
-            prop_assert_eq!(&applied, &sim.to_applied());
-            let all = all_frontends(&applied, &desired);
-            prop_assert!(plan(&applied, &desired, &all).is_empty(), "converged state plans nothing");
-            prop_assert!(applied.gc().is_empty());
-            check_ownership(&state, &desired)?;
+            c.check_converged(&ev)?;
+        }
+    }
+
+    /// A map that refuses every new entry of one kind (full): the frontends that need one are
+    /// reported and stay consistent, every other touched frontend is written in full, and none
+    /// is ever half-written. Once the map has room, the agent's next plan repairs everything.
+    #[test]
+    fn a_full_map_fails_only_the_frontends_that_need_room(
+        steps in prop::collection::vec(event(), 1..15),
+        full in 0..3usize,
+    ) {
+        let mut c = World::new();
+        for ev in steps {
+            let (p, touched) = c.step(&ev);
+            let before = c.sim.maps.clone();
+            let refuse = move |w: &MapWrite| match (full, w) {
+                (0, MapWrite::PutService(k, _)) => !before.services.contains_key(k),
+                (1, MapWrite::PutBackend(id, _)) => !before.backends.contains_key(id),
+                (2, MapWrite::PutMember(k, _)) => !before.members.contains_key(k),
+                _ => false,
+            };
+            let mut store = FaultStore::fail_matching(&mut c.sim, refuse);
+            let report = execute(&mut store, &p, &mut c.applied);
+            prop_assert_eq!(!store.injected().is_empty(), !report.is_clean(), "{:?}", report);
+            let failed: BTreeSet<Frontend> = report.failed.iter().map(|(fe, _)| *fe).collect();
+            for fe in touched.iter().filter(|fe| !failed.contains(fe)) {
+                let want = c.desired.frontends.get(fe).map(|st| st.backends.len() as u32);
+                let got = c.applied.frontends.get(fe).map(|af| af.count);
+                prop_assert_eq!(want, got, "{}", fe);
+            }
+            c.recover(&report)?;
+            c.check_converged(&ev)?;
         }
     }
 }

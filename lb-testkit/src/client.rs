@@ -109,7 +109,12 @@ impl UdpConn {
 
     /// Send one datagram and return the answer (serve-hostname's pod name).
     pub fn request(&self) -> Result<String, ClientError> {
-        self.sock.send(b"hostname?")?;
+        self.request_with(b"hostname?")
+    }
+
+    /// [`UdpConn::request`] with the given payload (e.g. larger than the MTU: IP fragments).
+    pub fn request_with(&self, payload: &[u8]) -> Result<String, ClientError> {
+        self.sock.send(payload)?;
         let mut buf = [0u8; 2048];
         let n = self.sock.recv(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string())

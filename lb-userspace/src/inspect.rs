@@ -6,12 +6,11 @@ use std::path::Path;
 use anyhow::Context as _;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use lb_common::{
-    ct_state, ip4_from, port_from, BACKEND_ACTIVE, BACKEND_TERMINATING, CT_FORWARD, CT_F_FIN_FWD,
-    CT_F_FIN_REV, CT_F_HAIRPIN, SVC_FLAG_AFFINITY,
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_INT_LOCAL,
+    ct_state, ip4_from, port_from, BACKEND_ACTIVE, BACKEND_TERMINATING, CT_FORWARD, CT_F_FIN_FWD, CT_F_FIN_REV,
+    CT_F_HAIRPIN, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_INT_LOCAL,
     SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_TERMINATING_FALLBACK,
 };
-use lb_model::Proto;
+use lb_model::{Applied, Proto};
 use serde::Serialize;
 
 use crate::datapath::PinnedMaps;
@@ -132,65 +131,61 @@ fn proto_name(p: u8) -> String {
     Proto::from_number(p).map(|p| p.to_string()).unwrap_or_else(|| p.to_string())
 }
 
-pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceRow>> {
-    let mut masters = Vec::new();
-    let mut slots = std::collections::BTreeMap::new();
-    for item in maps.services.iter() {
-        let (k, v) = item.context("reading the services map")?;
-        if k.slot == 0 {
-            masters.push((k, v));
-        } else {
-            slots.insert(k, v.backend_id);
-        }
-    }
-    masters.sort_by_key(|(k, _)| (u32::from_be(k.addr), port_from(k.port), k.proto, k.scope));
+/// The frontends (one row per master), read back with the agent's read-back
+/// (`lb_model::ReadBack`), in frontend order.
+pub fn services(maps: &mut PinnedMaps) -> anyhow::Result<Vec<ServiceRow>> {
+    let applied = maps.applied().context("reading the Service maps")?;
+    Ok(service_rows(&applied))
+}
+
+/// The rows of the frontends of `applied` that have a master.
+pub fn service_rows(applied: &Applied) -> Vec<ServiceRow> {
     let mut rows = Vec::new();
-    for (k, v) in masters {
-        let addr = Ipv4Addr::from(ip4_from(k.addr));
-        let port = port_from(k.port);
-        let mut backends = Vec::new();
-        for slot in 1..=v.count.min(u16::MAX as u32) as u16 {
-            let id = slots.get(&k.with_slot(slot)).copied().unwrap_or(0);
-            let b = maps.backends.get(&id, 0).ok();
-            backends.push(SlotRow {
-                slot,
-                id,
-                addr: b.map(|b| Ipv4Addr::from(ip4_from(b.addr))),
-                port: b.map(|b| port_from(b.port)),
-                proto: b.map(|b| proto_name(b.proto)),
-                state: b.map(|b| state_name(b.state)).unwrap_or("missing"),
-            });
-        }
+    for (fe, af) in applied.frontends.iter().filter(|(_, af)| af.rev_nat_id != 0) {
+        let backends = (1..=af.count.min(u32::from(u16::MAX)))
+            .map(|slot| {
+                let id = af.slots.get(slot as usize - 1).copied().unwrap_or(0);
+                let b = applied.backends.get(&id);
+                SlotRow {
+                    slot: slot as u16,
+                    id,
+                    addr: b.map(|(b, _)| b.addr),
+                    port: b.map(|(b, _)| b.port),
+                    proto: b.map(|(b, _)| b.proto.to_string()),
+                    state: b.map(|(_, s)| state_name(*s)).unwrap_or("missing"),
+                }
+            })
+            .collect();
         rows.push(ServiceRow {
-            frontend: format!("{addr}:{port}/{}", proto_name(k.proto)),
-            addr,
-            port,
-            proto: proto_name(k.proto),
-            scope: k.scope,
-            rev_nat_id: v.rev_nat_id,
-            flags: flag_names(v.flags),
-            affinity_timeout: v.affinity_timeout,
-            count: v.count,
+            frontend: fe.to_string(),
+            addr: fe.addr,
+            port: fe.port,
+            proto: fe.proto.to_string(),
+            scope: fe.scope,
+            rev_nat_id: af.rev_nat_id,
+            flags: flag_names(af.flags),
+            affinity_timeout: af.affinity_timeout,
+            count: af.count,
             backends,
         });
     }
-    Ok(rows)
+    rows
 }
 
-pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendRow>> {
-    let mut rows = Vec::new();
-    for item in maps.backends.iter() {
-        let (id, b) = item.context("reading the backends map")?;
-        rows.push(BackendRow {
-            id,
-            addr: Ipv4Addr::from(ip4_from(b.addr)),
-            port: port_from(b.port),
-            proto: proto_name(b.proto),
-            state: state_name(b.state),
-        });
-    }
-    rows.sort_by_key(|r| r.id);
-    Ok(rows)
+/// Every backend, by id.
+pub fn backends(maps: &mut PinnedMaps) -> anyhow::Result<Vec<BackendRow>> {
+    let applied = maps.applied().context("reading the Service maps")?;
+    Ok(applied
+        .backends
+        .iter()
+        .map(|(id, (b, state))| BackendRow {
+            id: *id,
+            addr: b.addr,
+            port: b.port,
+            proto: b.proto.to_string(),
+            state: state_name(*state),
+        })
+        .collect())
 }
 
 pub fn conntrack(maps: &PinnedMaps) -> anyhow::Result<Vec<CtRow>> {
@@ -244,7 +239,7 @@ fn table(header: &[&str]) -> Table {
 
 /// Run `xlb inspect WHAT`, printing to stdout.
 pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
-    let maps = PinnedMaps::open(pin_path).with_context(|| {
+    let mut maps = PinnedMaps::open(pin_path).with_context(|| {
         format!("opening the pinned maps under {} (is the agent running with this --pin-path?)", pin_path.display())
     })?;
     let json = |v: &dyn erased::Json| -> anyhow::Result<()> {
@@ -253,7 +248,7 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
     };
     match what {
         What::Services => {
-            let rows = services(&maps)?;
+            let rows = services(&mut maps)?;
             if output == Output::Json {
                 return json(&rows);
             }
@@ -285,7 +280,7 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
             println!("{} frontends", rows.len());
         }
         What::Backends => {
-            let rows = backends(&maps)?;
+            let rows = backends(&mut maps)?;
             if output == Output::Json {
                 return json(&rows);
             }

@@ -7,10 +7,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_common::CtTimeouts;
-use lb_userspace::agent::{self, AgentConfig, Source};
+use lb_userspace::agent::{self, AgentConfig};
 use lb_userspace::ct_gc::GcConfig;
 use lb_userspace::datapath::{self, MapSizes};
 use lb_userspace::inspect;
+use lb_userspace::source::{self, SourceConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -217,26 +218,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             ..GcConfig::default()
         },
     };
-    let source = match (args.manifests, args.kubeconfig, args.in_cluster) {
-        (Some(dir), _, _) => Source::Manifests(dir),
-        (None, kubeconfig, _) => kube_source(kubeconfig, args.node_name).await?,
-    };
-    agent::run(cfg, source).await
-}
-
-/// Start the Kubernetes source (lb-kube) and hand its event stream to the agent.
-async fn kube_source(kubeconfig: Option<PathBuf>, node_name: Option<String>) -> anyhow::Result<Source> {
-    let node_name = node_name
-        .filter(|n| !n.is_empty())
-        .context("the Kubernetes source needs this node's name: pass --node-name or set NODE_NAME")?;
-    let client = lb_kube::client_from_kubeconfig(kubeconfig.as_deref()).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4096);
-    let observer = std::sync::Arc::new(agent::ProblemObserver::default());
-    let slot = observer.clone();
-    tokio::spawn(async move {
-        if let Err(e) = lb_kube::run(client, node_name, tx, slot).await {
-            tracing::error!(error = %e, "Kubernetes source stopped");
-        }
-    });
-    Ok(Source::Kubernetes { rx, observer })
+    // `--in-cluster` only says "no kubeconfig": the Kubernetes client then infers its config.
+    let source = SourceConfig::from_flags(args.manifests, args.kubeconfig, args.node_name);
+    let events = source::start(source).await?;
+    agent::run(cfg, events).await
 }

@@ -1,5 +1,6 @@
 //! Prometheus metrics, /healthz and /readyz over HTTP (axum).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use lb_common::Stat;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -152,6 +154,32 @@ impl Metrics {
 
     pub fn beat(&self) {
         self.heartbeat.store(now_secs(), Ordering::Relaxed);
+    }
+
+    /// Count an object or file skipped as invalid (`kind` of [`lb_model::Problem`]).
+    pub fn invalid_object(&self, kind: &str) {
+        self.invalid_objects.get_or_create(&KindLabel { kind: kind.to_string() }).inc();
+    }
+
+    /// Count a failed Kubernetes list/watch call of `kind` (Service, EndpointSlice, Node).
+    pub fn api_error(&self, kind: &str) {
+        self.api_errors.get_or_create(&KindLabel { kind: kind.to_string() }).inc();
+    }
+
+    /// Count a failed map operation: `prepare` (a write the frontends depend on) or `frontend`.
+    pub fn map_op_error(&self, kind: &str) {
+        self.map_op_errors.get_or_create(&KindLabel { kind: kind.to_string() }).inc();
+    }
+
+    /// Turn the datapath's STATS counters into Prometheus counters, by their increase since
+    /// `last` (which is updated).
+    pub fn observe_packet_stats(&self, stats: &[(Stat, u64)], last: &mut BTreeMap<&'static str, u64>) {
+        for &(stat, v) in stats {
+            let prev = last.insert(stat.name(), v).unwrap_or(0);
+            if v > prev {
+                self.datapath_packets.get_or_create(&ReasonLabel { reason: stat.name().to_string() }).inc_by(v - prev);
+            }
+        }
     }
 
     /// Record a completed conntrack sweep.

@@ -10,7 +10,11 @@
 //! 6. a UDP flow moving off a pod that left its Service but still serves another;
 //! 7. closed flows leaving the conntrack map within a bounded time, with no new traffic;
 //! 8. a long-lived connection that keeps its backend across steps of the above and an agent
-//!    restart.
+//!    restart;
+//!
+//! and two more of the issue's datapath duties: a TCP client behind a Service learns its path
+//! MTU (ICMP fragmentation needed, translated back), and a UDP datagram larger than the MTU
+//! reaches its backend (every IP fragment follows the first).
 //!
 //! Tuple re-use is provoked deterministically: the client binds its source ports explicitly from
 //! a small range (`REUSED_PORTS`) and ends connections so that its own socket leaves no
@@ -244,6 +248,7 @@ fn wait_client_flows_swept(env: &Env, since: Instant, keep: impl Fn(&InspectCt) 
     let remaining = GC_BOUND.saturating_sub(since.elapsed());
     let ok = wait_until(remaining, Duration::from_millis(500), || left().is_empty());
     let left = left();
+    eprintln!("closed flows swept: {ok} after {:?}", since.elapsed());
     assert!(
         ok,
         "{} conntrack entries of closed flows still there {:?} after the last packet \
@@ -464,6 +469,81 @@ fn udp_flow_moves_off_a_pod_that_left_its_service_but_serves_another() {
 }
 
 #[test]
+fn tcp_client_learns_the_path_mtu_through_a_cluster_ip() {
+    if !root_or_skip() {
+        return;
+    }
+    // Pods keep MTU 1500 (so TCP announces MSS 1460), the links between the nodes get 1200: a
+    // full-sized segment is too big where node1 forwards it to node2, and node1 answers with
+    // ICMP fragmentation needed quoting the translated packet (client -> web-3). The client's
+    // socket only takes it if it quotes the ClusterIP the socket is connected to.
+    let mut env = env_with(&["web-3"], false);
+    let s = tcp_svc("far", Ipv4Addr::new(10, 96, 9, 1), &["web-3"]);
+    start(&mut env, &[&s]);
+    for node in &env.cluster.nodes {
+        node.ns
+            .ip(&["link", "set", "eth0", "mtu", "1200"])
+            .expect("node uplink MTU");
+        env.cluster
+            .fabric
+            .ip(&["link", "set", &format!("n{}", node.index), "mtu", "1200"])
+            .expect("fabric port MTU");
+    }
+    let mut conn = env.pod(CLIENT).tcp_connect(vip(&s)).expect("connect");
+    assert_eq!(conn.greeting(), "web-3");
+    for i in 0..5 {
+        let line = format!("{i}{}", "x".repeat(4000));
+        let t = Instant::now();
+        let answer = conn.request(&line);
+        assert!(
+            answer.as_ref().is_ok_and(|a| *a == format!("web-3 {line}")),
+            "request {i} of 4 kB through a 1200-byte path: {:?} after {:?}",
+            answer.map(|a| a.len()),
+            t.elapsed()
+        );
+    }
+}
+
+#[test]
+fn udp_datagrams_larger_than_the_mtu_reach_the_backend() {
+    if !root_or_skip() {
+        return;
+    }
+    // A 4 kB datagram leaves the client as 3 IP fragments; only the first carries the ports.
+    let mut env = env_with(&["web-1", "web-3"], true);
+    let local = udp_svc("local", Ipv4Addr::new(10, 96, 10, 1), &["web-1"]);
+    let remote = udp_svc("remote", Ipv4Addr::new(10, 96, 10, 2), &["web-3"]);
+    start(&mut env, &[&local, &remote]);
+    let big = vec![b'x'; 4000];
+    for s in [&local, &remote] {
+        let pod = &s.endpoints[0].pod;
+        let conn = env
+            .pod(CLIENT)
+            .udp_conn(Some(reused_port(3)), vip(s))
+            .expect("UDP socket");
+        for i in 0..10 {
+            let r = conn.request_with(&big);
+            assert_eq!(
+                r.as_ref().ok(),
+                Some(pod),
+                "fragmented datagram {i} to {}: {r:?}",
+                s.name
+            );
+        }
+        for i in 0..10 {
+            let conn = env.pod(CLIENT).udp_conn(None, vip(s)).expect("UDP socket");
+            let r = conn.request_with(&big);
+            assert_eq!(
+                r.as_ref().ok(),
+                Some(pod),
+                "fragmented datagram of new flow {i} to {}: {r:?}",
+                s.name
+            );
+        }
+    }
+}
+
+#[test]
 fn closed_flows_leave_the_conntrack_map_without_new_traffic() {
     if !root_or_skip() {
         return;
@@ -518,14 +598,17 @@ fn closed_flows_leave_the_conntrack_map_without_new_traffic() {
         "the FIN-closed flows are not in node1's map: {} entries",
         fin.len()
     );
-    for (flows, want) in [(&rst, "closed"), (&fin, "closing")] {
+    // A FIN-closed flow may also end with a RST: when the server's ACK of the client's FIN is
+    // overtaken by its own FIN (they leave from different CPUs), the client's TIME_WAIT socket
+    // answers the stale ACK and the already closed server socket answers that with a RST.
+    for (flows, want) in [(&rst, &["closed"][..]), (&fin, &["closing", "closed"][..])] {
         let wrong: Vec<_> = flows
             .iter()
-            .filter(|e| e.state.as_deref().is_some_and(|st| st != want))
+            .filter(|e| e.state.as_deref().is_some_and(|st| !want.contains(&st)))
             .collect();
         assert!(
             wrong.is_empty(),
-            "{} of {} entries not {want}: {:#?}",
+            "{} of {} entries not {want:?}: {:#?}",
             wrong.len(),
             flows.len(),
             &wrong[..wrong.len().min(4)]

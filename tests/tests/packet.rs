@@ -12,13 +12,13 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, IpNumber, PacketBuilder};
 use lb_common::{
-    ct_state, ip4, port, AffinityValue, CtKey, CT_FORWARD, CT_REPLY, PROTO_TCP, PROTO_UDP,
+    ct_state, ip4, port, AffinityValue, CT_FORWARD, CT_REPLY, PROTO_TCP, PROTO_UDP,
     SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
 };
 use xlb_tests::packet::{
     build::{arp_request, as_fragment, ipv6_udp, Tcp, TcpFlags, Udp, HOST_MAC, POD_MAC},
     harness::{
-        now_coarse_ns, BackendSpec, ServiceSpec, TestDatapath, TC_ACT_OK, TC_ACT_REDIRECT,
+        ct_key, now_coarse_ns, BackendSpec, ServiceSpec, TestDatapath, TC_ACT_OK, TC_ACT_REDIRECT,
         TC_ACT_SHOT,
     },
     verify::decode_checked,
@@ -129,18 +129,6 @@ fn send_udp(dp: &TestDatapath, dgram: &Udp) -> Result<BackendSpec> {
         expected
     );
     Ok(backend)
-}
-
-fn ct_key(saddr: SocketAddrV4, daddr: SocketAddrV4, proto: u8, dir: u8) -> CtKey {
-    CtKey {
-        saddr: ip4(saddr.ip().octets()),
-        daddr: ip4(daddr.ip().octets()),
-        sport: port(saddr.port()),
-        dport: port(daddr.port()),
-        proto,
-        dir,
-        _pad: 0,
-    }
 }
 
 /// The conntrack pair of one flow client -> frontend translated to `backend`, and nothing else.

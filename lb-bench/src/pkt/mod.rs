@@ -9,17 +9,17 @@
 
 pub mod frame;
 
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _};
-use aya::maps::{HashMap, MapData};
+use anyhow::{anyhow, bail, ensure, Context as _};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
-use lb_common::{
-    ip4, map_names, port, prog_names, Backend, MemberKey, MemberValue, RevNat, ServiceKey,
-    ServiceValue, BACKEND_ACTIVE, PROTO_TCP, SCOPE_EXT, SVC_FLAG_CLUSTER_IP,
-};
-use lb_userspace::datapath::{LoadOptions, MapSizes};
+use lb_common::{prog_names, SCOPE_EXT, SVC_FLAG_CLUSTER_IP};
+use lb_model::planner::plan;
+use lb_model::{Applied, BackendAddr, DesiredState, Frontend, FrontendState, Proto, SvcKey};
+use lb_userspace::datapath::{load_programs, LoadOptions, MapSizes, ObjectMaps};
 use serde::{Deserialize, Serialize};
 
 use crate::rules::{cluster_ip, SERVICE_PORT};
@@ -61,9 +61,14 @@ pub struct PktResults {
     pub rows: Vec<PktRow>,
 }
 
-/// The object loaded unpinned with maps big enough for the largest size.
+/// The object loaded unpinned with maps big enough for the largest size, programmed as the
+/// agent programs it (planner and executor of `lb_model`).
 struct Loaded {
     ebpf: Ebpf,
+    /// What the maps hold.
+    applied: Applied,
+    /// The Services filled so far.
+    desired: DesiredState,
     filled: usize,
     next_backend: u32,
 }
@@ -83,7 +88,6 @@ impl Loaded {
             sizes: MapSizes {
                 services: (max_services + eps + 1024) as u32,
                 backends: (eps + 1024) as u32,
-                rev_nat: (max_services + 1024) as u32,
                 conntrack: 1 << 20,
                 members: (eps + 1024) as u32,
                 ..MapSizes::default()
@@ -91,101 +95,69 @@ impl Loaded {
             ..LoadOptions::default()
         };
         let mut ebpf = opts.load_object(None).context("loading the eBPF object")?;
-        for name in [
-            prog_names::FROM_POD,
-            prog_names::TO_POD,
-            prog_names::NOOP_TC,
-        ] {
-            let Some(p) = ebpf.program_mut(name) else {
-                bail!("program {name} missing from the object");
-            };
-            let p: &mut SchedClassifier = p
-                .try_into()
-                .with_context(|| format!("{name} is not a classifier"))?;
-            p.load().map_err(|e| anyhow!("loading {name}: {e}"))?;
-        }
+        load_programs(
+            &mut ebpf,
+            &[
+                prog_names::FROM_POD,
+                prog_names::TO_POD,
+                prog_names::NOOP_TC,
+            ],
+        )
+        .map_err(|e| anyhow!("{e}"))?;
         Ok(Loaded {
             ebpf,
+            applied: Applied::default(),
+            desired: DesiredState::default(),
             filled: 0,
             next_backend: 1,
         })
     }
 
-    fn hash<K: aya::Pod, V: aya::Pod>(
-        &mut self,
-        name: &str,
-    ) -> anyhow::Result<HashMap<&mut MapData, K, V>> {
-        let m = self
-            .ebpf
-            .map_mut(name)
-            .with_context(|| format!("map {name}"))?;
-        Ok(HashMap::try_from(m)?)
-    }
-
-    /// Add Services until there are `n`, written in the agent's order (backends, rev-NAT,
-    /// members, slots, master).
+    /// Add Services until there are `n`: one plan for the new ones, executed as the agent
+    /// executes its plans.
     fn fill_to(&mut self, n: usize) -> anyhow::Result<()> {
+        let mut touched = BTreeSet::new();
         for i in self.filled..n {
-            let fe = ServiceKey::new(
-                ip4(cluster_ip(i).octets()),
-                port(SERVICE_PORT),
-                PROTO_TCP,
-                SCOPE_EXT,
-                0,
-            );
-            let count = endpoints_of(i);
-            let first = self.next_backend;
-            self.next_backend += count as u32;
-            let ids = first..first + count as u32;
-            let backend = |id: u32| Backend {
-                addr: ip4((u32::from_be_bytes([10, 128, 0, 0]) + id).to_be_bytes()),
-                port: port(TARGET_PORT),
-                proto: PROTO_TCP,
-                state: BACKEND_ACTIVE,
+            let fe = Frontend {
+                addr: cluster_ip(i),
+                port: SERVICE_PORT,
+                proto: Proto::Tcp,
+                scope: SCOPE_EXT,
             };
-            let mut backends = self.hash::<u32, Backend>(map_names::BACKENDS)?;
-            for id in ids.clone() {
-                backends.insert(id, backend(id), 0)?;
-            }
-            let rev_nat_id = i as u32 + 1;
-            self.hash::<u32, RevNat>(map_names::REV_NAT)?.insert(
-                rev_nat_id,
-                RevNat {
-                    addr: fe.addr,
-                    port: fe.port,
-                    _pad: 0,
+            let backends = (0..endpoints_of(i))
+                .map(|_| {
+                    let k = self.next_backend;
+                    self.next_backend += 1;
+                    BackendAddr {
+                        addr: Ipv4Addr::from(u32::from_be_bytes([10, 128, 0, 0]) + k),
+                        port: TARGET_PORT,
+                        proto: Proto::Tcp,
+                    }
+                })
+                .collect();
+            let st = FrontendState {
+                service: SvcKey {
+                    namespace: "bench".into(),
+                    name: format!("svc-{i}"),
                 },
-                0,
-            )?;
-            // The datapath checks a re-used or affinity-pinned flow's backend is a member.
-            let mut members = self.hash::<MemberKey, MemberValue>(map_names::MEMBERS)?;
-            for id in ids.clone() {
-                let b = backend(id);
-                let m = MemberValue {
-                    addr: b.addr,
-                    port: b.port,
-                    _pad: 0,
-                };
-                members.insert(MemberKey::of(&fe, id), m, 0)?;
-            }
-            let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
-            for (slot, backend_id) in (1..).zip(ids) {
-                let v = ServiceValue {
-                    backend_id,
-                    ..Default::default()
-                };
-                services.insert(fe.with_slot(slot), v, 0)?;
-            }
-            let master = ServiceValue {
-                backend_id: 0,
-                count: count as u32,
-                rev_nat_id,
+                port_name: "http".into(),
+                backends,
                 flags: SVC_FLAG_CLUSTER_IP,
                 affinity_timeout: 0,
             };
-            self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)?
-                .insert(fe, master, 0)?;
+            self.desired.set_frontend(fe, st);
+            touched.insert(fe);
         }
+        let p = plan(&self.applied, &self.desired, &touched);
+        let mut maps = ObjectMaps::of(&mut self.ebpf).map_err(|e| anyhow!("{e}"))?;
+        let report = lb_model::store::execute(&mut maps.store(), &p, &mut self.applied);
+        ensure!(
+            report.is_clean(),
+            "programming {} Services: {} frontends failed, first: {:?}",
+            n,
+            report.failed.len(),
+            report.failed.first()
+        );
         self.filled = self.filled.max(n);
         Ok(())
     }

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lb_fakeapi::FakeApi;
@@ -16,29 +15,13 @@ pub const NODE: &str = "node-1";
 /// Upper bound for any single expected event (kube-runtime's backoff starts at 0.8 s and doubles).
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// Records what the source reports besides events.
-#[derive(Default)]
-pub struct Recorder {
-    pub problems: Mutex<Vec<Problem>>,
-    pub watch_errors: Mutex<Vec<(String, String)>>,
-}
-
-impl lb_kube::Observer for Recorder {
-    fn problem(&self, p: &Problem) {
-        self.problems.lock().unwrap().push(p.clone());
-    }
-    fn watch_error(&self, kind: &'static str, e: &kube::runtime::watcher::Error) {
-        self.watch_errors
-            .lock()
-            .unwrap()
-            .push((kind.to_string(), e.to_string()));
-    }
-}
-
 pub struct Harness {
     pub api: FakeApi,
-    pub rx: mpsc::Receiver<SourceEvent>,
-    pub recorder: Arc<Recorder>,
+    rx: mpsc::Receiver<lb_kube::Event>,
+    /// The skipped objects the source sent so far (as far as the test has read).
+    pub problems: Vec<Problem>,
+    /// The failed API calls the source sent so far: (kind, error).
+    pub api_errors: Vec<(String, String)>,
     task: JoinHandle<Result<(), lb_kube::Error>>,
     _dir: tempfile::TempDir,
 }
@@ -70,22 +53,48 @@ impl Harness {
             .await
             .unwrap();
         let (tx, rx) = mpsc::channel(64);
-        let recorder = Arc::new(Recorder::default());
-        let task = tokio::spawn(lb_kube::run(client, NODE.to_string(), tx, recorder.clone()));
+        let task = tokio::spawn(lb_kube::run(client, NODE.to_string(), tx));
         Harness {
             api,
             rx,
-            recorder,
+            problems: Vec::new(),
+            api_errors: Vec::new(),
             task,
             _dir: dir,
         }
     }
 
+    /// A cluster event, or None for a problem or an API error (recorded).
+    fn sort(&mut self, ev: lb_kube::Event) -> Option<SourceEvent> {
+        match ev {
+            lb_kube::Event::Cluster(ev) => return Some(ev),
+            lb_kube::Event::Problem(p) => self.problems.push(p),
+            lb_kube::Event::ApiError { kind, error } => self.api_errors.push((kind.into(), error)),
+        }
+        None
+    }
+
+    /// The next cluster event (problems and API errors on the way are recorded).
     pub async fn next(&mut self) -> SourceEvent {
-        tokio::time::timeout(WAIT, self.rx.recv())
-            .await
-            .expect("no source event in time")
-            .expect("source stopped")
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .expect("no source event in time")
+                .expect("source stopped");
+            if let Some(ev) = self.sort(ev) {
+                return ev;
+            }
+        }
+    }
+
+    /// The cluster events already queued, without waiting (problems and API errors recorded).
+    pub fn drain_now(&mut self) -> Vec<SourceEvent> {
+        let mut got = Vec::new();
+        while let Ok(ev) = self.rx.try_recv() {
+            got.extend(self.sort(ev));
+        }
+        got
     }
 
     /// Read events until one matches; return it and the ones before it.
@@ -97,15 +106,14 @@ impl Harness {
         let mut before = Vec::new();
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let ev = tokio::time::timeout_at(deadline, self.rx.recv())
+            let ev = tokio::time::timeout_at(deadline, self.next())
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
                         "timed out waiting for {what}; got {}",
                         describe_all(&before)
                     )
-                })
-                .expect("source stopped");
+                });
             if pred(&ev) {
                 return (ev, before);
             }
@@ -127,7 +135,7 @@ impl Harness {
         let mut got = Vec::new();
         let deadline = tokio::time::Instant::now() + d;
         while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
-            got.push(ev);
+            got.extend(self.sort(ev));
         }
         got
     }

@@ -1,4 +1,203 @@
-//! Where the cluster state comes from: a directory of manifests, or the Kubernetes API (lb-kube).
-//! Every source sends `lb_model::SourceEvent`s on one channel; the agent does not care which.
+//! Where the cluster comes from: a directory of manifests ([`watch_dir`]) or the Kubernetes API
+//! (lb-kube). [`start`] starts the one the CLI asked for and hands back its channel.
+//!
+//! A source is a plain producer: it only sends [`AgentEvent`]s. Everything it has to say travels
+//! on that one channel, in order: cluster changes, objects it skipped and failed API calls. It
+//! holds no handle on the agent or its metrics; the agent logs and counts what arrives.
 
-pub mod manifests;
+pub mod watch_dir;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use lb_model::{Problem, SourceEvent};
+use tokio::sync::mpsc;
+
+/// Queued events of the manifests source (a scan is a few events, a burst of file writes more).
+const DIR_QUEUE: usize = 1024;
+/// Queued events of the Kubernetes source (watch bursts, e.g. a rollout of many slices).
+const KUBE_QUEUE: usize = 4096;
+
+/// What a source sends the agent.
+#[derive(Debug)]
+pub enum AgentEvent {
+    /// A change of the cluster.
+    Source(SourceEvent),
+    /// An object or file the source skipped (it is treated as absent); the agent logs it and
+    /// counts it in `xlb_invalid_objects{kind}`.
+    Problem(Problem),
+    /// A Kubernetes list or watch call of `kind` failed (logged by the source, which retries with
+    /// backoff); the agent counts it in `xlb_api_errors{kind}`.
+    ApiError { kind: &'static str },
+}
+
+impl From<lb_kube::Event> for AgentEvent {
+    fn from(ev: lb_kube::Event) -> Self {
+        match ev {
+            lb_kube::Event::Cluster(ev) => AgentEvent::Source(ev),
+            lb_kube::Event::Problem(p) => AgentEvent::Problem(p),
+            lb_kube::Event::ApiError { kind, .. } => AgentEvent::ApiError { kind },
+        }
+    }
+}
+
+/// The source the CLI asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// A directory of Service / EndpointSlice manifests, watched for changes (`--manifests`).
+    Manifests(PathBuf),
+    /// The Kubernetes API, with this kubeconfig (`--kubeconfig`) or, with None, the in-cluster
+    /// service account or `$KUBECONFIG` as kubectl infers it (`--in-cluster`). `node_name`
+    /// selects this node's Node object and local endpoints; it is required.
+    Kubernetes { kubeconfig: Option<PathBuf>, node_name: Option<String> },
+}
+
+impl SourceConfig {
+    /// The source of the `xlb agent` flags: `--manifests` if given, else the Kubernetes API.
+    pub fn from_flags(manifests: Option<PathBuf>, kubeconfig: Option<PathBuf>, node_name: Option<String>) -> Self {
+        match manifests {
+            Some(dir) => SourceConfig::Manifests(dir),
+            None => SourceConfig::Kubernetes { kubeconfig, node_name },
+        }
+    }
+}
+
+/// Start the source `cfg` names in a task of its own and return its events. A configuration error
+/// (no node name, an unreadable kubeconfig) fails here; an error that stops a running source is
+/// logged and closes the channel.
+pub async fn start(cfg: SourceConfig) -> anyhow::Result<mpsc::Receiver<AgentEvent>> {
+    match cfg {
+        SourceConfig::Manifests(dir) => {
+            let (tx, rx) = mpsc::channel(DIR_QUEUE);
+            tokio::spawn(async move {
+                if let Err(e) = watch_dir::run(dir, tx).await {
+                    tracing::error!(error = %format!("{e:#}"), "manifests source stopped");
+                }
+            });
+            Ok(rx)
+        }
+        SourceConfig::Kubernetes { kubeconfig, node_name } => {
+            let node_name = node_name
+                .filter(|n| !n.is_empty())
+                .context("the Kubernetes source needs this node's name: pass --node-name or set NODE_NAME")?;
+            let client = lb_kube::client_from_kubeconfig(kubeconfig.as_deref()).await?;
+            let (tx, rx) = mpsc::channel(KUBE_QUEUE);
+            tokio::spawn(async move {
+                if let Err(e) = lb_kube::run::<AgentEvent>(client, node_name, tx).await {
+                    tracing::error!(error = %e, "Kubernetes source stopped");
+                }
+            });
+            Ok(rx)
+        }
+    }
+}
+
+/// A manifest of one Service `a` with ClusterIP 10.96.0.1, for tests.
+#[cfg(test)]
+pub(crate) const TEST_SERVICE: &str =
+    "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\nspec:\n  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n";
+
+/// A fresh directory under the system's temp dir, for tests.
+#[cfg(test)]
+pub(crate) fn test_dir(what: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "xlb-{what}-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    async fn next(rx: &mut mpsc::Receiver<AgentEvent>) -> AgentEvent {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("no source event in time")
+            .expect("the source stopped")
+    }
+
+    #[test]
+    fn flags_pick_the_source() {
+        let dir = PathBuf::from("/m");
+        let kc = Some(PathBuf::from("/kc"));
+        let node = Some("n1".to_string());
+        assert_eq!(SourceConfig::from_flags(Some(dir.clone()), None, node.clone()), SourceConfig::Manifests(dir));
+        assert_eq!(
+            SourceConfig::from_flags(None, kc.clone(), node.clone()),
+            SourceConfig::Kubernetes { kubeconfig: kc, node_name: node.clone() }
+        );
+        assert_eq!(
+            SourceConfig::from_flags(None, None, node.clone()),
+            SourceConfig::Kubernetes { kubeconfig: None, node_name: node }
+        );
+    }
+
+    #[tokio::test]
+    async fn the_manifests_source_sends_problems_and_events_on_one_channel() {
+        let dir = test_dir("source");
+        std::fs::write(dir.join("a.yaml"), TEST_SERVICE).unwrap();
+        std::fs::write(dir.join("b.yaml"), "kind: Service\napiVersion: v1\nspec: [").unwrap();
+        let mut rx = start(SourceConfig::Manifests(dir.clone())).await.unwrap();
+        match next(&mut rx).await {
+            AgentEvent::Problem(p) => assert!(p.object.ends_with("b.yaml"), "{p:?}"),
+            other => panic!("expected the bad file's problem first, got {other:?}"),
+        }
+        match next(&mut rx).await {
+            AgentEvent::Source(SourceEvent::Resync { services: Some(s), slices: Some(_) }) => {
+                assert_eq!(s.len(), 1)
+            }
+            other => panic!("expected the resync, got {other:?}"),
+        }
+        assert!(matches!(next(&mut rx).await, AgentEvent::Source(SourceEvent::Synced)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_closes_the_channel() {
+        let mut rx = start(SourceConfig::Manifests(PathBuf::from("/nonexistent/xlb-manifests"))).await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap();
+        assert!(end.is_none(), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn the_kubernetes_source_needs_a_node_name() {
+        for node_name in [None, Some(String::new())] {
+            let err = start(SourceConfig::Kubernetes { kubeconfig: Some("/nonexistent".into()), node_name })
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("--node-name"), "{err:#}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_kubernetes_source_sends_api_errors_on_its_channel() {
+        // A kubeconfig naming a port nothing listens on: every list fails, and says so.
+        let dir = test_dir("kube-source");
+        let kubeconfig = dir.join("kubeconfig");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+                 users:\n- name: u\n  user: {{}}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n\
+                 current-context: x\n"
+            ),
+        )
+        .unwrap();
+        let cfg = SourceConfig::Kubernetes { kubeconfig: Some(kubeconfig), node_name: Some("n1".into()) };
+        let mut rx = start(cfg).await.unwrap();
+        match next(&mut rx).await {
+            AgentEvent::ApiError { kind } => assert!(["Service", "EndpointSlice", "Node"].contains(&kind)),
+            other => panic!("expected an API error, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

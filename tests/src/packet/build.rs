@@ -296,7 +296,10 @@ impl IcmpError {
 /// the header checksum set. The first fragment (`range.start == 0`) carries the L4 header; the
 /// L4 checksum stays the one of the whole datagram.
 pub fn fragment(frame: &[u8], range: std::ops::Range<usize>, more_fragments: bool) -> Vec<u8> {
-    assert!(range.start % 8 == 0, "fragment offsets are multiples of 8");
+    assert!(
+        range.start.is_multiple_of(8),
+        "fragment offsets are multiples of 8"
+    );
     let (mut ip, payload) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 frame");
     let payload = &payload[..usize::from(ip.total_len) - ip.header_len()];
     let part = &payload[range.clone()];

@@ -1,23 +1,35 @@
 //! The real eBPF object, loaded without pinning (each [`TestDatapath`] has private maps, so tests
-//! run in parallel), with helpers to program Services like the agent does and to run
-//! `from_pod` / `to_pod` on one frame through BPF_PROG_TEST_RUN.
+//! run in parallel), with helpers to program Services and to run `from_pod` / `to_pod` on one
+//! frame through BPF_PROG_TEST_RUN.
+//!
+//! Services are programmed exactly as the agent programs them: the object is loaded by the
+//! agent's loader (`LoadOptions`), each [`ServiceSpec`] becomes a desired frontend, the shipped
+//! planner (`lb_model::planner::plan`) turns it into map operations, and the shipped executor
+//! (`lb_model::store::execute`) writes them through the agent's map store (`ObjectMaps`). The
+//! only direct map writes are the helpers that model states the agent never writes: conntrack
+//! and affinity entries (the datapath's own), and [`TestDatapath::remove_backend`] of a backend
+//! a Service still uses.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use anyhow::{anyhow, ensure, Context as _, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use lb_common::{
-    global_names, ip4, map_names, port, prog_names, AffinityKey, AffinityValue, Backend, CtKey,
-    CtTimeouts, CtValue, FragKey, FragValue, MemberKey, MemberValue, RevNat, ServiceKey,
-    ServiceValue, Stat, BACKEND_ACTIVE, SCOPE_EXT,
+    ip4, map_names, port, prog_names, AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts,
+    CtValue, FragKey, FragValue, MemberKey, ServiceKey, Stat, SCOPE_EXT,
 };
+use lb_model::planner::plan;
+use lb_model::{
+    Applied, BackendAddr, DesiredState, Frontend, FrontendState, MapOp, Plan, Proto, SvcKey,
+};
+use lb_userspace::datapath::{load_programs, LoadOptions, ObjectMaps};
 
 /// tc verdicts.
 pub const TC_ACT_OK: u32 = 0;
@@ -41,11 +53,15 @@ pub struct BackendSpec {
     pub addr: SocketAddrV4,
 }
 
-/// A frontend with its backends, written like the agent writes it (backends, slots, master).
+/// A frontend with its backends and the ids they have in the maps. New ids are handed out by
+/// the planner; the harness points its cursors at the ids named here, so new backends must
+/// name ids that follow each other in the order given (as the planner hands them out).
 #[derive(Clone, Debug)]
 pub struct ServiceSpec {
     pub frontend: SocketAddrV4,
     pub proto: u8,
+    /// The frontend's id in its master (one incarnation of the frontend; conntrack and
+    /// affinity entries carry it).
     pub rev_nat_id: u32,
     pub flags: u32,
     pub affinity_timeout: u32,
@@ -80,6 +96,57 @@ impl ServiceSpec {
             ..self.clone()
         }
     }
+
+    /// The frontend as the control plane names it.
+    pub fn model_frontend(&self) -> Result<Frontend> {
+        Ok(Frontend {
+            addr: *self.frontend.ip(),
+            port: self.frontend.port(),
+            proto: Proto::from_number(self.proto)
+                .with_context(|| format!("protocol {}", self.proto))?,
+            scope: SCOPE_EXT,
+        })
+    }
+
+    /// Backend `b` as the control plane names it.
+    pub fn model_backend(&self, b: &BackendSpec) -> Result<BackendAddr> {
+        Ok(BackendAddr {
+            addr: *b.addr.ip(),
+            port: b.addr.port(),
+            proto: self.model_frontend()?.proto,
+        })
+    }
+
+    /// What the maps should hold for this frontend.
+    fn desired(&self) -> Result<FrontendState> {
+        Ok(FrontendState {
+            service: SvcKey {
+                namespace: "packet-test".into(),
+                name: self.frontend.to_string(),
+            },
+            port_name: String::new(),
+            backends: self
+                .backends
+                .iter()
+                .map(|b| self.model_backend(b))
+                .collect::<Result<_>>()?,
+            flags: self.flags,
+            affinity_timeout: self.affinity_timeout,
+        })
+    }
+}
+
+/// The conntrack key of the tuple `saddr -> daddr` of `proto`, direction `dir`.
+pub fn ct_key(saddr: SocketAddrV4, daddr: SocketAddrV4, proto: u8, dir: u8) -> CtKey {
+    CtKey {
+        saddr: ip4(saddr.ip().octets()),
+        daddr: ip4(daddr.ip().octets()),
+        sport: port(saddr.port()),
+        dport: port(daddr.port()),
+        proto,
+        dir,
+        _pad: 0,
+    }
 }
 
 /// The object under test: the one built into lb-userspace, or the file named by
@@ -106,9 +173,13 @@ pub fn now_coarse_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The loaded programs and their (unpinned) maps.
+/// The loaded programs and their (unpinned) maps, with the control plane's view of them.
 pub struct TestDatapath {
     ebpf: Ebpf,
+    /// What the maps hold, as the executor recorded it (the agent's `Applied`).
+    applied: Applied,
+    /// The frontends the tests asked for.
+    desired: DesiredState,
 }
 
 impl TestDatapath {
@@ -124,26 +195,25 @@ impl TestDatapath {
 
     /// [`TestDatapath::load`] with the Service CIDR and conntrack lifetimes globals set.
     pub fn load_with(cidr: Option<(Ipv4Addr, u8)>, timeouts: CtTimeouts) -> Result<Self> {
-        let (addr, mask) = lb_userspace::datapath::service_cidr_words(cidr);
-        let mut ebpf = EbpfLoader::new()
-            .override_global(global_names::SERVICE_CIDR_ADDR, &addr, true)
-            .override_global(global_names::SERVICE_CIDR_MASK, &mask, true)
-            .override_global(global_names::CT_TIMEOUTS, &timeouts, true)
-            .load(&object()?)
+        let opts = LoadOptions {
+            service_cidr: cidr,
+            ct_timeouts: timeouts,
+            ..LoadOptions::default()
+        };
+        let mut ebpf = opts
+            .load_object_from(&object()?, None)
             .context("loading the eBPF object")?;
-        for name in [prog_names::FROM_POD, prog_names::TO_POD] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("program {name} is not a tc classifier"))?;
-            prog.load().map_err(|e| anyhow!("loading {name}: {e}"))?;
-        }
+        load_programs(&mut ebpf, &[prog_names::FROM_POD, prog_names::TO_POD])
+            .map_err(|e| anyhow!("{e}"))?;
         for name in map_names::ALL {
             ebpf.map(name)
                 .with_context(|| format!("map {name} missing from the object"))?;
         }
-        Ok(TestDatapath { ebpf })
+        Ok(TestDatapath {
+            ebpf,
+            applied: Applied::default(),
+            desired: DesiredState::default(),
+        })
     }
 
     /// Runs program `name` on `frame`.
@@ -176,62 +246,40 @@ impl TestDatapath {
         self.run(prog_names::TO_POD, frame)
     }
 
-    /// Writes a Service in the agent's order: backends, members, slots, rev-NAT, then the master.
+    /// Programs the Service `svc` (creates it, or updates it to these backends, flags and
+    /// timeout) as the agent does: the planner's ops (backends, members, slots, master, leftover
+    /// slots and members, then unused backends), executed by the shipped executor.
+    ///
+    /// A new frontend gets `svc.rev_nat_id`, new backends the ids `svc` names (they must follow
+    /// each other in the order given); an existing frontend or backend must keep its id.
     pub fn set_service(&mut self, svc: &ServiceSpec) -> Result<()> {
-        let mut backends = self.hash::<u32, Backend>(map_names::BACKENDS)?;
+        let fe = svc.model_frontend()?;
+        let has_master = self
+            .applied
+            .frontends
+            .get(&fe)
+            .is_some_and(|af| af.rev_nat_id != 0);
+        if !has_master {
+            self.applied.seek_rev_nat_id(svc.rev_nat_id);
+        }
+        let mut new_ids = Vec::new();
         for b in &svc.backends {
-            let value = Backend {
-                addr: ip4(b.addr.ip().octets()),
-                port: port(b.addr.port()),
-                proto: svc.proto,
-                state: BACKEND_ACTIVE,
-            };
-            backends.insert(b.id, value, 0)?;
+            if self.backend_id(&svc.model_backend(b)?).is_none() {
+                new_ids.push(b.id);
+            }
         }
-        let master_key = svc.master_key();
-        let mut members = self.hash::<MemberKey, MemberValue>(map_names::MEMBERS)?;
-        for b in &svc.backends {
-            let value = MemberValue {
-                addr: ip4(b.addr.ip().octets()),
-                port: port(b.addr.port()),
-                _pad: 0,
-            };
-            members.insert(svc.member_key(b.id), value, 0)?;
+        if let Some(&first) = new_ids.iter().min() {
+            self.applied.seek_backend_id(first);
         }
-        let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
-        for (i, b) in svc.backends.iter().enumerate() {
-            let slot = u16::try_from(i + 1)?;
-            services.insert(
-                master_key.with_slot(slot),
-                ServiceValue {
-                    backend_id: b.id,
-                    ..Default::default()
-                },
-                0,
-            )?;
-        }
-        let master = ServiceValue {
-            backend_id: 0,
-            count: u32::try_from(svc.backends.len())?,
-            rev_nat_id: svc.rev_nat_id,
-            flags: svc.flags,
-            affinity_timeout: svc.affinity_timeout,
-        };
-        let mut rev_nat = self.hash::<u32, RevNat>(map_names::REV_NAT)?;
-        let frontend = RevNat {
-            addr: master_key.addr,
-            port: master_key.port,
-            _pad: 0,
-        };
-        rev_nat.insert(svc.rev_nat_id, frontend, 0)?;
-        let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
-        services.insert(master_key, master, 0)?;
-        Ok(())
+        self.desired.set_frontend(fe, svc.desired()?);
+        let p = plan(&self.applied, &self.desired, &BTreeSet::from([fe]));
+        self.check_ids(&p, svc)?;
+        self.execute(&p)
     }
 
-    /// Removes backend `id` from the Service `svc` in the agent's order: slots rewritten and master
-    /// count lowered, the trailing slot deleted, then the member entry. `BACKENDS` keeps it (see
-    /// [`TestDatapath::remove_backend`]). Returns the Service as it is now.
+    /// Removes backend `id` from the Service `svc` as the agent does (slots rewritten and the
+    /// master count lowered, the trailing slot deleted, then the member entry; the backend entry
+    /// too once no Service uses it). Returns the Service as it is now.
     pub fn remove_from_service(&mut self, svc: &ServiceSpec, id: u32) -> Result<ServiceSpec> {
         let rest = svc.without(id);
         ensure!(
@@ -239,30 +287,16 @@ impl TestDatapath {
             "backend {id} is not in the Service"
         );
         self.set_service(&rest)?;
-        let trailing = u16::try_from(svc.backends.len())?;
-        self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)?
-            .remove(&svc.master_key().with_slot(trailing))?;
-        self.hash::<MemberKey, MemberValue>(map_names::MEMBERS)?
-            .remove(&svc.member_key(id))?;
         Ok(rest)
     }
 
-    /// Deletes the Service `svc` in the agent's order: master, slots, members, rev-NAT
-    /// (`BACKENDS` keeps its backends).
+    /// Deletes the Service `svc` as the agent does: master, slots, members, then the backends no
+    /// other Service uses.
     pub fn delete_service(&mut self, svc: &ServiceSpec) -> Result<()> {
-        let master_key = svc.master_key();
-        let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)?;
-        services.remove(&master_key)?;
-        for slot in 1..=svc.backends.len() {
-            services.remove(&master_key.with_slot(u16::try_from(slot)?))?;
-        }
-        let mut members = self.hash::<MemberKey, MemberValue>(map_names::MEMBERS)?;
-        for b in &svc.backends {
-            members.remove(&svc.member_key(b.id))?;
-        }
-        self.hash::<u32, RevNat>(map_names::REV_NAT)?
-            .remove(&svc.rev_nat_id)?;
-        Ok(())
+        let fe = svc.model_frontend()?;
+        self.desired.remove_frontend(&fe);
+        let p = plan(&self.applied, &self.desired, &BTreeSet::from([fe]));
+        self.execute(&p)
     }
 
     /// Deletes `svc` and creates its frontend again with `rev_nat_id` (a ClusterIP given to a new
@@ -277,13 +311,84 @@ impl TestDatapath {
         Ok(new)
     }
 
-    /// Removes backend `id` from `BACKENDS` (as the agent does once no Service uses it).
+    /// Makes sure backend `id` is not in `BACKENDS`. The agent deletes a backend once no Service
+    /// uses it, which the executor already did when the last Service let it go; a backend a
+    /// Service still uses is deleted by a direct map write (a state the agent never writes: a
+    /// slot naming a missing backend).
     pub fn remove_backend(&mut self, id: u32) -> Result<()> {
-        self.hash::<u32, Backend>(map_names::BACKENDS)?
-            .remove(&id)?;
+        if self.applied.backends.contains_key(&id) {
+            self.hash::<u32, Backend>(map_names::BACKENDS)?
+                .remove(&id)?;
+            self.applied.apply(&MapOp::DeleteBackend { id });
+        }
         Ok(())
     }
 
+    /// The id the maps hold for backend `b`.
+    fn backend_id(&self, b: &BackendAddr) -> Option<u32> {
+        self.applied
+            .backends
+            .iter()
+            .find(|(_, (addr, _))| addr == b)
+            .map(|(id, _)| *id)
+    }
+
+    /// The plan gives the frontend and its backends the ids `svc` names.
+    fn check_ids(&self, p: &Plan, svc: &ServiceSpec) -> Result<()> {
+        let mut ids: BTreeMap<BackendAddr, u32> = self
+            .applied
+            .backends
+            .iter()
+            .map(|(id, (b, _))| (*b, *id))
+            .collect();
+        let mut rev_nat_id = self
+            .applied
+            .frontends
+            .get(&svc.model_frontend()?)
+            .map(|af| af.rev_nat_id);
+        for op in p
+            .prepare
+            .iter()
+            .chain(p.frontends.iter().flat_map(|(_, ops)| ops))
+        {
+            match *op {
+                MapOp::PutBackend { id, backend, .. } => {
+                    ids.insert(backend, id);
+                }
+                MapOp::PutMaster { rev_nat_id: id, .. } => rev_nat_id = Some(id),
+                _ => {}
+            }
+        }
+        for b in &svc.backends {
+            let got = ids.get(&svc.model_backend(b)?).copied();
+            if got != Some(b.id) {
+                bail!(
+                    "backend {} gets id {got:?}, the test names {}: an existing backend keeps \
+                     its id, new ones get ids that follow each other in the order given",
+                    b.addr,
+                    b.id
+                );
+            }
+        }
+        ensure!(
+            rev_nat_id == Some(svc.rev_nat_id),
+            "{} has rev-NAT id {rev_nat_id:?}, the test names {} (a live frontend keeps its id; \
+             use recreate_frontend)",
+            svc.frontend,
+            svc.rev_nat_id
+        );
+        Ok(())
+    }
+
+    /// Executes `p` with the agent's executor on the object's maps; every op must succeed.
+    fn execute(&mut self, p: &Plan) -> Result<()> {
+        let mut maps = ObjectMaps::of(&mut self.ebpf).map_err(|e| anyhow!("{e}"))?;
+        let report = lb_model::store::execute(&mut maps.store(), p, &mut self.applied);
+        ensure!(report.is_clean(), "programming the maps: {report:?}");
+        Ok(())
+    }
+
+    /// The conntrack entries (written by the datapath).
     pub fn conntrack(&mut self) -> Result<Vec<(CtKey, CtValue)>> {
         let map = self.hash::<CtKey, CtValue>(map_names::CONNTRACK)?;
         Ok(map.iter().collect::<Result<Vec<_>, _>>()?)
@@ -299,14 +404,16 @@ impl TestDatapath {
         }
     }
 
-    /// Writes (creates or replaces) the conntrack entry at `key`.
+    /// Writes (creates or replaces) the conntrack entry at `key`: a direct map write, as only the
+    /// datapath writes conntrack.
     pub fn ct_set(&mut self, key: &CtKey, value: CtValue) -> Result<()> {
         self.hash::<CtKey, CtValue>(map_names::CONNTRACK)?
             .insert(key, value, 0)?;
         Ok(())
     }
 
-    /// Deletes the conntrack entry at `key` (which must exist).
+    /// Deletes the conntrack entry at `key` (which must exist): a direct map write (the agent's
+    /// sweeper deletes only expired entries).
     pub fn ct_delete(&mut self, key: &CtKey) -> Result<()> {
         self.hash::<CtKey, CtValue>(map_names::CONNTRACK)?
             .remove(key)?;
@@ -323,7 +430,8 @@ impl TestDatapath {
         Ok(map.iter().collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Writes (creates or replaces) the affinity record at `key`.
+    /// Writes (creates or replaces) the affinity record at `key`: a direct map write, as only
+    /// the datapath writes affinity records.
     pub fn affinity_set(&mut self, key: &AffinityKey, value: AffinityValue) -> Result<()> {
         self.hash::<AffinityKey, AffinityValue>(map_names::AFFINITY)?
             .insert(key, value, 0)?;

@@ -1,10 +1,11 @@
-//! The manifests source: every `*.yaml` / `*.yml` / `*.json` file of a directory (Services and
-//! EndpointSlices), watched with inotify (through `notify`).
+//! The manifests-directory source: watches every `*.yaml` / `*.yml` / `*.json` file of a directory
+//! (Services and EndpointSlices) with inotify (through `notify`) and sends what changed.
 //!
 //! Why it is incremental: with 10k Services in 10k files, re-reading the directory on every change
 //! would cost far more than the map update it triggers. An event re-reads only the files it names
 //! and sends object-level Upsert/Delete events for their objects; the first scan is sent as one
-//! `Resync` followed by `Synced`.
+//! `Resync` followed by `Synced`. A file that does not parse is sent as a problem, before the
+//! events of the same scan.
 //!
 //! Why it keeps no objects: the agent's `ClusterState` holds every object already and ignores an
 //! upsert equal to what it holds, so this source only remembers which keys each file defined (to
@@ -24,6 +25,8 @@ use lb_model::{manifest, Problem, SourceEvent};
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
+
+use super::AgentEvent;
 
 type ObjKey = (String, String);
 
@@ -88,7 +91,11 @@ impl DirState {
     /// Re-read `paths` (or every manifest in `dir` when `paths` is None) and return the events that
     /// bring a consumer of the previous view up to date, plus the problems of the files re-read.
     /// Objects of re-read files are upserted even if unchanged: the consumer drops equal ones.
-    pub fn refresh(&mut self, dir: &Path, paths: Option<&BTreeSet<PathBuf>>) -> anyhow::Result<(Vec<SourceEvent>, Vec<Problem>)> {
+    pub fn refresh(
+        &mut self,
+        dir: &Path,
+        paths: Option<&BTreeSet<PathBuf>>,
+    ) -> anyhow::Result<(Vec<SourceEvent>, Vec<Problem>)> {
         let candidates: BTreeSet<PathBuf> = match paths {
             Some(p) => p.iter().filter(|p| is_manifest(p)).cloned().collect(),
             None => {
@@ -187,12 +194,19 @@ fn interesting(ev: &notify::Event) -> Option<Option<Vec<PathBuf>>> {
     }
 }
 
-/// Watch `dir` until `tx` closes. Problems go to `on_problem` (log line + metric).
-pub async fn run(
-    dir: PathBuf,
-    tx: mpsc::Sender<SourceEvent>,
-    on_problem: impl Fn(&Problem) + Send + 'static,
-) -> anyhow::Result<()> {
+/// Send the problems, then the events, of one scan; false once the receiver is gone.
+async fn send_scan(tx: &mpsc::Sender<AgentEvent>, problems: Vec<Problem>, events: Vec<SourceEvent>) -> bool {
+    let problems = problems.into_iter().map(AgentEvent::Problem);
+    for ev in problems.chain(events.into_iter().map(AgentEvent::Source)) {
+        if tx.send(ev).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Watch `dir` and send what changes, problems included, on `tx` until `tx` closes.
+pub async fn run(dir: PathBuf, tx: mpsc::Sender<AgentEvent>) -> anyhow::Result<()> {
     // None = full rescan.
     let (ntx, mut nrx) = mpsc::unbounded_channel::<Option<Vec<PathBuf>>>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
@@ -206,14 +220,11 @@ pub async fn run(
         }
     })
     .context("starting the directory watcher")?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
 
     let mut state = DirState::default();
     let (events, problems) = state.refresh(&dir, None)?;
-    problems.iter().for_each(&on_problem);
-    if tx.send(as_resync(events)).await.is_err() || tx.send(SourceEvent::Synced).await.is_err() {
+    if !send_scan(&tx, problems, vec![as_resync(events), SourceEvent::Synced]).await {
         return Ok(());
     }
     while let Some(first) = nrx.recv().await {
@@ -230,11 +241,8 @@ pub async fn run(
         }
         match state.refresh(&dir, paths.as_ref()) {
             Ok((events, problems)) => {
-                problems.iter().for_each(&on_problem);
-                for ev in events {
-                    if tx.send(ev).await.is_err() {
-                        return Ok(());
-                    }
+                if !send_scan(&tx, problems, events).await {
+                    return Ok(());
                 }
             }
             // An unreadable directory keeps the last state (never flush on a source error).
@@ -247,8 +255,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\nspec:\n  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n";
+    use crate::source::{test_dir, TEST_SERVICE as SVC};
 
     fn names(evs: &[SourceEvent]) -> Vec<String> {
         evs.iter()
@@ -268,7 +275,7 @@ mod tests {
 
     #[test]
     fn only_rewritten_files_produce_events() {
-        let dir = tempdir();
+        let dir = test_dir("manifests");
         std::fs::write(dir.join("a.yaml"), SVC).unwrap();
         std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
         let mut st = DirState::default();
@@ -291,7 +298,7 @@ mod tests {
 
     #[test]
     fn duplicate_object_last_file_wins_and_falls_back() {
-        let dir = tempdir();
+        let dir = test_dir("manifests");
         std::fs::write(dir.join("1.yaml"), SVC).unwrap();
         std::fs::write(dir.join("2.yaml"), SVC.replace("10.96.0.1", "10.96.0.2")).unwrap();
         let mut st = DirState::default();
@@ -305,7 +312,7 @@ mod tests {
 
     #[test]
     fn an_object_moving_between_files_is_not_deleted() {
-        let dir = tempdir();
+        let dir = test_dir("manifests");
         std::fs::write(dir.join("1.yaml"), SVC).unwrap();
         let mut st = DirState::default();
         st.refresh(&dir, None).unwrap();
@@ -314,14 +321,5 @@ mod tests {
         let evs = names(&st.refresh(&dir, None).unwrap().0);
         assert!(!evs.iter().any(|e| e.starts_with("svc-")), "{evs:?}");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    fn tempdir() -> PathBuf {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir()
-            .join(format!("xlb-manifests-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        std::fs::create_dir_all(&d).unwrap();
-        d
     }
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use lb_model::manifest::parse;
+use lb_model::yaml_docs::parse;
 use lb_model::{ClusterState, DesiredState, SourceEvent};
 
 const GOOD: &str = r#"

@@ -1,0 +1,331 @@
+//! What is in the maps: [`Applied`], kept up to date with every map operation that succeeded
+//! ([`Applied::apply`]), and the garbage it leaves ([`Applied::gc`]).
+//!
+//! New backend and frontend (rev-NAT) ids come from a cursor that only moves forward, so a freed
+//! id is not handed out again while conntrack or affinity entries may still hold it (see `ids.rs`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::OnceLock;
+
+use crate::ids::{advance, Cursors, IdSpace};
+use crate::planner::MapOp;
+use crate::{BackendAddr, Frontend};
+
+/// One frontend as it is in the maps.
+///
+/// The master entry (slot 0) exists iff `rev_nat_id != 0` (every master xlb writes has an id
+/// >= 1); an entry with `rev_nat_id == 0` only describes leftover slots or members.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AppliedFrontend {
+    /// The identity of this incarnation of the frontend, as its master holds it: it stays while
+    /// the frontend exists, and a frontend that is removed and created again gets a new one.
+    /// Conntrack and affinity entries carry it, so a connection or a client pinned to an earlier
+    /// Service at the same address is not taken for one of this Service. (The name is
+    /// Cilium's; xlb keeps no reverse-NAT table: reply entries carry the frontend itself.)
+    pub rev_nat_id: u32,
+    pub flags: u32,
+    pub affinity_timeout: u32,
+    /// Backend ids of slots 1..=len; 0 marks a missing slot. May be longer than `count` when an
+    /// update was interrupted (the next plan deletes the extra slots).
+    pub slots: Vec<u32>,
+    /// The master's backend count (what the datapath selects from).
+    pub count: u32,
+    /// Backend ids with a MEMBERS entry for this frontend, holding that backend's address.
+    pub members: BTreeSet<u32>,
+}
+
+impl AppliedFrontend {
+    pub(crate) fn has_master(&self) -> bool {
+        self.rev_nat_id != 0
+    }
+    /// Nothing of the frontend is left in the maps.
+    fn is_empty(&self) -> bool {
+        !self.has_master() && self.slots.is_empty() && self.members.is_empty()
+    }
+}
+
+/// The datapath maps' content, as the agent last wrote (or read back) it.
+///
+/// Change it through [`Applied::apply`]: that keeps a private index (address -> id, ids in use,
+/// unreferenced ids) and the id cursors up to date, so planning one Service does not scan the
+/// whole maps. The index is built lazily on first use; after editing the public fields directly
+/// (e.g. in a test) call [`Applied::reindex`] if the index may already have been built.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    pub frontends: BTreeMap<Frontend, AppliedFrontend>,
+    /// Backend id -> (address, state `lb_common::BACKEND_*`).
+    pub backends: BTreeMap<u32, (BackendAddr, u8)>,
+    /// Frontend id (`rev_nat_id`) -> the frontend whose master holds it: the masters indexed by
+    /// id, for whoever meets an id in a conntrack or affinity entry. No map of its own; kept by
+    /// [`Applied::apply`] and rebuilt from the masters by a read-back.
+    pub rev_nat: BTreeMap<u32, Frontend>,
+    index: OnceLock<Index>,
+    /// Where new ids are searched from. History, not map content: it survives
+    /// [`Applied::reindex`] and is not compared. `None` until the first [`Applied::apply`]
+    /// (until then, the index's cursors past the largest ids present stand for it).
+    cursors: Option<Cursors>,
+}
+
+impl PartialEq for Applied {
+    fn eq(&self, other: &Self) -> bool {
+        self.frontends == other.frontends
+            && self.backends == other.backends
+            && self.rev_nat == other.rev_nat
+    }
+}
+impl Eq for Applied {}
+
+/// Derived lookups over [`Applied`].
+#[derive(Clone, Debug)]
+pub(crate) struct Index {
+    /// Address -> id (the smallest id when a read-back map holds an address twice).
+    pub backend_of: HashMap<BackendAddr, u32>,
+    /// Backend ids; referrers are slots and member entries.
+    pub backends: IdSpace,
+    /// Frontend ids; referrers are masters (they have no map entry of their own).
+    pub revs: IdSpace,
+    /// Past the largest ids present (entries or references) when the index was built.
+    pub cursors: Cursors,
+}
+
+impl Index {
+    fn build(a: &Applied) -> Index {
+        let mut backend_of = HashMap::new();
+        let mut backends = IdSpace::default();
+        let mut revs = IdSpace::default();
+        for (id, (b, _)) in &a.backends {
+            backend_of.entry(*b).or_insert(*id);
+        }
+        let mut max_backend = a.backends.keys().next_back().copied().unwrap_or(0);
+        let mut max_rev = 0;
+        for af in a.frontends.values() {
+            for &id in af.slots.iter().chain(&af.members) {
+                backends.add_ref(id, a.backends.contains_key(&id));
+                max_backend = max_backend.max(id);
+            }
+            revs.add_ref(af.rev_nat_id, false);
+            max_rev = max_rev.max(af.rev_nat_id);
+        }
+        for id in a.backends.keys() {
+            backends.refresh(*id, true);
+        }
+        Index {
+            backend_of,
+            backends,
+            revs,
+            cursors: Cursors::past(max_backend, max_rev),
+        }
+    }
+}
+
+impl Applied {
+    /// Record an op that the datapath executed successfully.
+    pub fn apply(&mut self, op: &MapOp) {
+        if self.cursors.is_none() {
+            // Fixed from the content before the first change, as a plan on it saw them.
+            self.cursors = Some(self.index().cursors);
+        }
+        let ix = self.index.get_mut();
+        match *op {
+            MapOp::PutBackend { id, backend, state } => {
+                if let Some(c) = &mut self.cursors {
+                    advance(&mut c.backend, id);
+                }
+                let old = self.backends.insert(id, (backend, state));
+                if let Some(ix) = ix {
+                    if let Some((ob, _)) = old.filter(|(ob, _)| *ob != backend) {
+                        forget(&mut ix.backend_of, &ob, id);
+                    }
+                    ix.backend_of.entry(backend).or_insert(id);
+                    ix.backends.refresh(id, true);
+                }
+            }
+            MapOp::DeleteBackend { id } => {
+                let old = self.backends.remove(&id);
+                if let Some(ix) = ix {
+                    if let Some((ob, _)) = old {
+                        forget(&mut ix.backend_of, &ob, id);
+                    }
+                    ix.backends.refresh(id, false);
+                }
+            }
+            MapOp::PutMember {
+                frontend,
+                backend_id,
+                ..
+            } => {
+                let e = self.frontends.entry(frontend).or_default();
+                if e.members.insert(backend_id) {
+                    if let Some(ix) = ix {
+                        ix.backends
+                            .add_ref(backend_id, self.backends.contains_key(&backend_id));
+                    }
+                }
+            }
+            MapOp::DeleteMember {
+                frontend,
+                backend_id,
+            } => {
+                let Some(e) = self.frontends.get_mut(&frontend) else {
+                    return;
+                };
+                if !e.members.remove(&backend_id) {
+                    return;
+                }
+                if e.is_empty() {
+                    self.frontends.remove(&frontend);
+                }
+                if let Some(ix) = ix {
+                    ix.backends
+                        .drop_ref(backend_id, self.backends.contains_key(&backend_id));
+                }
+            }
+            MapOp::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => {
+                if slot == 0 {
+                    return;
+                }
+                let i = usize::from(slot) - 1;
+                let e = self.frontends.entry(frontend).or_default();
+                if e.slots.len() <= i {
+                    e.slots.resize(i + 1, 0);
+                }
+                let old = std::mem::replace(&mut e.slots[i], backend_id);
+                if let Some(ix) = ix {
+                    ix.backends.drop_ref(old, self.backends.contains_key(&old));
+                    ix.backends
+                        .add_ref(backend_id, self.backends.contains_key(&backend_id));
+                }
+            }
+            MapOp::DeleteSlot { frontend, slot } => {
+                let Some(e) = self.frontends.get_mut(&frontend) else {
+                    return;
+                };
+                let i = usize::from(slot).wrapping_sub(1);
+                let Some(old) = e.slots.get_mut(i).map(|s| std::mem::replace(s, 0)) else {
+                    return;
+                };
+                while e.slots.last() == Some(&0) {
+                    e.slots.pop();
+                }
+                if e.is_empty() {
+                    self.frontends.remove(&frontend);
+                }
+                if let Some(ix) = ix {
+                    ix.backends.drop_ref(old, self.backends.contains_key(&old));
+                }
+            }
+            MapOp::PutMaster {
+                frontend,
+                count,
+                rev_nat_id,
+                flags,
+                affinity_timeout,
+            } => {
+                if let Some(c) = &mut self.cursors {
+                    advance(&mut c.rev_nat, rev_nat_id);
+                }
+                let e = self.frontends.entry(frontend).or_default();
+                let old = std::mem::replace(&mut e.rev_nat_id, rev_nat_id);
+                e.count = count;
+                e.flags = flags;
+                e.affinity_timeout = affinity_timeout;
+                unindex_master(&mut self.rev_nat, old, &frontend);
+                if rev_nat_id != 0 {
+                    self.rev_nat.insert(rev_nat_id, frontend);
+                }
+                if let Some(ix) = ix {
+                    ix.revs.drop_ref(old, false);
+                    ix.revs.add_ref(rev_nat_id, false);
+                }
+            }
+            MapOp::DeleteMaster { frontend } => {
+                let Some(e) = self.frontends.get_mut(&frontend) else {
+                    return;
+                };
+                let old = std::mem::take(&mut e.rev_nat_id);
+                e.count = 0;
+                e.flags = 0;
+                e.affinity_timeout = 0;
+                if e.is_empty() {
+                    self.frontends.remove(&frontend);
+                }
+                unindex_master(&mut self.rev_nat, old, &frontend);
+                if let Some(ix) = ix {
+                    ix.revs.drop_ref(old, false);
+                }
+            }
+        }
+    }
+
+    /// Deletes of backends no slot or member entry refers to any more. Run after the frontend
+    /// ops of a plan, so nothing in use is removed.
+    pub fn gc(&self) -> Vec<MapOp> {
+        self.index()
+            .backends
+            .unused
+            .iter()
+            .map(|&id| MapOp::DeleteBackend { id })
+            .collect()
+    }
+
+    /// Backend id for an address: the existing one (ids are stable), else the id a plan would
+    /// hand out next: the first unused id from the cursor on that is not in `reserved` (ids
+    /// already handed out in the same plan).
+    pub fn backend_id(&self, b: &BackendAddr, reserved: &BTreeSet<u32>) -> u32 {
+        let ix = self.index();
+        match ix.backend_of.get(b) {
+            Some(&id) => id,
+            None => ix.backends.pool.next_free(self.cursors().backend, reserved),
+        }
+    }
+
+    /// Make the next new backend id the first unused one at or after `id`.
+    ///
+    /// The agent never calls this: its cursors only move forward (see `ids.rs`). It is for
+    /// callers that must know the ids in advance, such as the packet tests, which name them.
+    pub fn seek_backend_id(&mut self, id: u32) {
+        let mut c = self.cursors();
+        c.backend = id.max(1);
+        self.cursors = Some(c);
+    }
+
+    /// Make the next new frontend id (`rev_nat_id`) the first unused one at or after `id`.
+    /// As [`Applied::seek_backend_id`], never called by the agent.
+    pub fn seek_rev_nat_id(&mut self, id: u32) {
+        let mut c = self.cursors();
+        c.rev_nat = id.max(1);
+        self.cursors = Some(c);
+    }
+
+    /// Drop the derived index; call after editing the public fields directly.
+    pub fn reindex(&mut self) {
+        self.index = OnceLock::new();
+    }
+
+    pub(crate) fn index(&self) -> &Index {
+        self.index.get_or_init(|| Index::build(self))
+    }
+
+    pub(crate) fn cursors(&self) -> Cursors {
+        self.cursors.unwrap_or_else(|| self.index().cursors)
+    }
+}
+
+/// Forget `id -> frontend` when that master held it (two masters of a read-back map may share
+/// an id; the other one keeps it).
+fn unindex_master(rev_nat: &mut BTreeMap<u32, Frontend>, id: u32, frontend: &Frontend) {
+    if id != 0 && rev_nat.get(&id) == Some(frontend) {
+        rev_nat.remove(&id);
+    }
+}
+
+/// Remove `key -> id` from a reverse map if it still points at `id`.
+fn forget<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, key: &K, id: u32) {
+    if m.get(key) == Some(&id) {
+        m.remove(key);
+    }
+}

@@ -1,0 +1,358 @@
+//! The planner: the ordered map operations ([`Plan`] of [`MapOp`]s) that turn what is in the
+//! maps ([`Applied`]) into the desired state.
+//!
+//! Update order (no blackhole, never a half-written Service): write new backends, then the
+//! MEMBERS entries of backends entering the frontend, then slots up to max(old, new), then the
+//! master with the new count, then delete slots above the new count, then the MEMBERS entries of
+//! backends that left; unused backends are deleted last ([`Applied::gc`]). A removed frontend
+//! goes in reverse: master first, then its slots, then its members. So every slot `1..=count` of
+//! a master always names a backend that exists and is a member of that frontend.
+//! [`crate::store::execute`] runs a plan in this order.
+//!
+//! New backend and frontend ids come from a cursor that only moves forward, so a freed id is not
+//! handed out again while conntrack or affinity entries may still hold it (see `ids.rs`).
+
+use std::collections::{BTreeSet, HashMap};
+
+use lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, SVC_FLAG_TERMINATING_FALLBACK};
+
+use crate::applied::{Applied, AppliedFrontend, Index};
+use crate::desired::{DesiredState, FrontendState};
+use crate::ids::Cursors;
+use crate::slots;
+use crate::{BackendAddr, Frontend};
+
+/// One map write or delete. Executed strictly in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend {
+        id: u32,
+        backend: BackendAddr,
+        state: u8,
+    },
+    DeleteBackend {
+        id: u32,
+    },
+    /// MEMBERS entry: backend `backend_id`, at address `backend`, is a member of `frontend`.
+    /// Written before any slot of the frontend names the id.
+    PutMember {
+        frontend: Frontend,
+        backend_id: u32,
+        backend: BackendAddr,
+    },
+    /// Deleted after no slot `1..=count` of the frontend names the id any more.
+    DeleteMember {
+        frontend: Frontend,
+        backend_id: u32,
+    },
+    /// Slot `slot` (>= 1) of `frontend` -> backend id.
+    PutSlot {
+        frontend: Frontend,
+        slot: u16,
+        backend_id: u32,
+    },
+    DeleteSlot {
+        frontend: Frontend,
+        slot: u16,
+    },
+    /// The master entry (slot 0). `rev_nat_id` names this incarnation of the frontend (see
+    /// [`crate::AppliedFrontend::rev_nat_id`]).
+    PutMaster {
+        frontend: Frontend,
+        count: u32,
+        rev_nat_id: u32,
+        flags: u32,
+        affinity_timeout: u32,
+    },
+    DeleteMaster {
+        frontend: Frontend,
+    },
+}
+
+/// Operations grouped so a failure (e.g. a full map) stops only the frontend it hit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// New/changed backends, written before any frontend refers to them.
+    /// When one fails, skip the frontends [`Plan::blocked_by`] names.
+    pub prepare: Vec<MapOp>,
+    /// Per-frontend ops in update order. If one op fails, skip the rest of that frontend's ops.
+    pub frontends: Vec<(Frontend, Vec<MapOp>)>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.prepare.is_empty() && self.frontends.iter().all(|(_, ops)| ops.is_empty())
+    }
+    pub fn op_count(&self) -> usize {
+        self.prepare.len() + self.frontends.iter().map(|(_, o)| o.len()).sum::<usize>()
+    }
+
+    /// The frontends to skip because one of the `failed` prepare ops (backend writes) failed:
+    /// those whose ops name a failed backend (a slot or member would name a missing backend),
+    /// and those that hold it in `applied` (the maps before this plan's frontend ops). The
+    /// second kind is not unsafe to run, but skipping it keeps it in the maps as it was, so
+    /// re-planning it (the agent retries failed frontends) queues the backend write again: a
+    /// state change of a backend the frontend keeps, or of one it leaves.
+    pub fn blocked_by(&self, failed: &[MapOp], applied: &Applied) -> BTreeSet<Frontend> {
+        let ids: BTreeSet<u32> = failed
+            .iter()
+            .filter_map(|op| match *op {
+                MapOp::PutBackend { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return BTreeSet::new();
+        }
+        let names = |op: &MapOp| match op {
+            MapOp::PutSlot { backend_id, .. }
+            | MapOp::PutMember { backend_id, .. }
+            | MapOp::DeleteMember { backend_id, .. } => ids.contains(backend_id),
+            _ => false,
+        };
+        let holds = |fe: &Frontend| {
+            applied.frontends.get(fe).is_some_and(|af| {
+                af.slots
+                    .iter()
+                    .chain(&af.members)
+                    .any(|id| ids.contains(id))
+            })
+        };
+        self.frontends
+            .iter()
+            .filter(|(fe, ops)| ops.iter().any(names) || holds(fe))
+            .map(|(fe, _)| *fe)
+            .collect()
+    }
+}
+
+/// The ops that make `applied` match `desired` for the `touched` frontends (all frontends of
+/// `applied` and `desired` for a full reconcile). Frontends in `touched` that `desired` lacks are removed.
+///
+/// Cost is proportional to the touched frontends and their backends.
+pub fn plan(applied: &Applied, desired: &DesiredState, touched: &BTreeSet<Frontend>) -> Plan {
+    let mut p = Planner {
+        applied,
+        ix: applied.index(),
+        desired,
+        prepare: Vec::new(),
+        ids: HashMap::new(),
+        reserved: BTreeSet::new(),
+        rev_reserved: BTreeSet::new(),
+        cursors: applied.cursors(),
+    };
+    let mut frontends = Vec::new();
+    for fe in touched {
+        let ops = match desired.frontends.get(fe) {
+            Some(st) => p.update(fe, st),
+            None => p.remove(fe),
+        };
+        if !ops.is_empty() {
+            frontends.push((*fe, ops));
+        }
+    }
+    Plan {
+        prepare: p.prepare,
+        frontends,
+    }
+}
+
+/// State of one [`plan`] call: ids handed out so far, and the prepare ops.
+struct Planner<'a> {
+    applied: &'a Applied,
+    ix: &'a Index,
+    desired: &'a DesiredState,
+    prepare: Vec<MapOp>,
+    /// Backends whose id (and PutBackend, if needed) this plan already settled.
+    ids: HashMap<BackendAddr, u32>,
+    /// New backend / frontend ids handed out in this plan.
+    reserved: BTreeSet<u32>,
+    rev_reserved: BTreeSet<u32>,
+    /// Where the next new ids are searched from; past every id this plan handed out.
+    cursors: Cursors,
+}
+
+impl Planner<'_> {
+    /// Most slots a frontend can have (slot numbers are u16, 0 is the master).
+    const MAX_SLOTS: usize = u16::MAX as usize;
+
+    fn update(&mut self, fe: &Frontend, st: &FrontendState) -> Vec<MapOp> {
+        let cur = self.applied.frontends.get(fe);
+        let old: &[u32] = cur.map(|c| c.slots.as_slice()).unwrap_or(&[]);
+        let members = cur.map(|c| &c.members);
+        let fallback = if st.flags & SVC_FLAG_TERMINATING_FALLBACK != 0 {
+            BACKEND_TERMINATING
+        } else {
+            BACKEND_ACTIVE
+        };
+        let wanted: Vec<(u32, &BackendAddr)> = st
+            .backends
+            .iter()
+            .take(Self::MAX_SLOTS)
+            .map(|b| (self.backend(b, fallback), b))
+            .collect();
+        let ids: Vec<u32> = wanted.iter().map(|(id, _)| *id).collect();
+        let rev = self.rev_nat(fe, cur);
+        self.restate_leaving(cur);
+        let new = slots::assign(old, &ids);
+        let n = new.len();
+        // Members first: a slot may name an id only once the id is a member.
+        let mut ops: Vec<MapOp> = wanted
+            .iter()
+            .filter(|(id, _)| !members.is_some_and(|m| m.contains(id)))
+            .map(|&(backend_id, b)| MapOp::PutMember {
+                frontend: *fe,
+                backend_id,
+                backend: *b,
+            })
+            .collect();
+        for (i, &id) in new.iter().enumerate() {
+            if old.get(i) != Some(&id) {
+                ops.push(MapOp::PutSlot {
+                    frontend: *fe,
+                    slot: slot_no(i),
+                    backend_id: id,
+                });
+            }
+        }
+        let master_ok = cur.is_some_and(|c| {
+            c.has_master()
+                && c.rev_nat_id == rev
+                && c.count as usize == n
+                && c.flags == st.flags
+                && c.affinity_timeout == st.affinity_timeout
+        });
+        if !master_ok {
+            ops.push(MapOp::PutMaster {
+                frontend: *fe,
+                count: n as u32,
+                rev_nat_id: rev,
+                flags: st.flags,
+                affinity_timeout: st.affinity_timeout,
+            });
+        }
+        delete_slots(fe, old, n, &mut ops);
+        // Members last: only now does no slot 1..=count name the ids that left.
+        if let Some(members) = members.filter(|m| !m.is_empty()) {
+            let staying: BTreeSet<u32> = new.iter().copied().collect();
+            delete_members(fe, members.difference(&staying), &mut ops);
+        }
+        ops
+    }
+
+    /// Master first (new flows stop at once), then the slots, then the members.
+    fn remove(&mut self, fe: &Frontend) -> Vec<MapOp> {
+        let Some(cur) = self.applied.frontends.get(fe) else {
+            return Vec::new();
+        };
+        self.restate_leaving(Some(cur));
+        let mut ops = Vec::new();
+        if cur.has_master() {
+            ops.push(MapOp::DeleteMaster { frontend: *fe });
+        }
+        delete_slots(fe, &cur.slots, 0, &mut ops);
+        delete_members(fe, cur.members.iter(), &mut ops);
+        ops
+    }
+
+    /// A backend's state depends on every frontend using it: when a touched frontend stops using
+    /// a backend that other (untouched) frontends keep, its state may change (e.g. the last
+    /// frontend using it as ready went away: now it is only a terminating fallback).
+    fn restate_leaving(&mut self, cur: Option<&AppliedFrontend>) {
+        let Some(cur) = cur else {
+            return;
+        };
+        for id in cur.slots.iter().chain(&cur.members) {
+            let Some((b, _)) = self.applied.backends.get(id) else {
+                continue;
+            };
+            if self.desired.backend_state(b).is_some() {
+                self.backend(b, BACKEND_ACTIVE);
+            }
+        }
+    }
+
+    /// The id of a desired backend; queues its PutBackend when it is new or changes state.
+    fn backend(&mut self, b: &BackendAddr, fallback_state: u8) -> u32 {
+        if let Some(&id) = self.ids.get(b) {
+            return id;
+        }
+        let state = self.desired.backend_state(b).unwrap_or(fallback_state);
+        let id = match self.ix.backend_of.get(b) {
+            Some(&id) => {
+                if self.applied.backends.get(&id).map(|(_, s)| *s) != Some(state) {
+                    self.prepare.push(MapOp::PutBackend {
+                        id,
+                        backend: *b,
+                        state,
+                    });
+                }
+                id
+            }
+            None => {
+                let id = self
+                    .ix
+                    .backends
+                    .pool
+                    .hand_out(&mut self.cursors.backend, &mut self.reserved);
+                self.prepare.push(MapOp::PutBackend {
+                    id,
+                    backend: *b,
+                    state,
+                });
+                id
+            }
+        };
+        self.ids.insert(*b, id);
+        id
+    }
+
+    /// The id of a desired frontend: the one its master holds (the same incarnation of the
+    /// frontend), else a new one. A frontend without a master always gets a new id, so a
+    /// re-created Service never shares conntrack or affinity entries with its earlier self.
+    fn rev_nat(&mut self, fe: &Frontend, cur: Option<&AppliedFrontend>) -> u32 {
+        let kept = cur.filter(|c| c.has_master()).map(|c| c.rev_nat_id);
+        // Two masters of a read-back map may hold one id: only the one it is filed under keeps it.
+        if let Some(id) = kept.filter(|id| self.applied.rev_nat.get(id) == Some(fe)) {
+            return id;
+        }
+        self.ix
+            .revs
+            .pool
+            .hand_out(&mut self.cursors.rev_nat, &mut self.rev_reserved)
+    }
+}
+
+/// Delete the slots of `old` from index `from` on (the ones above the new count).
+fn delete_slots(fe: &Frontend, old: &[u32], from: usize, ops: &mut Vec<MapOp>) {
+    for (i, &id) in old.iter().enumerate().skip(from) {
+        if id != 0 {
+            ops.push(MapOp::DeleteSlot {
+                frontend: *fe,
+                slot: slot_no(i),
+            });
+        }
+    }
+}
+
+fn delete_members<'a>(fe: &Frontend, ids: impl Iterator<Item = &'a u32>, ops: &mut Vec<MapOp>) {
+    ops.extend(ids.map(|&backend_id| MapOp::DeleteMember {
+        frontend: *fe,
+        backend_id,
+    }));
+}
+
+/// Slot number of slot index `i` (index 0 = slot 1).
+fn slot_no(i: usize) -> u16 {
+    u16::try_from(i + 1).unwrap_or(u16::MAX)
+}
+
+/// Every frontend in either state (for a full reconcile after start or resync).
+pub fn all_frontends(applied: &Applied, desired: &DesiredState) -> BTreeSet<Frontend> {
+    applied
+        .frontends
+        .keys()
+        .chain(desired.frontends.keys())
+        .copied()
+        .collect()
+}

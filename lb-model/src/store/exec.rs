@@ -1,0 +1,92 @@
+//! The executor: a [`Plan`] written into a [`MapStore`] in the planner's order.
+
+use std::collections::BTreeSet;
+
+use super::{MapStore, MapWrite};
+use crate::applied::Applied;
+use crate::planner::{MapOp, Plan};
+use crate::Frontend;
+
+/// What executing a plan did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecReport {
+    /// Operations written (gc included).
+    pub ops_ok: usize,
+    /// Frontends whose ops stopped at an error, or were skipped because a backend they need
+    /// could not be written; their entries keep their previous, consistent state.
+    pub failed: Vec<(Frontend, String)>,
+    /// Failed prepare ops (backend writes); the frontends using them are in `failed`.
+    pub prepare_failed: Vec<String>,
+}
+
+impl ExecReport {
+    /// Everything was written.
+    pub fn is_clean(&self) -> bool {
+        self.failed.is_empty() && self.prepare_failed.is_empty()
+    }
+}
+
+/// Execute `plan` on `store`, strictly in order, recording every op that succeeded in `applied`:
+///
+/// 1. `prepare` (backends); a failed one is reported, and the frontends that use it
+///    ([`Plan::blocked_by`]) are skipped whole and reported failed, so retrying them writes it
+///    again;
+/// 2. each frontend's ops; the first failing op stops that frontend only (its master still
+///    describes a consistent, older state), and the next plan repairs it;
+/// 3. gc ([`Applied::gc`]): backends nothing refers to any more; a failed delete is left for the
+///    next plan's gc.
+///
+/// The planner's order guarantees that after every single write each master's slots
+/// `1..=count` name existing backends that are members of the frontend, whichever write fails.
+pub fn execute<S: MapStore + ?Sized>(
+    store: &mut S,
+    plan: &Plan,
+    applied: &mut Applied,
+) -> ExecReport {
+    let mut report = ExecReport::default();
+    let mut write = |op: &MapOp, applied: &mut Applied| -> Result<(), String> {
+        tracing::debug!(?op, "map op");
+        MapWrite::of(op)
+            .apply_to(store)
+            .map_err(|e| format!("{op:?}: {e}"))?;
+        applied.apply(op);
+        Ok(())
+    };
+    let mut failed_prepare = Vec::new();
+    for op in &plan.prepare {
+        match write(op, applied) {
+            Ok(()) => report.ops_ok += 1,
+            Err(e) => {
+                report.prepare_failed.push(e);
+                failed_prepare.push(op.clone());
+            }
+        }
+    }
+    // A slot or member must never name a backend that was not written: skip those frontends.
+    let blocked: BTreeSet<Frontend> = plan.blocked_by(&failed_prepare, applied);
+    for (fe, ops) in &plan.frontends {
+        if blocked.contains(fe) {
+            report.failed.push((
+                *fe,
+                "skipped: a backend it uses could not be written".into(),
+            ));
+            continue;
+        }
+        for op in ops {
+            match write(op, applied) {
+                Ok(()) => report.ops_ok += 1,
+                Err(e) => {
+                    report.failed.push((*fe, e));
+                    break;
+                }
+            }
+        }
+    }
+    for op in applied.gc() {
+        match write(&op, applied) {
+            Ok(()) => report.ops_ok += 1,
+            Err(e) => tracing::debug!(error = %e, "gc delete failed; the next plan retries it"),
+        }
+    }
+    report
+}

@@ -1,0 +1,137 @@
+//! A [`MapStore`] that fails chosen writes: a full map, a failing syscall, in the middle of a
+//! plan, to prove that no failure leaves a Service half-written.
+
+use std::fmt;
+
+use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue};
+
+use super::{MapStore, MapWrite};
+
+/// Picks the writes that fail: `rule(n, write)` for write number `n` (from 0).
+type Rule = Box<dyn FnMut(usize, &MapWrite) -> bool>;
+
+/// Wraps a store and fails the writes a rule picks (the write is not performed). Reads pass
+/// through.
+pub struct FaultStore<S> {
+    inner: S,
+    /// Whether write number `n` (counting every write offered, from 0) fails.
+    rule: Rule,
+    writes: usize,
+    injected: Vec<MapWrite>,
+}
+
+/// An error of a [`FaultStore`]: injected, or the inner store's own.
+#[derive(Debug)]
+pub enum FaultError<E> {
+    Injected(MapWrite),
+    Store(E),
+}
+
+impl<E: fmt::Display> fmt::Display for FaultError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FaultError::Injected(w) => write!(f, "injected failure of a write to {}", w.map_name()),
+            FaultError::Store(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<S> FaultStore<S> {
+    /// Fail the writes `rule(n, write)` picks; `n` counts the writes offered, from 0.
+    pub fn new(inner: S, rule: impl FnMut(usize, &MapWrite) -> bool + 'static) -> Self {
+        FaultStore {
+            inner,
+            rule: Box::new(rule),
+            writes: 0,
+            injected: Vec::new(),
+        }
+    }
+
+    /// Fail write number `n` (from 0) only.
+    pub fn fail_nth(inner: S, n: usize) -> Self {
+        Self::new(inner, move |i, _| i == n)
+    }
+
+    /// Fail every write `pred` matches (e.g. every put into BACKENDS: a full map).
+    pub fn fail_matching(inner: S, pred: impl Fn(&MapWrite) -> bool + 'static) -> Self {
+        Self::new(inner, move |_, w| pred(w))
+    }
+
+    /// Writes offered so far, failed ones included.
+    pub fn writes(&self) -> usize {
+        self.writes
+    }
+
+    /// The writes that were failed.
+    pub fn injected(&self) -> &[MapWrite] {
+        &self.injected
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    fn offer<E>(&mut self, w: MapWrite) -> Result<(), FaultError<E>> {
+        let n = self.writes;
+        self.writes += 1;
+        if (self.rule)(n, &w) {
+            self.injected.push(w);
+            return Err(FaultError::Injected(w));
+        }
+        Ok(())
+    }
+}
+
+impl<S: MapStore> MapStore for FaultStore<S> {
+    type Error = FaultError<S::Error>;
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Self::Error> {
+        self.offer(MapWrite::PutService(*key, *value))?;
+        self.inner
+            .put_service(key, value)
+            .map_err(FaultError::Store)
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error> {
+        self.offer(MapWrite::DeleteService(*key))?;
+        self.inner.delete_service(key).map_err(FaultError::Store)
+    }
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), Self::Error> {
+        self.offer(MapWrite::PutBackend(id, *value))?;
+        self.inner.put_backend(id, value).map_err(FaultError::Store)
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), Self::Error> {
+        self.offer(MapWrite::DeleteBackend(id))?;
+        self.inner.delete_backend(id).map_err(FaultError::Store)
+    }
+    fn put_member(&mut self, key: &MemberKey, value: &MemberValue) -> Result<(), Self::Error> {
+        self.offer(MapWrite::PutMember(*key, *value))?;
+        self.inner.put_member(key, value).map_err(FaultError::Store)
+    }
+    fn delete_member(&mut self, key: &MemberKey) -> Result<(), Self::Error> {
+        self.offer(MapWrite::DeleteMember(*key))?;
+        self.inner.delete_member(key).map_err(FaultError::Store)
+    }
+    fn for_each_service(
+        &self,
+        f: &mut dyn FnMut(&ServiceKey, &ServiceValue),
+    ) -> Result<(), Self::Error> {
+        self.inner.for_each_service(f).map_err(FaultError::Store)
+    }
+    fn for_each_backend(&self, f: &mut dyn FnMut(u32, &Backend)) -> Result<(), Self::Error> {
+        self.inner.for_each_backend(f).map_err(FaultError::Store)
+    }
+    fn for_each_member(
+        &self,
+        f: &mut dyn FnMut(&MemberKey, &MemberValue),
+    ) -> Result<(), Self::Error> {
+        self.inner.for_each_member(f).map_err(FaultError::Store)
+    }
+}

@@ -1,0 +1,183 @@
+//! The one contract between the control plane and the Service maps.
+//!
+//! - [`MapStore`]: put, delete and iterate the three maps the agent writes (SERVICES, BACKENDS,
+//!   MEMBERS) with the `lb-common` key and value types. Like Cilium's `LBMaps`
+//!   (`pkg/loadbalancer/maps`) it has a real implementation (aya maps, in lb-userspace's
+//!   `datapath::maps`, over a loaded object or over the pins), an in-memory fake ([`MemStore`])
+//!   and a fault-injecting wrapper ([`FaultStore`]).
+//! - [`MapWrite::of`]: the one encoding of a [`MapOp`] into a map entry.
+//! - [`execute`]: the one executor of a [`crate::Plan`] (prepare, then each frontend, then gc).
+//! - [`crate::ReadBack::read`]: the one read-back of the maps into an [`crate::Applied`].
+//!
+//! Deleting a key that is not there is not an error for any implementation: a restarted agent
+//! may replay deletes.
+
+mod exec;
+mod fault;
+mod mem;
+
+pub use exec::{execute, ExecReport};
+pub use fault::{FaultError, FaultStore};
+pub use mem::MemStore;
+
+use std::fmt;
+
+use lb_common::{map_names, Backend, MemberKey, MemberValue, ServiceKey, ServiceValue};
+
+use crate::planner::MapOp;
+
+/// The SERVICES, BACKENDS and MEMBERS maps, as the agent writes and reads them back.
+pub trait MapStore {
+    type Error: fmt::Display;
+
+    /// Create or replace a SERVICES entry (a master at slot 0, or a slot).
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Self::Error>;
+    /// Delete a SERVICES entry; a missing one is success.
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
+    /// Create or replace the BACKENDS entry of backend `id`.
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), Self::Error>;
+    /// Delete the BACKENDS entry of backend `id`; a missing one is success.
+    fn delete_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// Create or replace a MEMBERS entry.
+    fn put_member(&mut self, key: &MemberKey, value: &MemberValue) -> Result<(), Self::Error>;
+    /// Delete a MEMBERS entry; a missing one is success.
+    fn delete_member(&mut self, key: &MemberKey) -> Result<(), Self::Error>;
+
+    /// Every SERVICES entry, in the map's order.
+    fn for_each_service(
+        &self,
+        f: &mut dyn FnMut(&ServiceKey, &ServiceValue),
+    ) -> Result<(), Self::Error>;
+    /// Every BACKENDS entry, in the map's order.
+    fn for_each_backend(&self, f: &mut dyn FnMut(u32, &Backend)) -> Result<(), Self::Error>;
+    /// Every MEMBERS entry, in the map's order.
+    fn for_each_member(
+        &self,
+        f: &mut dyn FnMut(&MemberKey, &MemberValue),
+    ) -> Result<(), Self::Error>;
+}
+
+impl<S: MapStore + ?Sized> MapStore for &mut S {
+    type Error = S::Error;
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), S::Error> {
+        (**self).put_service(key, value)
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), S::Error> {
+        (**self).delete_service(key)
+    }
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), S::Error> {
+        (**self).put_backend(id, value)
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), S::Error> {
+        (**self).delete_backend(id)
+    }
+    fn put_member(&mut self, key: &MemberKey, value: &MemberValue) -> Result<(), S::Error> {
+        (**self).put_member(key, value)
+    }
+    fn delete_member(&mut self, key: &MemberKey) -> Result<(), S::Error> {
+        (**self).delete_member(key)
+    }
+    fn for_each_service(
+        &self,
+        f: &mut dyn FnMut(&ServiceKey, &ServiceValue),
+    ) -> Result<(), S::Error> {
+        (**self).for_each_service(f)
+    }
+    fn for_each_backend(&self, f: &mut dyn FnMut(u32, &Backend)) -> Result<(), S::Error> {
+        (**self).for_each_backend(f)
+    }
+    fn for_each_member(&self, f: &mut dyn FnMut(&MemberKey, &MemberValue)) -> Result<(), S::Error> {
+        (**self).for_each_member(f)
+    }
+}
+
+/// One map write: a [`MapOp`] as the entry it puts or the key it deletes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapWrite {
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    PutBackend(u32, Backend),
+    DeleteBackend(u32),
+    PutMember(MemberKey, MemberValue),
+    DeleteMember(MemberKey),
+}
+
+impl MapWrite {
+    /// The encoding of `op` into map entries: the only place that knows which entry each
+    /// operation writes.
+    pub fn of(op: &MapOp) -> MapWrite {
+        match *op {
+            MapOp::PutBackend { id, backend, state } => {
+                MapWrite::PutBackend(id, backend.to_map(state))
+            }
+            MapOp::DeleteBackend { id } => MapWrite::DeleteBackend(id),
+            MapOp::PutMember {
+                frontend,
+                backend_id,
+                backend,
+            } => MapWrite::PutMember(frontend.member_key(backend_id), backend.to_member()),
+            MapOp::DeleteMember {
+                frontend,
+                backend_id,
+            } => MapWrite::DeleteMember(frontend.member_key(backend_id)),
+            MapOp::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => MapWrite::PutService(
+                frontend.key(slot),
+                ServiceValue {
+                    backend_id,
+                    ..ServiceValue::default()
+                },
+            ),
+            MapOp::DeleteSlot { frontend, slot } => MapWrite::DeleteService(frontend.key(slot)),
+            MapOp::PutMaster {
+                frontend,
+                count,
+                rev_nat_id,
+                flags,
+                affinity_timeout,
+            } => MapWrite::PutService(
+                frontend.key(0),
+                ServiceValue {
+                    backend_id: 0,
+                    count,
+                    rev_nat_id,
+                    flags,
+                    affinity_timeout,
+                },
+            ),
+            MapOp::DeleteMaster { frontend } => MapWrite::DeleteService(frontend.key(0)),
+        }
+    }
+
+    /// Perform this write on `store`.
+    pub fn apply_to<S: MapStore + ?Sized>(&self, store: &mut S) -> Result<(), S::Error> {
+        match self {
+            MapWrite::PutService(k, v) => store.put_service(k, v),
+            MapWrite::DeleteService(k) => store.delete_service(k),
+            MapWrite::PutBackend(id, v) => store.put_backend(*id, v),
+            MapWrite::DeleteBackend(id) => store.delete_backend(*id),
+            MapWrite::PutMember(k, v) => store.put_member(k, v),
+            MapWrite::DeleteMember(k) => store.delete_member(k),
+        }
+    }
+
+    /// The name of the map written (`lb_common::map_names`).
+    pub fn map_name(&self) -> &'static str {
+        match self {
+            MapWrite::PutService(..) | MapWrite::DeleteService(_) => map_names::SERVICES,
+            MapWrite::PutBackend(..) | MapWrite::DeleteBackend(_) => map_names::BACKENDS,
+            MapWrite::PutMember(..) | MapWrite::DeleteMember(_) => map_names::MEMBERS,
+        }
+    }
+
+    /// A put (create or replace), not a delete.
+    pub fn is_put(&self) -> bool {
+        matches!(
+            self,
+            MapWrite::PutService(..) | MapWrite::PutBackend(..) | MapWrite::PutMember(..)
+        )
+    }
+}

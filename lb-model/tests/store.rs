@@ -1,0 +1,270 @@
+//! The map contract: the encoding of each operation, the executor's order and report, the
+//! fault-injecting store, and the read-back, on the in-memory store.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use lb_common::*;
+use lb_model::planner::{all_frontends, plan};
+use lb_model::store::{execute, FaultStore, MapStore, MapWrite, MemStore};
+use lb_model::{
+    Applied, ClusterState, DesiredState, Frontend, MapOp, Proto, ReadBack, SourceEvent,
+};
+
+fn web() -> Frontend {
+    fe("10.96.0.80", 80, Proto::Tcp)
+}
+
+/// The desired state of Services `names[i]` at 10.96.0.(i+1) with `endpoints` ready pods each.
+fn desired(names: &[&str], endpoints: &[&[&str]]) -> DesiredState {
+    let mut state = ClusterState {
+        node: node(),
+        ..Default::default()
+    };
+    for (i, (name, ips)) in names.iter().zip(endpoints).enumerate() {
+        state.apply(SourceEvent::ServiceUpsert(cluster_svc(
+            name,
+            &format!("10.96.0.{}", i + 1),
+        )));
+        state.apply(SourceEvent::SliceUpsert(simple_slice(
+            &format!("{name}-1"),
+            name,
+            ips,
+        )));
+    }
+    DesiredState::rebuild(&state, &cfg()).0
+}
+
+#[test]
+fn each_op_is_encoded_as_one_entry_of_its_map() {
+    let b = be("10.244.0.1", 9376);
+    let cases = [
+        (
+            MapOp::PutBackend {
+                id: 3,
+                backend: b,
+                state: BACKEND_TERMINATING,
+            },
+            MapWrite::PutBackend(3, b.to_map(BACKEND_TERMINATING)),
+        ),
+        (MapOp::DeleteBackend { id: 3 }, MapWrite::DeleteBackend(3)),
+        (
+            MapOp::PutMember {
+                frontend: web(),
+                backend_id: 3,
+                backend: b,
+            },
+            MapWrite::PutMember(web().member_key(3), b.to_member()),
+        ),
+        (
+            MapOp::DeleteMember {
+                frontend: web(),
+                backend_id: 3,
+            },
+            MapWrite::DeleteMember(web().member_key(3)),
+        ),
+        (
+            MapOp::PutSlot {
+                frontend: web(),
+                slot: 2,
+                backend_id: 3,
+            },
+            MapWrite::PutService(
+                web().key(2),
+                ServiceValue {
+                    backend_id: 3,
+                    ..Default::default()
+                },
+            ),
+        ),
+        (
+            MapOp::DeleteSlot {
+                frontend: web(),
+                slot: 2,
+            },
+            MapWrite::DeleteService(web().key(2)),
+        ),
+        (
+            MapOp::PutMaster {
+                frontend: web(),
+                count: 2,
+                rev_nat_id: 9,
+                flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY,
+                affinity_timeout: 60,
+            },
+            MapWrite::PutService(
+                web().key(0),
+                ServiceValue {
+                    backend_id: 0,
+                    count: 2,
+                    rev_nat_id: 9,
+                    flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY,
+                    affinity_timeout: 60,
+                },
+            ),
+        ),
+        (
+            MapOp::DeleteMaster { frontend: web() },
+            MapWrite::DeleteService(web().key(0)),
+        ),
+    ];
+    for (op, want) in cases {
+        assert_eq!(MapWrite::of(&op), want, "{op:?}");
+    }
+    // Network byte order, as in packets.
+    assert_eq!(web().key(0).addr.to_ne_bytes(), [10, 96, 0, 80]);
+    assert_eq!(web().key(0).port, 80u16.to_be());
+    assert_eq!(MapWrite::DeleteBackend(1).map_name(), map_names::BACKENDS);
+    assert!(!MapWrite::DeleteBackend(1).is_put());
+}
+
+#[test]
+fn executed_plan_reads_back_as_what_was_applied() {
+    let d = desired(
+        &["a", "b"],
+        &[&["10.244.0.1", "10.244.0.2"], &["10.244.0.2"]],
+    );
+    let mut applied = Applied::default();
+    let mut maps = MemStore::default();
+    let p = plan(&applied, &d, &all_frontends(&applied, &d));
+    let report = execute(&mut maps, &p, &mut applied);
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.ops_ok, p.op_count());
+    // 2 masters + 3 slots, 2 backends, 3 members.
+    assert_eq!(
+        (maps.services.len(), maps.backends.len(), maps.members.len()),
+        (5, 2, 3)
+    );
+    let read = ReadBack::read(&maps).unwrap();
+    assert_eq!(read, applied);
+    assert_eq!(
+        read.rev_nat.len(),
+        2,
+        "frontend ids come back from the masters"
+    );
+    assert!(plan(&read, &d, &all_frontends(&read, &d)).is_empty());
+}
+
+#[test]
+fn fault_store_fails_the_chosen_writes_only() {
+    let mut s = FaultStore::fail_nth(MemStore::default(), 1);
+    let b = be("10.244.0.1", 9376).to_map(BACKEND_ACTIVE);
+    assert!(s.put_backend(1, &b).is_ok());
+    let e = s.put_backend(2, &b).unwrap_err();
+    assert_eq!(e.to_string(), "injected failure of a write to XLB_BE_V1");
+    assert!(s.put_backend(3, &b).is_ok());
+    assert_eq!(s.writes(), 3);
+    assert_eq!(s.injected(), &[MapWrite::PutBackend(2, b)]);
+    assert_eq!(
+        s.inner().backends.keys().copied().collect::<Vec<_>>(),
+        [1, 3]
+    );
+
+    let mut s = FaultStore::fail_matching(
+        MemStore::default(),
+        |w| matches!(w, MapWrite::PutService(k, _) if k.slot == 0),
+    );
+    assert!(s
+        .put_service(&web().key(1), &ServiceValue::default())
+        .is_ok());
+    assert!(s
+        .put_service(&web().key(0), &ServiceValue::default())
+        .is_err());
+    assert!(s.delete_service(&web().key(0)).is_ok());
+    assert_eq!(s.into_inner().services.len(), 1);
+}
+
+#[test]
+fn failed_backend_write_skips_the_frontends_that_use_it_and_the_retry_completes_them() {
+    let d = desired(
+        &["a", "b"],
+        &[&["10.244.0.1", "10.244.0.2"], &["10.244.0.3"]],
+    );
+    let mut applied = Applied::default();
+    let p = plan(&applied, &d, &all_frontends(&applied, &d));
+    // BACKENDS refuses 10.244.0.2: Service a is skipped whole, b is written.
+    let two = be("10.244.0.2", 9376).to_map(BACKEND_ACTIVE);
+    let mut store = FaultStore::fail_matching(
+        MemStore::default(),
+        move |w| matches!(w, MapWrite::PutBackend(_, b) if *b == two),
+    );
+    let report = execute(&mut store, &p, &mut applied);
+    let a = fe("10.96.0.1", 80, Proto::Tcp);
+    let b = fe("10.96.0.2", 80, Proto::Tcp);
+    assert_eq!(report.prepare_failed.len(), 1, "{report:?}");
+    assert_eq!(
+        report.failed,
+        vec![(a, "skipped: a backend it uses could not be written".into())]
+    );
+    let maps = store.into_inner();
+    assert!(!maps.services.contains_key(&a.key(0)));
+    assert_eq!(maps.services[&b.key(0)].count, 1);
+    // The backend written for a is unused: gc deleted it again.
+    assert_eq!(maps.backends.len(), 1);
+    assert_eq!(ReadBack::read(&maps).unwrap(), applied);
+
+    let mut maps = maps;
+    let retry = plan(&applied, &d, &BTreeSet::from([a]));
+    assert!(execute(&mut maps, &retry, &mut applied).is_clean());
+    assert_eq!(maps.services[&a.key(0)].count, 2);
+    assert!(plan(&applied, &d, &all_frontends(&applied, &d)).is_empty());
+}
+
+#[test]
+fn failing_op_stops_its_frontend_only_and_keeps_the_master_it_had() {
+    let d1 = desired(&["a"], &[&["10.244.0.1"]]);
+    let mut applied = Applied::default();
+    let mut maps = MemStore::default();
+    execute(
+        &mut maps,
+        &plan(&applied, &d1, &all_frontends(&applied, &d1)),
+        &mut applied,
+    );
+    // Scale up; the new slot's write fails: the master still says one backend.
+    let d2 = desired(&["a"], &[&["10.244.0.1", "10.244.0.2"]]);
+    let p = plan(&applied, &d2, &all_frontends(&applied, &d2));
+    let mut store = FaultStore::fail_matching(
+        &mut maps,
+        |w| matches!(w, MapWrite::PutService(k, _) if k.slot == 2),
+    );
+    let report = execute(&mut store, &p, &mut applied);
+    let a = fe("10.96.0.1", 80, Proto::Tcp);
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].0, a);
+    assert!(report.failed[0].1.starts_with("PutSlot"), "{report:?}");
+    assert_eq!(maps.services[&a.key(0)].count, 1);
+    assert_eq!(ReadBack::read(&maps).unwrap(), applied);
+}
+
+#[test]
+fn read_back_skips_unknown_protocols_and_keeps_leftovers() {
+    let mut maps = MemStore::default();
+    let odd = ServiceKey::new(ip4([10, 96, 0, 9]), port(80), 99, SCOPE_EXT, 0);
+    maps.put_service(&odd, &ServiceValue::default()).unwrap();
+    // A slot above a master's count (an interrupted scale-down).
+    maps.put_service(
+        &web().key(0),
+        &ServiceValue {
+            count: 1,
+            rev_nat_id: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for slot in 1..=2 {
+        maps.put_service(
+            &web().key(slot),
+            &ServiceValue {
+                backend_id: u32::from(slot),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    let read = ReadBack::read(&maps).unwrap();
+    assert_eq!(read.frontends.len(), 1);
+    assert_eq!(read.frontends[&web()].slots, vec![1, 2]);
+    assert_eq!(read.frontends[&web()].count, 1);
+}

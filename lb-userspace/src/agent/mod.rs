@@ -1,0 +1,291 @@
+//! The agent: source events -> cluster state -> desired state -> planned map ops -> datapath.
+//!
+//! ```text
+//! source::start ──AgentEvent──> Agent::on_events ── ClusterState::apply, then plan + execute
+//! tick (250 ms) ──────────────> Agent::on_tick   ── attach new pod devices, packet counters, retries
+//! sweep deadline ─────────────> Agent::on_sweep  ── one slice of the conntrack sweep
+//! ```
+//!
+//! One task owns the [`Agent`] (state and datapath), so there is no locking on the hot control
+//! path. Events are coalesced by draining whatever is already queued (no sleep), so a single
+//! endpoint change reaches the maps within milliseconds while a burst becomes one plan.
+//! On start the maps are read back (never flushed), and nothing is planned before the source's
+//! first full sync: the first plan only writes what differs, so a restart disturbs no established
+//! flow. The conntrack sweep runs in short slices between events.
+
+mod dataplane;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lb_model::{diff, Applied, Changes, ClusterState, Config as ModelConfig, DesiredState, Frontend, Problem, SvcKey};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+pub use self::dataplane::{BpfDataplane, Dataplane};
+use crate::ct_gc::GcConfig;
+use crate::datapath::MapSizes;
+use crate::metrics::Metrics;
+pub use crate::source::AgentEvent;
+
+pub struct AgentConfig {
+    pub pin_path: PathBuf,
+    pub pod_devices: Vec<glob::Pattern>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub model: ModelConfig,
+    pub map_sizes: MapSizes,
+    /// Service CIDR: unallocated addresses in it are refused (None: no such refusal).
+    pub service_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    /// Conntrack lifetimes (a load-time global of the eBPF programs).
+    pub ct_timeouts: lb_common::CtTimeouts,
+    /// Conntrack sweeper settings.
+    pub ct_gc: GcConfig,
+    /// How often to look for new pod devices and retry failed frontends.
+    pub tick: Duration,
+}
+
+/// Open the datapath, serve the metrics, and run the agent on `events` until the source closes
+/// the channel or a SIGTERM / SIGINT arrives.
+pub async fn run(config: AgentConfig, events: mpsc::Receiver<AgentEvent>) -> anyhow::Result<()> {
+    let (metrics, registry) = Metrics::new();
+    let agent = Agent::open(config, metrics.clone())?;
+    if let Some(addr) = agent.config.metrics_addr {
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, metrics, registry).await {
+                tracing::error!(error = %format!("{e:#}"), "metrics server failed");
+            }
+        });
+    }
+    agent.run(events).await
+}
+
+/// The control loop's state: the cluster as the source described it, the frontends the maps
+/// should hold, what they hold, and the kernel side they are written through.
+pub struct Agent<D = BpfDataplane> {
+    config: AgentConfig,
+    metrics: Metrics,
+    /// The cluster as the source described it.
+    state: ClusterState,
+    /// The frontends the maps should hold (kube-proxy semantics).
+    desired: DesiredState,
+    /// What the maps hold: read back at start, then updated by every op that succeeded.
+    applied: Applied,
+    dataplane: D,
+    /// The first full sync has been applied: pruning and readiness start here.
+    synced_once: bool,
+    /// Frontends whose plan failed (e.g. map full), retried on the next tick.
+    retry: BTreeSet<Frontend>,
+    /// The STATS values last seen, to turn them into counter increments.
+    last_stats: BTreeMap<&'static str, u64>,
+}
+
+impl Agent<BpfDataplane> {
+    /// Load the programs and read the pinned maps back (see [`BpfDataplane::open`]).
+    pub fn open(config: AgentConfig, metrics: Metrics) -> anyhow::Result<Self> {
+        let (dataplane, applied) = BpfDataplane::open(&config)?;
+        Ok(Agent::new(config, metrics, dataplane, applied))
+    }
+}
+
+impl<D: Dataplane> Agent<D> {
+    /// An agent over `dataplane`, whose maps hold `applied`.
+    pub fn new(config: AgentConfig, metrics: Metrics, dataplane: D, applied: Applied) -> Self {
+        Agent {
+            config,
+            metrics,
+            state: ClusterState::default(),
+            desired: DesiredState::default(),
+            applied,
+            dataplane,
+            synced_once: false,
+            retry: BTreeSet::new(),
+            last_stats: BTreeMap::new(),
+        }
+    }
+
+    /// What the maps hold.
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+
+    pub fn dataplane(&self) -> &D {
+        &self.dataplane
+    }
+
+    /// The first full sync has been applied (`/readyz` says ready).
+    pub fn is_ready(&self) -> bool {
+        self.synced_once
+    }
+
+    /// The control loop: events (drained and coalesced), ticks and sweep slices, until the source
+    /// closes or a signal arrives. Exiting leaves the programs attached and the maps pinned.
+    pub async fn run(mut self, mut events: mpsc::Receiver<AgentEvent>) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        self.attach_devices();
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    let Some(ev) = ev else {
+                        tracing::warn!("source closed; keeping the datapath as it is");
+                        break;
+                    };
+                    // Coalesce: take everything already queued, without waiting.
+                    let queued = std::iter::from_fn(|| events.try_recv().ok());
+                    self.on_events(std::iter::once(ev).chain(queued));
+                }
+                _ = tokio::time::sleep_until(self.dataplane.sweep_deadline().into()) => self.on_sweep(),
+                _ = tick.tick() => self.on_tick(),
+                _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting; programs stay attached, maps stay pinned"); break; }
+                _ = sigint.recv() => { tracing::info!("SIGINT: exiting; programs stay attached, maps stay pinned"); break; }
+            }
+        }
+        Ok(())
+    }
+
+    /// Take in a batch of events and bring the maps up to date with one plan. Nothing is planned
+    /// before the source's first full sync (so nothing is pruned that was merely not listed yet);
+    /// the first plan after it covers every frontend.
+    pub fn on_events(&mut self, events: impl IntoIterator<Item = AgentEvent>) {
+        let started = Instant::now();
+        let mut changes = Changes::default();
+        let mut cluster_changed = false;
+        for ev in events {
+            match ev {
+                AgentEvent::Source(ev) => {
+                    self.metrics.source_events.inc();
+                    cluster_changed = true;
+                    let c = self.state.apply(ev);
+                    c.problems.iter().for_each(|p| self.report_problem(p));
+                    changes.all |= c.all;
+                    changes.services.extend(c.services);
+                }
+                AgentEvent::Problem(p) => self.report_problem(&p),
+                AgentEvent::ApiError { kind } => self.metrics.api_error(kind),
+            }
+        }
+        if !cluster_changed || !self.state.synced {
+            return;
+        }
+        let full = !self.synced_once || changes.all;
+        self.reconcile(full, &changes.services, started);
+        if !self.synced_once {
+            self.first_sync_done();
+        }
+    }
+
+    /// [`Agent::on_events`] for one event.
+    pub fn on_event(&mut self, ev: AgentEvent) {
+        self.on_events([ev]);
+    }
+
+    /// The periodic work: liveness, new pod devices, packet counters, and the frontends whose
+    /// last plan failed.
+    pub fn on_tick(&mut self) {
+        self.metrics.beat();
+        self.attach_devices();
+        if let Some(stats) = self.dataplane.packet_stats() {
+            self.metrics.observe_packet_stats(&stats, &mut self.last_stats);
+        }
+        if self.synced_once && !self.retry.is_empty() {
+            let touched = std::mem::take(&mut self.retry);
+            tracing::info!(frontends = touched.len(), "retrying frontends that failed to apply");
+            let plan = diff::plan(&self.applied, &self.desired, &touched);
+            self.execute(&plan, Instant::now());
+        }
+    }
+
+    /// One slice of the conntrack sweep (events are handled between slices).
+    pub fn on_sweep(&mut self) {
+        match self.dataplane.sweep_step(&self.applied) {
+            None => {}
+            Some(Ok(report)) => self.metrics.observe_ct_sweep(&report),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "conntrack sweep failed; retrying after the interval");
+                self.metrics.conntrack_gc_errors.inc();
+            }
+        }
+    }
+
+    /// Log a skipped object and count it.
+    fn report_problem(&self, p: &Problem) {
+        tracing::warn!(object = %p.object, kind = p.kind, reason = %p.reason, "skipping invalid input");
+        self.metrics.invalid_object(p.kind);
+    }
+
+    fn attach_devices(&mut self) {
+        let n = self.dataplane.attach_devices(&self.config.pod_devices);
+        self.metrics.devices.set(n as i64);
+    }
+
+    /// Recompute the desired frontends (all of them, or those of `services`), then plan and
+    /// execute the difference, together with the frontends waiting for a retry.
+    fn reconcile(&mut self, full: bool, services: &BTreeSet<SvcKey>, started: Instant) {
+        let mut touched: BTreeSet<Frontend> = std::mem::take(&mut self.retry);
+        if full {
+            let (desired, problems) = DesiredState::rebuild(&self.state, &self.config.model);
+            problems.iter().for_each(|p| self.report_problem(p));
+            self.desired = desired;
+            touched.extend(diff::all_frontends(&self.applied, &self.desired));
+        } else {
+            for key in services {
+                let (t, problems) = self.desired.update_service(&self.state, key, &self.config.model);
+                problems.iter().for_each(|p| self.report_problem(p));
+                touched.extend(t);
+            }
+        }
+        let plan = diff::plan(&self.applied, &self.desired, &touched);
+        self.execute(&plan, started);
+    }
+
+    /// Write `plan`; frontends that failed are retried on the next tick.
+    fn execute(&mut self, plan: &lb_model::Plan, started: Instant) {
+        if plan.is_empty() {
+            return;
+        }
+        let report = self.dataplane.execute(plan, &mut self.applied);
+        let elapsed = started.elapsed();
+        let m = &self.metrics;
+        m.syncs.inc();
+        m.sync_latency.observe(elapsed.as_secs_f64());
+        m.map_ops.inc_by(report.ops_ok as u64);
+        m.frontends.set(self.applied.frontends.len() as i64);
+        m.backends.set(self.applied.backends.len() as i64);
+        for e in &report.prepare_failed {
+            tracing::error!(error = %e, "map write failed (is a map full?)");
+            m.map_op_error("prepare");
+        }
+        for (fe, e) in &report.failed {
+            tracing::error!(frontend = %fe, error = %e, "frontend not updated; it keeps its previous state and will be retried");
+            m.map_op_error("frontend");
+            self.retry.insert(*fe);
+        }
+        tracing::info!(
+            ops = report.ops_ok,
+            frontends = self.applied.frontends.len(),
+            backends = self.applied.backends.len(),
+            micros = elapsed.as_micros() as u64,
+            "maps updated"
+        );
+    }
+
+    /// The first full sync is in the maps: the agent is ready.
+    fn first_sync_done(&mut self) {
+        self.synced_once = true;
+        // The initial parse and plan peak far above the steady state; hand the freed pages back
+        // to the OS (glibc keeps them otherwise).
+        // SAFETY: malloc_trim only releases free heap memory.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        self.metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(frontends = self.applied.frontends.len(), backends = self.applied.backends.len(), "agent ready");
+    }
+}

@@ -1,0 +1,160 @@
+//! Loading xlb's eBPF object: map capacities, load-time globals, pins, and its programs. The
+//! agent, the packet tests and the benchmarks all load it here.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::programs::SchedClassifier;
+use aya::{Ebpf, EbpfLoader};
+use lb_common::{global_names, map_names, CtTimeouts};
+
+use super::{Error, PinLayout, Result};
+
+/// bpffs magic number (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Map capacities chosen at load time (only effective when the maps are created, not when reused).
+#[derive(Clone, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+    pub affinity: u32,
+    pub members: u32,
+    pub frags: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            services: lb_common::DEFAULT_SERVICES_MAX,
+            backends: lb_common::DEFAULT_BACKENDS_MAX,
+            conntrack: lb_common::DEFAULT_CONNTRACK_MAX,
+            affinity: lb_common::DEFAULT_AFFINITY_MAX,
+            members: lb_common::DEFAULT_MEMBERS_MAX,
+            frags: lb_common::DEFAULT_FRAGS_MAX,
+        }
+    }
+}
+
+impl MapSizes {
+    /// (map name, capacity) of every sized map.
+    fn by_name(&self) -> [(&'static str, u32); 6] {
+        [
+            (map_names::SERVICES, self.services),
+            (map_names::BACKENDS, self.backends),
+            (map_names::CONNTRACK, self.conntrack),
+            (map_names::AFFINITY, self.affinity),
+            (map_names::MEMBERS, self.members),
+            (map_names::FRAGS, self.frags),
+        ]
+    }
+}
+
+/// Everything fixed when the eBPF object is loaded.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Map capacities (only effective when the maps are created, not when pinned ones are reused).
+    pub sizes: MapSizes,
+    /// Service CIDR whose unallocated addresses are refused; `None` disables.
+    pub service_cidr: Option<(Ipv4Addr, u8)>,
+    /// Conntrack lifetimes (the `CT_TIMEOUTS` global).
+    pub ct_timeouts: CtTimeouts,
+}
+
+impl LoadOptions {
+    /// Load xlb's eBPF object with these sizes and globals, its maps pinned under `pins` (reusing
+    /// pins an earlier agent left) or, with `None`, unpinned (benchmarks, tests). The programs are
+    /// not loaded into the kernel yet ([`load_programs`]).
+    pub fn load_object(&self, pins: Option<&PinLayout>) -> Result<Ebpf> {
+        self.load_object_from(crate::ebpf_object(), pins)
+    }
+
+    /// [`LoadOptions::load_object`] of another build of the object (e.g. a mutant the packet
+    /// tests are run against).
+    pub fn load_object_from(&self, obj: &[u8], pins: Option<&PinLayout>) -> Result<Ebpf> {
+        if obj.is_empty() {
+            return Err(Error::EmptyObject);
+        }
+        let mut loader = EbpfLoader::new();
+        for (name, size) in self.sizes.by_name() {
+            loader.map_max_entries(name, size);
+        }
+        let map_paths: Vec<(&'static str, PathBuf)> = match pins {
+            Some(pins) => map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let (cidr_addr, cidr_mask) = service_cidr_words(self.service_cidr);
+        loader
+            .override_global(global_names::SERVICE_CIDR_ADDR, &cidr_addr, true)
+            .override_global(global_names::SERVICE_CIDR_MASK, &cidr_mask, true)
+            .override_global(global_names::CT_TIMEOUTS, &self.ct_timeouts, true);
+        Ok(loader.load(obj)?)
+    }
+}
+
+/// Load the tc programs `names` of a loaded object into the kernel (the verifier runs here; its
+/// log is in the error).
+pub fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<()> {
+    for &name in names {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        prog.load().map_err(|source| Error::Program { name, source })?;
+    }
+    Ok(())
+}
+
+/// Network-order (address, mask) words of a CIDR for the eBPF globals; (0, 0) disables.
+pub fn service_cidr_words(cidr: Option<(Ipv4Addr, u8)>) -> (u32, u32) {
+    match cidr {
+        Some((addr, len)) if len > 0 => {
+            let mask = u32::MAX << (32 - u32::from(len.min(32)));
+            let mask_be = mask.to_be();
+            (lb_common::ip4(addr.octets()) & mask_be, mask_be)
+        }
+        _ => (0, 0),
+    }
+}
+
+/// Check `path` (or its nearest existing ancestor) is on bpffs.
+pub fn check_bpffs(path: &Path) -> Result<()> {
+    let mut p = path;
+    loop {
+        if p.exists() {
+            break;
+        }
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => break,
+        }
+    }
+    let st = nix::sys::statfs::statfs(p).map_err(|e| Error::Io { path: p.to_path_buf(), source: e.into() })?;
+    if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(Error::NotBpffs { path: p.to_path_buf() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_cidr_words_are_network_order() {
+        let (a, m) = service_cidr_words(Some((Ipv4Addr::new(10, 96, 0, 0), 12)));
+        assert_eq!(a.to_ne_bytes(), [10, 96, 0, 0]);
+        assert_eq!(m.to_ne_bytes(), [255, 240, 0, 0]);
+        let inside = lb_common::ip4([10, 111, 255, 1]);
+        let outside = lb_common::ip4([10, 112, 0, 1]);
+        assert_eq!(inside & m, a);
+        assert_ne!(outside & m, a);
+        assert_eq!(service_cidr_words(None), (0, 0));
+        assert_eq!(service_cidr_words(Some((Ipv4Addr::new(10, 0, 0, 0), 0))), (0, 0));
+    }
+}
