@@ -1,6 +1,7 @@
 //! The test bed of the datapath measurements: a one-node netns cluster (lb-testkit) with a client
-//! pod and four backend pods running [`PodServers`], all on routed veths so every packet crosses
-//! the node namespace where xlb's tc programs or the netfilter rules sit.
+//! pod and four backend pods serving [`crate::traffic::servers`], all on routed veths so every
+//! packet crosses the node namespace where xlb's tc programs or the netfilter rules sit. xlb's
+//! agent runs through lb-testkit's handle, as in the end-to-end tests.
 //!
 //! Each mode gets a fresh bed, so no state of one mode (conntrack registered by an iptables
 //! table, leftover maps) can colour the next.
@@ -10,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lb_testkit::{Cluster, NetNs, Pod};
+use lb_testkit::{Agent, AgentSpec, Cluster, NetNs, Pod};
 
-use crate::agent::AgentProc;
 use crate::rules::{ExtraPort, SetSpec};
-use crate::traffic::{PodServers, GREET_PORT, SINK_PORT};
+use crate::traffic::{GREET_PORT, SINK_PORT};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 /// Backends 10.244.1.10 ..= .13: the probed Service uses the first three, endpoint changes swap
@@ -35,8 +35,7 @@ pub fn unique_prefix() -> String {
 }
 
 pub struct Bed {
-    // Drop order: servers, then pods, then the cluster, then the scratch directory.
-    servers: Vec<PodServers>,
+    // Drop order: pods (with their servers), then the cluster, then the scratch directory.
     pub client: Pod,
     pub backends: Vec<Pod>,
     pub cluster: Cluster,
@@ -48,15 +47,14 @@ impl Bed {
         let cluster = Cluster::new(&unique_prefix(), 1).context("creating the netns cluster")?;
         let client = cluster.add_pod(1, "client", CLIENT_IP)?;
         let mut backends = Vec::new();
-        let mut servers = Vec::new();
         for k in 0..BACKENDS {
             let pod = cluster.add_pod(1, &format!("be{k}"), Ipv4Addr::new(10, 244, 1, 10 + k))?;
-            servers.push(PodServers::start(&pod.ns, &pod.name)?);
+            pod.serve_with(&crate::traffic::servers())
+                .with_context(|| format!("serving in {}", pod.name))?;
             backends.push(pod);
         }
         let scratch = tempfile::Builder::new().prefix("xlb-bench-").tempdir()?;
         Ok(Bed {
-            servers,
             client,
             backends,
             cluster,
@@ -91,10 +89,11 @@ impl Bed {
         SocketAddrV4::new(self.backends[k].ip, GREET_PORT).into()
     }
 
-    /// Start xlb's agent on the node with `manifests` and wait until it is ready.
-    pub fn start_agent(&self, manifests: &Path, timeout: Duration) -> anyhow::Result<AgentProc> {
+    /// Start xlb's agent on the node with `manifests` and wait (up to `timeout`) until it is
+    /// ready; its [`Agent::ready_after`] is the time from spawn to ready.
+    pub fn start_agent(&self, manifests: &Path, timeout: Duration) -> anyhow::Result<Agent> {
         let node = self.cluster.node(1);
-        AgentProc::start(
+        start_agent(
             &node.ns,
             manifests,
             &node.pin_path(),
@@ -110,8 +109,25 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        self.servers.clear();
         // Node pin directories are removed by the agents; the cluster's root is ours to remove.
         let _ = std::fs::remove_dir(self.cluster.pin_root());
     }
+}
+
+/// Start `xlb agent --manifests DIR` in `netns` as the benchmark measures it (info logging,
+/// metrics off) and wait up to `timeout` until it is ready. Ctrl-C abandons the wait.
+pub fn start_agent(
+    netns: &NetNs,
+    manifests: &Path,
+    pin: &Path,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<Agent> {
+    let mut spec = AgentSpec::new(netns, manifests, pin, log);
+    spec.ready_timeout = timeout;
+    spec.log_filter = Some("info".into());
+    spec.abandon = Some(crate::interrupt::interrupted);
+    let agent = Agent::start(spec);
+    crate::interrupt::check()?;
+    Ok(agent?)
 }

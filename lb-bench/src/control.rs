@@ -13,8 +13,7 @@ use lb_testkit::NetNs;
 use lb_userspace::datapath::PinnedMaps;
 use serde::{Deserialize, Serialize};
 
-use crate::agent::AgentProc;
-use crate::bed::{unique_prefix, Bed};
+use crate::bed::{start_agent, unique_prefix, Bed};
 use crate::netfilter::{Installed, NfMode};
 use crate::rules::{manifests, ServiceSet, SetSpec, SERVICE_PORT};
 use crate::stats::Latency;
@@ -93,7 +92,7 @@ pub fn cold(
         let dir = scratch.path().join("manifests");
         manifests::write_all(&set, &dir)?;
         let pin_root = Path::new(lb_testkit::cluster::BPFFS).join(prefix.trim_end_matches('-'));
-        let agent = AgentProc::start(
+        let agent = start_agent(
             &ns,
             &dir,
             &pin_root.join("cold"),
@@ -108,7 +107,7 @@ pub fn cold(
             }
         };
         res.xlb_s = Some(agent.ready_after.as_secs_f64());
-        res.xlb_apply_s = agent.first_apply().map(|d| d.as_secs_f64());
+        res.xlb_apply_s = first_apply_micros(&agent.log_since_start()).map(|us| us as f64 / 1e6);
         res.xlb_rss_mib = agent.rss_mib();
         drop(agent);
         let _ = std::fs::remove_dir(&pin_root);
@@ -119,6 +118,17 @@ pub fn cold(
     }
     progress("cold programming: xlb");
     Ok(res)
+}
+
+/// `micros=N` of the first "maps updated" line of an agent log: the duration of the first map
+/// update, as the agent measured it.
+fn first_apply_micros(log: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains("maps updated"))?;
+    let rest = &line[line.find("micros=")? + "micros=".len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -208,4 +218,17 @@ pub fn endpoint_changes(
         latency: Latency::from_us(&lat).unwrap_or_default(),
         new_backend_served,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_first_apply_duration() {
+        let log = "x INFO datapath loaded\nx INFO maps updated ops=12 frontends=3 backends=4 micros=1534\n\
+                   x INFO agent ready\nx INFO maps updated ops=1 micros=9\n";
+        assert_eq!(first_apply_micros(log), Some(1534));
+        assert_eq!(first_apply_micros("agent ready"), None);
+    }
 }

@@ -2,7 +2,6 @@
 //! shapes, side by side in one run on the same netns topology (issue 5). Run from the workspace
 //! root, as root; `cargo xtask bench [--quick]` does exactly that.
 
-mod agent;
 mod bed;
 mod control;
 mod datapath;
@@ -128,10 +127,11 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("xlb-bench needs root (network namespaces, BPF, netfilter)");
     }
     interrupt::install()?;
+    // First: the cleanup of leftovers runs `xlb cleanup` of this binary.
+    ensure_xlb_binary()?;
     for leftover in lb_testkit::cleanup_stale(BASE) {
         eprintln!("removed leftover of an earlier run: {leftover}");
     }
-    ensure_xlb_binary()?;
 
     let plan = Plan::new(cli.quick);
     let bar = ProgressBar::new(plan.steps());
@@ -201,14 +201,11 @@ fn write_outputs(r: &Results, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Build the release `xlb` binary (a no-op when up to date) and point the testkit at it.
+/// Build the release `xlb` binary (a no-op when up to date) and make the testkit run it (agents,
+/// inspect, cleanup). `XLB_BIN` overrides it, as in the tests.
 fn ensure_xlb_binary() -> anyhow::Result<()> {
     if let Some(p) = std::env::var_os("XLB_BIN") {
-        anyhow::ensure!(
-            Path::new(&p).is_file(),
-            "XLB_BIN={} does not exist",
-            Path::new(&p).display()
-        );
+        lb_testkit::use_xlb_bin(Path::new(&p))?;
         return Ok(());
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -222,7 +219,6 @@ fn ensure_xlb_binary() -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("target"));
     let bin =
         std::fs::canonicalize(target.join("release/xlb")).context("locating target/release/xlb")?;
-    // SAFETY: set once at start-up, before any thread is spawned.
-    unsafe { std::env::set_var("XLB_BIN", &bin) };
+    lb_testkit::use_xlb_bin(&bin)?;
     Ok(())
 }

@@ -1,20 +1,19 @@
-//! Traffic for the datapath measurements: a greeting server and a sink in each backend pod, and
-//! the clients (connection rate + latency, one long stream) running in the client pod.
+//! Traffic for the datapath measurements: what each backend pod serves (lb-testkit's server, with
+//! a greeting port and a sink), and the clients (connection rate + latency, one long stream)
+//! running in the client pod.
 //!
-//! The testkit's serve-hostname polls (non-blocking accept with sleeps), fine for correctness
-//! tests but it would dominate a latency figure; these servers block in `accept`, answer at once
-//! and close, so what is measured is the network path.
+//! The greeting port answers from the accepting thread, which blocks in accept(2), writes the pod
+//! name and closes ([`TcpMode::Greet`]): no thread per connection and no polling, so what is
+//! measured is the network path. Peers are not recorded (a list growing by one entry per
+//! connection would colour the latency tail).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use lb_testkit::NetNs;
+use lb_testkit::{NetNs, ServeSpec, TcpMode};
 use serde::{Deserialize, Serialize};
 
 use crate::stats::Latency;
@@ -25,87 +24,12 @@ pub const GREET_PORT: u16 = 8080;
 pub const SINK_PORT: u16 = 5001;
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The greeting server and sink of one pod; stopped (threads joined) on drop.
-pub struct PodServers {
-    stop: Arc<AtomicBool>,
-    listeners: Vec<TcpListener>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl PodServers {
-    /// Listen in `ns` and answer every connection on [`GREET_PORT`] with "`name`\n".
-    pub fn start(ns: &NetNs, name: &str) -> anyhow::Result<Self> {
-        let (greet, sink) = ns.run(|| -> std::io::Result<_> {
-            Ok((
-                TcpListener::bind((Ipv4Addr::UNSPECIFIED, GREET_PORT))?,
-                TcpListener::bind((Ipv4Addr::UNSPECIFIED, SINK_PORT))?,
-            ))
-        })??;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        let line = format!("{name}\n").into_bytes();
-        for _ in 0..2 {
-            let (l, stop, line) = (greet.try_clone()?, stop.clone(), line.clone());
-            threads.push(std::thread::spawn(move || greet_loop(&l, &stop, &line)));
-        }
-        let (l, s) = (sink.try_clone()?, stop.clone());
-        threads.push(std::thread::spawn(move || sink_loop(&l, &s)));
-        Ok(PodServers {
-            stop,
-            listeners: vec![greet, sink],
-            threads,
-        })
-    }
-}
-
-impl Drop for PodServers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for l in &self.listeners {
-            // Wakes the threads blocked in accept(2) (it returns EINVAL).
-            // SAFETY: a valid listening socket we own.
-            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-fn greet_loop(l: &TcpListener, stop: &AtomicBool, line: &[u8]) {
-    while !stop.load(Ordering::SeqCst) {
-        match l.accept() {
-            Ok((mut s, _)) => {
-                let _ = s.write_all(line);
-            }
-            Err(_) if stop.load(Ordering::SeqCst) => return,
-            Err(e)
-                if e.kind() == ErrorKind::Interrupted
-                    || e.kind() == ErrorKind::ConnectionAborted => {}
-            Err(_) => std::thread::sleep(Duration::from_millis(1)),
-        }
-    }
-}
-
-fn sink_loop(l: &TcpListener, stop: &AtomicBool) {
-    let mut buf = vec![0u8; 256 * 1024];
-    while !stop.load(Ordering::SeqCst) {
-        let Ok((mut s, _)) = l.accept() else {
-            if stop.load(Ordering::SeqCst) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
-        };
-        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-        while !stop.load(Ordering::SeqCst) {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => break,
-            }
-        }
+/// What every backend pod serves: the greeting on [`GREET_PORT`], the sink on [`SINK_PORT`].
+pub fn servers() -> ServeSpec {
+    ServeSpec {
+        tcp: vec![(GREET_PORT, TcpMode::Greet), (SINK_PORT, TcpMode::Sink)],
+        udp: vec![],
+        record_peers: false,
     }
 }
 
@@ -220,13 +144,10 @@ mod tests {
     use super::*;
 
     #[test]
+    #[ignore = "needs root"]
     fn servers_answer_and_stop_on_loopback() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
         let ns = NetNs::create(&format!("xlbb{}-unit-traffic", std::process::id())).unwrap();
-        let servers = PodServers::start(&ns, "pod-a").unwrap();
+        let servers = lb_testkit::ServeHostname::start_with(&ns, "pod-a", &servers()).unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], GREET_PORT));
         let r = conn_rate(&ns, addr, Duration::from_millis(200), 500).unwrap();
         assert!(r.requests > 10 && r.errors == 0, "{r:?}");

@@ -38,54 +38,31 @@ struct Change {
 /// `to_pod`: an error for a client about a packet it sent to a backend through a frontend.
 #[inline(always)]
 pub fn to_client(ctx: &TcContext, outer: &Packet, q: &Quoted) -> Result<i32, Fault> {
-    // The flow's reply entry: (backend, client, bport, cport).
-    let key = CtKey {
-        saddr: q.daddr,
-        daddr: q.saddr,
-        sport: q.dport,
-        dport: q.sport,
-        proto: q.proto,
-        dir: CT_REPLY,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(&key) }).copied() else {
-        return Ok(PASS);
-    };
-    if !alive(&ct, now_ns()) || ct.flags & CT_F_HAIRPIN != 0 {
-        return Ok(PASS);
-    }
-    rewrite_quote(
-        ctx,
-        outer,
-        q,
-        &Change {
-            addr_off: q.ip_off + 16,
-            old_addr: q.daddr,
-            new_addr: ct.nat_addr,
-            port_off: q.l4_off + 2,
-            old_port: q.dport,
-            new_port: ct.nat_port,
-        },
-    )?;
-    if outer.saddr == q.daddr {
-        set_outer_addr(ctx, IP_SRC_OFF, outer.saddr, ct.nat_addr)?;
-    }
-    bump(Stat::IcmpErrorTranslated);
-    Ok(PASS)
+    // The flow's reply entry (backend, client, bport, cport); its frontend goes back into the
+    // quote's destination, and into the outer source when the backend sent the error.
+    translate(ctx, outer, q, CT_REPLY)
 }
 
 /// `from_pod`: an error from a client about a reply it got from a frontend.
 #[inline(always)]
 pub fn from_client(ctx: &TcContext, outer: &Packet, q: &Quoted) -> Result<i32, Fault> {
-    // The flow's forward entry: (client, frontend, cport, fport).
+    // The flow's forward entry (client, frontend, cport, fport); its backend goes back into the
+    // quote's source, and into the outer destination when the error was sent to the frontend.
+    translate(ctx, outer, q, CT_FORWARD)
+}
+
+/// Looks up the flow the quote belongs to (its entry in direction `dir`, keyed by the quote's
+/// answer tuple) and rewrites the quoted peer (`dir == CT_REPLY`: the destination, else the
+/// source) and the matching outer address to that entry's NAT address and port.
+#[inline(always)]
+fn translate(ctx: &TcContext, outer: &Packet, q: &Quoted, dir: u8) -> Result<i32, Fault> {
     let key = CtKey {
         saddr: q.daddr,
         daddr: q.saddr,
         sport: q.dport,
         dport: q.sport,
         proto: q.proto,
-        dir: CT_FORWARD,
+        dir,
         _pad: 0,
     };
     // SAFETY: copied out at once.
@@ -95,21 +72,34 @@ pub fn from_client(ctx: &TcContext, outer: &Packet, q: &Quoted) -> Result<i32, F
     if !alive(&ct, now_ns()) || ct.flags & CT_F_HAIRPIN != 0 {
         return Ok(PASS);
     }
-    rewrite_quote(
-        ctx,
-        outer,
-        q,
-        &Change {
+    let to_client = dir == CT_REPLY;
+    let change = if to_client {
+        Change {
+            addr_off: q.ip_off + 16,
+            old_addr: q.daddr,
+            port_off: q.l4_off + 2,
+            old_port: q.dport,
+            new_addr: ct.nat_addr,
+            new_port: ct.nat_port,
+        }
+    } else {
+        Change {
             addr_off: q.ip_off + 12,
             old_addr: q.saddr,
-            new_addr: ct.nat_addr,
             port_off: q.l4_off,
             old_port: q.sport,
+            new_addr: ct.nat_addr,
             new_port: ct.nat_port,
-        },
-    )?;
-    if outer.daddr == q.saddr {
-        set_outer_addr(ctx, IP_DST_OFF, outer.daddr, ct.nat_addr)?;
+        }
+    };
+    rewrite_quote(ctx, outer, q, &change)?;
+    let (outer_off, outer_addr) = if to_client {
+        (IP_SRC_OFF, outer.saddr)
+    } else {
+        (IP_DST_OFF, outer.daddr)
+    };
+    if outer_addr == change.old_addr {
+        set_outer_addr(ctx, outer_off, outer_addr, ct.nat_addr)?;
     }
     bump(Stat::IcmpErrorTranslated);
     Ok(PASS)

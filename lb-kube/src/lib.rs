@@ -58,6 +58,8 @@ pub enum Error {
 
 /// What the source sends.
 #[derive(Debug)]
+// `SourceEvent` is this large already; boxing it would cost an allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// A change of the cluster.
     Cluster(SourceEvent),

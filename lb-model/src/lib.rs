@@ -29,16 +29,6 @@ pub mod state;
 pub mod store;
 pub mod yaml_docs;
 
-/// The former path of [`yaml_docs`] (still used by the manifests source and the e2e tests).
-pub use yaml_docs as manifest;
-
-/// The former `diff` module, now [`applied`] (what is in the maps) and [`planner`] (the ops that
-/// change it). Kept as a path for the agent.
-pub mod diff {
-    pub use crate::applied::{Applied, AppliedFrontend};
-    pub use crate::planner::{all_frontends, plan, MapOp, Plan};
-}
-
 use std::fmt;
 use std::net::Ipv4Addr;
 

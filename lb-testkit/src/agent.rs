@@ -2,31 +2,59 @@
 //!
 //! The agent runs in the node's network namespace (entered before `exec`, mount namespace kept, so
 //! its pins under /sys/fs/bpf are visible to the test and to `xlb inspect`). Its log goes to a file
-//! that is printed when a test fails. Dropping the handle kills the agent and runs `xlb cleanup`,
-//! which detaches the programs and removes the pins.
+//! that is printed when a test fails, and that the handle follows ([`LogWatch`]) to see the agent
+//! become ready, or log anything else a test waits for, the moment it is written. Dropping the
+//! handle kills the agent and runs `xlb cleanup`, which detaches the programs and removes the pins.
+//!
+//! The same handle runs the agent under measurement in the benchmark: the time from spawn to
+//! "agent ready" ([`Agent::ready_after`]) and the resident memory ([`Agent::rss_mib`]).
 
 use std::fs::OpenOptions;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Deserialize;
 
 use crate::error::{io_err, Error, Result};
+use crate::logwatch::{strip_ansi, LogWatch};
 use crate::netns::{run_cmd, NetNs};
-use crate::wait::wait_for;
 
-/// How long an agent may take from start to "agent ready".
+/// How long an agent may take from start to "agent ready", unless its spec says otherwise.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the agent logs once its first full sync is applied.
 pub const READY_MARKER: &str = "agent ready";
+/// How long [`Agent::stop`] waits for the agent to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest sleep between two looks at the agent while waiting for its log: a write or an exit
+/// wakes the wait at once; this only bounds how late an abandon request is noticed.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
 
-/// The `xlb` binary: `$XLB_BIN`, else `<workspace>/target/debug/xlb` (honouring `CARGO_TARGET_DIR`).
+static XLB_BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Use `path` as the `xlb` binary for the rest of this process (agents, inspect, cleanup), e.g.
+/// the benchmark's release build. Set once; an error if it is not a file or was set already.
+pub fn use_xlb_bin(path: &Path) -> Result<()> {
+    if !path.is_file() {
+        return Err(Error::Agent(format!("{} does not exist", path.display())));
+    }
+    XLB_BIN
+        .set(path.to_path_buf())
+        .map_err(|p| Error::Agent(format!("xlb binary already set to {}", p.display())))
+}
+
+/// The `xlb` binary: the one given to [`use_xlb_bin`], else `$XLB_BIN`, else
+/// `<workspace>/target/debug/xlb` (honouring `CARGO_TARGET_DIR`).
 pub fn xlb_bin() -> Result<PathBuf> {
+    if let Some(p) = XLB_BIN.get() {
+        return Ok(p.clone());
+    }
     if let Some(p) = std::env::var_os("XLB_BIN") {
         let p = PathBuf::from(p);
         return if p.is_file() {
@@ -70,10 +98,16 @@ pub struct AgentSpec {
     pub metrics_addr: Option<SocketAddr>,
     /// Start the agent in its own session (survives the terminal; the demo's `--keep`).
     pub detach: bool,
+    /// How long [`Agent::start`] and [`Agent::restart`] wait for "agent ready".
+    pub ready_timeout: Duration,
+    /// `RUST_LOG` of the agent; None: the caller's `RUST_LOG`, else "info".
+    pub log_filter: Option<String>,
+    /// Asked while waiting for the agent: true gives up (e.g. the benchmark was interrupted).
+    pub abandon: Option<fn() -> bool>,
 }
 
 impl AgentSpec {
-    /// The test defaults: pod veths are "xp*", metrics off.
+    /// The test defaults: pod veths are "xp*", metrics off, [`READY_TIMEOUT`].
     pub fn new(netns: &NetNs, manifests: &Path, pin_path: &Path, log_path: &Path) -> Self {
         AgentSpec {
             netns: netns.name().to_string(),
@@ -84,6 +118,9 @@ impl AgentSpec {
             extra_args: Vec::new(),
             metrics_addr: None,
             detach: false,
+            ready_timeout: READY_TIMEOUT,
+            log_filter: None,
+            abandon: None,
         }
     }
 }
@@ -93,22 +130,28 @@ impl AgentSpec {
 pub struct Agent {
     spec: AgentSpec,
     child: Option<Child>,
-    /// Log length when the current process started: readiness is looked for after it.
+    /// Log length when the current process started: its lines come after it.
     log_start: u64,
+    spawned_at: Instant,
+    /// Spawn to "agent ready" of the current process (zero until it was ready). Timed by the
+    /// log write itself, not by a polling interval.
+    pub ready_after: Duration,
     keep: bool,
 }
 
 impl Agent {
-    /// Start and wait for "agent ready".
+    /// Start and wait (up to the spec's `ready_timeout`) for "agent ready".
     pub fn start(spec: AgentSpec) -> Result<Self> {
         let mut agent = Agent {
             spec,
             child: None,
             log_start: 0,
+            spawned_at: Instant::now(),
+            ready_after: Duration::ZERO,
             keep: false,
         };
         agent.spawn()?;
-        agent.wait_ready(READY_TIMEOUT)?;
+        agent.wait_ready(agent.spec.ready_timeout)?;
         Ok(agent)
     }
 
@@ -146,11 +189,19 @@ impl Agent {
                 &metrics,
             ])
             .args(&self.spec.extra_args)
+            // The log is a file that is read back: no colour sequences in it.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
+        match &self.spec.log_filter {
+            Some(f) => {
+                cmd.env("RUST_LOG", f);
+            }
+            None if std::env::var_os("RUST_LOG").is_none() => {
+                cmd.env("RUST_LOG", "info");
+            }
+            None => {}
         }
         if self.spec.detach {
             use std::os::unix::process::CommandExt as _;
@@ -162,6 +213,8 @@ impl Agent {
                 });
             }
         }
+        self.ready_after = Duration::ZERO;
+        self.spawned_at = Instant::now();
         let child = cmd
             .spawn()
             .map_err(io_err(format!("starting {}", bin.display())))?;
@@ -169,27 +222,54 @@ impl Agent {
         Ok(())
     }
 
-    /// Wait until the current process logged [`READY_MARKER`]; an exit first is an error.
+    /// Wait until the current process logged [`READY_MARKER`]; an exit first is an error. Sets
+    /// [`Agent::ready_after`].
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let ready = wait_for(timeout, Duration::from_millis(50), || {
-            if self.log_since_start().contains(READY_MARKER) {
-                return Some(Ok(()));
+        self.wait_log(timeout, |l| l.contains(READY_MARKER))?;
+        self.ready_after = self.spawned_at.elapsed();
+        Ok(())
+    }
+
+    /// Wait until the current process logs a line for which `matches` holds (lines it logged
+    /// already count) and return that line. An error when the agent exits first or `timeout`
+    /// passes; the error carries the log.
+    pub fn wait_log(
+        &mut self,
+        timeout: Duration,
+        mut matches: impl FnMut(&str) -> bool,
+    ) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let mut watch = LogWatch::new(&self.spec.log_path, self.log_start)?;
+        loop {
+            // Looked at before reading, so a line written just before an exit is still seen.
+            let exited = match self.child.as_mut().map(|c| c.try_wait()) {
+                None => Some("agent not started".to_string()),
+                Some(Ok(Some(status))) => Some(format!("agent exited with {status}")),
+                Some(_) => None,
+            };
+            if let Some(line) = watch.new_lines()?.into_iter().find(|l| matches(l)) {
+                return Ok(line);
             }
-            match self.child.as_mut().map(|c| c.try_wait()) {
-                Some(Ok(Some(status))) => {
-                    Some(Err(format!("agent exited with {status} before ready")))
-                }
-                None => Some(Err("agent not started".to_string())),
-                _ => None,
+            let give_up = if let Some(why) = exited {
+                Some(why)
+            } else if Instant::now() >= deadline {
+                Some(format!("not there after {timeout:?}"))
+            } else if self.spec.abandon.is_some_and(|f| f()) {
+                Some("abandoned".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = give_up {
+                return Err(Error::Agent(format!(
+                    "{why} while waiting for a log line; log:\n{}",
+                    self.log()
+                )));
             }
-        });
-        match ready {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(Error::Agent(format!("{e}; log:\n{}", self.log()))),
-            None => Err(Error::Agent(format!(
-                "not ready after {timeout:?}; log:\n{}",
-                self.log()
-            ))),
+            watch.wait(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(WAIT_SLICE),
+            );
         }
     }
 
@@ -201,22 +281,25 @@ impl Agent {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// SIGTERM and wait (up to 10 s, then SIGKILL). Programs and pins stay: traffic keeps flowing.
+    /// Resident memory of the running agent, MiB (`VmRSS`).
+    pub fn rss_mib(&self) -> Option<f64> {
+        rss_mib(self.pid()?)
+    }
+
+    /// SIGTERM and wait for the exit (up to 10 s, then SIGKILL). Programs and pins stay:
+    /// traffic keeps flowing.
     pub fn stop(&mut self) -> Result<Option<ExitStatus>> {
         let Some(mut child) = self.child.take() else {
             return Ok(None);
         };
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        let status = wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
-            child.try_wait().ok().flatten()
-        });
-        match status {
+        match wait_exit(&mut child, STOP_TIMEOUT) {
             Some(s) => Ok(Some(s)),
             None => {
                 let _ = child.kill();
                 let _ = child.wait();
                 Err(Error::Agent(format!(
-                    "did not exit within 10 s of SIGTERM; log:\n{}",
+                    "did not exit within {STOP_TIMEOUT:?} of SIGTERM; log:\n{}",
                     self.log()
                 )))
             }
@@ -235,18 +318,19 @@ impl Agent {
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
         self.spawn()?;
-        self.wait_ready(READY_TIMEOUT)
+        self.wait_ready(self.spec.ready_timeout)
     }
 
-    /// The whole log file (every start).
+    /// The whole log file (every start), without colour sequences.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.spec.log_path).unwrap_or_default()
+        strip_ansi(&std::fs::read_to_string(&self.spec.log_path).unwrap_or_default())
     }
 
-    fn log_since_start(&self) -> String {
+    /// The log of the current process, without colour sequences.
+    pub fn log_since_start(&self) -> String {
         let log = std::fs::read(&self.spec.log_path).unwrap_or_default();
         let start = (self.log_start as usize).min(log.len());
-        String::from_utf8_lossy(&log[start..]).into_owned()
+        strip_ansi(&String::from_utf8_lossy(&log[start..]))
     }
 
     pub fn spec(&self) -> &AgentSpec {
@@ -289,6 +373,46 @@ impl Drop for Agent {
             eprintln!("cleanup of {}: {e}", self.spec.pin_path.display());
         }
     }
+}
+
+/// Wait (up to `timeout`) for `child` to exit, woken by the exit itself (a pidfd), and reap it.
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(s)) = child.try_wait() {
+        return Some(s);
+    }
+    // SAFETY: pidfd_open of our own child, not yet reaped (so its pid is not reused).
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    if fd >= 0 {
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let deadline = Instant::now() + timeout;
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // A pidfd is readable once the process exited.
+        while pfd.revents == 0 && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        }
+    }
+    child.try_wait().ok().flatten()
+}
+
+/// Resident memory of process `pid`, MiB (`VmRSS` of /proc/PID/status).
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 /// `xlb cleanup --pin-path PIN` (detaches programs, removes pins), then remove the directory.
@@ -492,6 +616,13 @@ mod tests {
         assert!(ct[1].expired && !ct[0].expired);
         assert!(ct[1].involves("10.244.1.100".parse().unwrap()));
         assert!(!ct[1].involves("10.244.1.11".parse().unwrap()));
+    }
+
+    #[test]
+    fn reads_the_resident_memory_of_a_process() {
+        let me = rss_mib(std::process::id()).unwrap();
+        assert!(me > 0.1 && me < 100_000.0, "{me}");
+        assert_eq!(rss_mib(u32::MAX), None);
     }
 
     #[test]

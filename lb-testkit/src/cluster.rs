@@ -1,4 +1,5 @@
-//! The netns test cluster of DESIGN.md section 5.
+//! The netns test cluster: a fabric bridge, node namespaces with routed (Calico-style) pods, and
+//! an external client.
 //!
 //! ```text
 //!   fabric netns: bridge br0 (172.31.0.1/24, the nodes' default gateway)
@@ -21,7 +22,7 @@ use std::sync::Mutex;
 use crate::client::{self, ClientError, Dial, TcpConn, UdpConn};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
-use crate::server::ServeHostname;
+use crate::server::{ServeHostname, ServeSpec};
 
 /// Address of the fabric bridge: the nodes' default gateway.
 pub const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
@@ -76,7 +77,13 @@ pub struct Pod {
 impl Pod {
     /// Start serve-hostname in this pod (replacing a running one).
     pub fn serve(&self, tcp_ports: &[u16], udp_ports: &[u16]) -> Result<()> {
-        let server = ServeHostname::start(&self.ns, &self.name, tcp_ports, udp_ports)?;
+        self.serve_with(&ServeSpec::hostname(tcp_ports, udp_ports))
+    }
+    /// Start a server as `spec` says in this pod (replacing a running one).
+    pub fn serve_with(&self, spec: &ServeSpec) -> Result<()> {
+        // The old server goes first: the new one binds the same ports.
+        self.stop_serving();
+        let server = ServeHostname::start_with(&self.ns, &self.name, spec)?;
         *self.server.lock().unwrap() = Some(server);
         Ok(())
     }
@@ -236,7 +243,9 @@ impl Cluster {
         PathBuf::from(BPFFS).join(self.prefix.trim_end_matches('-'))
     }
 
-    /// Add a pod `name` with address `ip` on node `k`, routed Calico-style (DESIGN.md section 5).
+    /// Add a pod `name` with address `ip` on node `k`, routed Calico-style: in the pod,
+    /// `POD_IP/32` on eth0 and a default route via 169.254.1.1; on the node, 169.254.1.1 on the
+    /// veth (answers ARP) and a /32 route to the pod.
     pub fn add_pod(&self, k: u8, name: &str, ip: Ipv4Addr) -> Result<Pod> {
         let node = self
             .nodes

@@ -1,6 +1,7 @@
 //! Test infrastructure for xlb: a cluster of network namespaces (fabric bridge, nodes, routed pods,
 //! an external client), serve-hostname servers and clients inside pods, the `xlb agent` process
-//! per node, and the manifests it reads. Used by the end-to-end tests and by `cargo xtask run`.
+//! per node, and the manifests it reads. Used by the end-to-end tests, by `cargo xtask run` and by
+//! the benchmark (lb-bench), which runs its agent and pod servers through the same handles.
 //!
 //! Everything created is removed by `Drop` guards, also when a test panics; what a killed process
 //! leaves behind is found by its name prefix and removed by [`cleanup_stale`].
@@ -9,6 +10,7 @@ pub mod agent;
 pub mod client;
 pub mod cluster;
 pub mod error;
+pub mod logwatch;
 pub mod manifests;
 pub mod netns;
 pub mod server;
@@ -18,14 +20,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use agent::{
-    inspect_conntrack, inspect_services, metric_sum, xlb_bin, Agent, AgentSpec, InspectCt,
-    InspectService,
+    inspect_conntrack, inspect_services, metric_sum, use_xlb_bin, xlb_bin, Agent, AgentSpec,
+    InspectCt, InspectService,
 };
 pub use client::{ClientError, Close, Dial, TcpConn, UdpConn};
 pub use cluster::{Cluster, Node, Pod};
 pub use error::{Error, Result};
 pub use netns::NetNs;
-pub use server::ServeHostname;
+pub use server::{ServeHostname, ServeSpec, TcpMode};
 pub use wait::{wait_for, wait_until};
 
 /// Name prefix of everything the tests create; followed by the creating process id.

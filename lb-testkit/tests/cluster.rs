@@ -1,29 +1,19 @@
 //! The netns cluster itself, without xlb: routed pods reach each other on the same node and across
 //! nodes, serve-hostname answers TCP and UDP, clients tell refusal from success, and everything is
-//! removed on drop. Needs root (skipped otherwise).
+//! removed on drop. Needs root (`#[ignore = "needs root"]`; `cargo xtask test` runs it).
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::time::{Duration, Instant};
 
 use lb_testkit::{cluster, netns, unique_prefix, Cluster};
 
-fn root() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return false;
-    }
-    true
-}
-
 fn addr(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
 
 #[test]
+#[ignore = "needs root"]
 fn pods_talk_across_nodes_and_everything_is_removed() {
-    if !root() {
-        return;
-    }
     let prefix = unique_prefix();
     {
         let c = Cluster::new(&prefix, 2).unwrap();

@@ -1,19 +1,21 @@
 //! End to end: the `xlb` binary (one agent per node, manifests directory) on a 2-node netns
 //! cluster, with real TCP/UDP clients in pods and serve-hostname backends. The scenarios of the
-//! tutorials: a Service reaches all its pods, readiness is followed, no endpoints means refused at
-//! once, backends see the client's own address, established connections survive updates and agent
-//! restarts, bad input changes nothing, new pods get the programs. Root only (`cargo xtask test`).
+//! tutorials: a Service reaches all its pods, readiness is followed, no endpoints means refused
+//! (RST, port unreachable), backends see the client's own address, established connections
+//! survive updates and agent restarts, bad input changes nothing, new pods get the programs.
+//! Root only: `#[ignore = "needs root"]`, run by `cargo xtask test`.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
 
 use lb_testkit::manifests::{set_endpoint_ready, write_atomic, Endpoint, SvcManifest, SvcPort};
-use xlb_tests::e2e::{example_file, hostport, root_or_skip, tally_tcp, tally_udp, Env};
+use xlb_tests::e2e::{example_file, hostport, tally_tcp, tally_udp, Env};
 
 const CLIENT: &str = "client";
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 100);
 const HOSTNAMES: &str = "10.96.0.80:80/TCP";
 const HOSTNAMES_VIP: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 80), 80);
+/// A Service written after an invalid manifest, to know when the agents have read both.
+const SENTINEL: &str = "10.96.0.99:80/TCP";
 
 fn ip(node: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, node, host)
@@ -42,10 +44,8 @@ fn examples_env() -> (Env, Vec<lb_testkit::manifests::ExampleService>) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn hostnames_example_reaches_every_pod_and_backends_see_the_client_ip() {
-    if !root_or_skip() {
-        return;
-    }
     let (env, examples) = examples_env();
     let hostnames = examples.iter().find(|s| s.name == "hostnames").unwrap();
     let hits = tally_tcp(env.pod(CLIENT), HOSTNAMES_VIP.into(), 30);
@@ -83,10 +83,8 @@ fn hostnames_example_reaches_every_pod_and_backends_see_the_client_ip() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn endpoint_marked_not_ready_is_never_hit_afterwards() {
-    if !root_or_skip() {
-        return;
-    }
     let (env, examples) = examples_env();
     let hostnames = examples.iter().find(|s| s.name == "hostnames").unwrap();
     let victim = hostnames.pods.iter().find(|p| p.node == 2).unwrap();
@@ -133,10 +131,8 @@ fn endpoint_marked_not_ready_is_never_hit_afterwards() {
 }
 
 #[test]
-fn service_without_endpoints_is_refused_at_once() {
-    if !root_or_skip() {
-        return;
-    }
+#[ignore = "needs root"]
+fn service_without_endpoints_is_refused() {
     let mut env = Env::new();
     env.add_pod(1, CLIENT, CLIENT_IP, &[], &[]);
     let svc = SvcManifest {
@@ -154,30 +150,17 @@ fn service_without_endpoints_is_refused_at_once() {
     env.wait_frontend("10.96.5.1:53/UDP");
     let client = env.pod(CLIENT);
 
-    let t = Instant::now();
+    // Refused, i.e. answered: a RST (ECONNREFUSED on connect) and an ICMP port unreachable
+    // (ECONNREFUSED on the connected UDP socket), never a silence that times out.
     let err = client.tcp_request((svc.cluster_ip, 80)).unwrap_err();
     assert!(err.is_refused(), "TCP: {err}");
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "TCP refusal took {:?}",
-        t.elapsed()
-    );
-
-    let t = Instant::now();
     let err = client.udp_request((svc.cluster_ip, 53)).unwrap_err();
     assert!(err.is_refused(), "UDP: {err}");
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "UDP refusal took {:?}",
-        t.elapsed()
-    );
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_through_a_cluster_ip_reaches_every_pod() {
-    if !root_or_skip() {
-        return;
-    }
     let mut env = Env::new();
     env.add_pod(1, CLIENT, CLIENT_IP, &[], &[]);
     env.add_pod(1, "dns-a", ip(1, 53), &[], &[5353]);
@@ -213,10 +196,8 @@ fn udp_through_a_cluster_ip_reaches_every_pod() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn remote_backend_on_node2_is_reached_from_node1() {
-    if !root_or_skip() {
-        return;
-    }
     let mut env = Env::new();
     env.add_pod(1, CLIENT, CLIENT_IP, &[], &[]);
     env.add_pod(2, "far", ip(2, 60), &[8080], &[]);
@@ -236,10 +217,8 @@ fn remote_backend_on_node2_is_reached_from_node1() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn long_lived_connection_survives_endpoint_updates_and_agent_restart() {
-    if !root_or_skip() {
-        return;
-    }
     let mut env = Env::new();
     env.add_pod(1, CLIENT, CLIENT_IP, &[], &[]);
     env.add_pod(1, "echo-a", ip(1, 70), &[7000], &[]);
@@ -307,10 +286,8 @@ fn long_lived_connection_survives_endpoint_updates_and_agent_restart() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn invalid_manifest_changes_nothing_else() {
-    if !root_or_skip() {
-        return;
-    }
     let (env, _) = examples_env();
     let before = (env.inspect(1), env.inspect(2));
     write_atomic(
@@ -319,17 +296,26 @@ fn invalid_manifest_changes_nothing_else() {
          ---\napiVersion: v1\nkind: Service\nmetadata: [this, is, not, a, map]\n---\n{ unbalanced: [\n",
     )
     .unwrap();
-    // A mistaken change would show within the convergence time of a valid one (milliseconds);
-    // watch for a while.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        assert_eq!(
-            (env.inspect(1), env.inspect(2)),
-            before,
-            "an invalid manifest changed the maps"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // A valid change written after the broken file: the agents handle the files in the order
+    // they were written, so once it is in the maps the broken file has been read and acted on.
+    let sentinel = SvcManifest {
+        name: "sentinel".into(),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 99),
+        ports: vec![SvcPort::tcp("http", 80, 9376)],
+        endpoints: vec![],
+    };
+    env.write(&sentinel);
+    env.wait_frontend(SENTINEL);
+    let without_sentinel = |k: u8| {
+        let mut s = env.inspect(k);
+        s.retain(|f| f.frontend != SENTINEL);
+        s
+    };
+    assert_eq!(
+        (without_sentinel(1), without_sentinel(2)),
+        before,
+        "an invalid manifest changed the maps"
+    );
     let hits = tally_tcp(env.pod(CLIENT), HOSTNAMES_VIP.into(), 10);
     assert!(hits.keys().all(|k| k.starts_with("hostnames-")), "{hits:?}");
     for a in &env.agents {
@@ -341,10 +327,8 @@ fn invalid_manifest_changes_nothing_else() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn pod_created_after_the_agent_started_gets_the_programs() {
-    if !root_or_skip() {
-        return;
-    }
     let mut env = Env::new();
     env.add_pod(2, "old", ip(2, 80), &[8080], &[]);
     let mut svc = SvcManifest {
@@ -363,17 +347,10 @@ fn pod_created_after_the_agent_started_gets_the_programs() {
     svc.endpoints = vec![Endpoint::ready(ip(1, 80), "node1", "new")];
     env.write(&svc);
     env.wait_backends("10.96.0.81:80/TCP", &["10.244.1.80:8080"]);
+    // The client's veth translates its requests, the backend's its replies.
+    env.wait_programs_attached("late-client");
+    env.wait_programs_attached("new");
     let vip: SocketAddr = (svc.cluster_ip, 80).into();
-    let ok = lb_testkit::wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
-        env.pod("late-client")
-            .tcp_request(vip)
-            .is_ok_and(|who| who == "new")
-    });
-    assert!(
-        ok,
-        "the new pod's veth never got the programs: {:?}",
-        env.pod("late-client").tcp_request(vip)
-    );
     let hits = tally_tcp(env.pod("late-client"), vip, 5);
     assert_eq!(hits.get("new"), Some(&5), "{hits:?}");
 }

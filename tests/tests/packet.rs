@@ -181,6 +181,7 @@ fn assert_ct_pair(
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tcp_flow_is_translated_tracked_and_reverse_translated() -> Result<()> {
     let mut dp = datapath_with_service(PROTO_TCP)?;
     let cl = client(40_000);
@@ -230,6 +231,7 @@ fn tcp_flow_is_translated_tracked_and_reverse_translated() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_flow_is_translated_tracked_and_reverse_translated() -> Result<()> {
     let mut dp = datapath_with_service(PROTO_UDP)?;
     let cl = client(33_333);
@@ -269,6 +271,7 @@ fn udp_flow_is_translated_tracked_and_reverse_translated() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_zero_checksum_stays_zero() -> Result<()> {
     let mut dp = datapath_with_service(PROTO_UDP)?;
     let cl = client(33_334);
@@ -305,6 +308,7 @@ fn udp_zero_checksum_stays_zero() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn new_flows_spread_over_all_backends() -> Result<()> {
     let mut dp = datapath_with_service(PROTO_TCP)?;
     let mut per_backend: BTreeMap<u32, u32> = BTreeMap::new();
@@ -333,6 +337,7 @@ fn new_flows_spread_over_all_backends() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn session_affinity_keeps_a_client_on_one_backend() -> Result<()> {
     let mut dp = TestDatapath::load()?;
     let mut svc = service(PROTO_TCP, backends());
@@ -397,6 +402,7 @@ fn remove_from_service(dp: &mut TestDatapath, proto: u8, gone: BackendSpec) -> R
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_flow_is_reselected_when_its_backend_goes() -> Result<()> {
     let mut dp = datapath_with_service(PROTO_UDP)?;
     let cl = client(44_444);
@@ -417,6 +423,7 @@ fn udp_flow_is_reselected_when_its_backend_goes() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tcp_flow_keeps_its_backend_when_it_goes() -> Result<()> {
     let mut dp = datapath_with_service(PROTO_TCP)?;
     let cl = client(44_445);
@@ -447,6 +454,7 @@ fn tcp_flow_keeps_its_backend_when_it_goes() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ipv4_options_are_translated() -> Result<()> {
     let mut dp = datapath_with_service(PROTO_TCP)?;
     let cl = client(40_001);
@@ -476,6 +484,7 @@ fn ipv4_options_are_translated() -> Result<()> {
 /// Katran-style fixtures: frames that must come out byte-identical with TC_ACT_OK and no
 /// conntrack entry, from both programs.
 #[test]
+#[ignore = "needs root"]
 fn frames_that_are_not_ours_pass_untouched() -> Result<()> {
     let mut dp = datapath_with_service(PROTO_TCP)?;
     let syn = Tcp::new(client(40_002), frontend(PROTO_TCP), TcpFlags::SYN).frame();
@@ -565,6 +574,7 @@ fn datapath_without_endpoints(proto: u8) -> Result<TestDatapath> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tcp_to_a_service_without_endpoints_is_reset() -> Result<()> {
     let mut dp = datapath_without_endpoints(PROTO_TCP)?;
     let cl = client(40_010);
@@ -637,6 +647,7 @@ fn tcp_to_a_service_without_endpoints_is_reset() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_to_a_service_without_endpoints_gets_port_unreachable() -> Result<()> {
     let mut dp = datapath_without_endpoints(PROTO_UDP)?;
     let cl = client(40_020);
@@ -684,6 +695,7 @@ fn udp_to_a_service_without_endpoints_gets_port_unreachable() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn unallocated_addresses_in_the_service_cidr_are_refused() -> Result<()> {
     let mut dp = TestDatapath::load_with_service_cidr(Some((Ipv4Addr::new(10, 96, 0, 0), 12)))?;
     dp.set_service(&service(PROTO_TCP, backends()))?;

@@ -1,5 +1,6 @@
-//! `cargo xtask setup`: check each requirement and install only what is missing (DESIGN.md
-//! section 6). One line per check; unattended (CI=true or not), every install is non-interactive.
+//! `cargo xtask setup`: check each requirement and install only what is missing (the
+//! toolchain combination verified on this machine kind: aya 0.14, aya-build 0.2.0, bpf-linker on
+//! LLVM 22, nightly rust-src). One line per check; unattended (CI=true or not), every install is non-interactive.
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -300,11 +300,8 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs root"]
     fn per_packet_run_on_the_real_object() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
         let res = run(
             &[1, 20],
             PktPlan {

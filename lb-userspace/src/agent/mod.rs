@@ -22,7 +22,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use lb_model::{diff, Applied, Changes, ClusterState, Config as ModelConfig, DesiredState, Frontend, Problem, SvcKey};
+use lb_model::{
+    planner, Applied, Changes, ClusterState, Config as ModelConfig, DesiredState, Frontend, Problem, SvcKey,
+};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -196,7 +198,7 @@ impl<D: Dataplane> Agent<D> {
         if self.synced_once && !self.retry.is_empty() {
             let touched = std::mem::take(&mut self.retry);
             tracing::info!(frontends = touched.len(), "retrying frontends that failed to apply");
-            let plan = diff::plan(&self.applied, &self.desired, &touched);
+            let plan = planner::plan(&self.applied, &self.desired, &touched);
             self.execute(&plan, Instant::now());
         }
     }
@@ -232,7 +234,7 @@ impl<D: Dataplane> Agent<D> {
             let (desired, problems) = DesiredState::rebuild(&self.state, &self.config.model);
             problems.iter().for_each(|p| self.report_problem(p));
             self.desired = desired;
-            touched.extend(diff::all_frontends(&self.applied, &self.desired));
+            touched.extend(planner::all_frontends(&self.applied, &self.desired));
         } else {
             for key in services {
                 let (t, problems) = self.desired.update_service(&self.state, key, &self.config.model);
@@ -240,7 +242,7 @@ impl<D: Dataplane> Agent<D> {
                 touched.extend(t);
             }
         }
-        let plan = diff::plan(&self.applied, &self.desired, &touched);
+        let plan = planner::plan(&self.applied, &self.desired, &touched);
         self.execute(&plan, started);
     }
 

@@ -83,7 +83,7 @@ fn service(name: &str, ip: &str, eps: &[&str]) -> Vec<AgentEvent> {
          metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
          addressType: IPv4\nports: [{{port: 8080, protocol: TCP}}]\nendpoints:\n{eps}"
     );
-    let parsed = lb_model::manifest::parse("test.yaml", &yaml);
+    let parsed = lb_model::yaml_docs::parse("test.yaml", &yaml);
     assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
     let services = parsed.services.into_iter().map(SourceEvent::ServiceUpsert);
     let slices = parsed.slices.into_iter().map(SourceEvent::SliceUpsert);
@@ -119,7 +119,7 @@ fn problems_and_api_errors_on_the_channel_are_counted_and_plan_nothing() {
 #[test]
 fn problems_found_by_the_model_are_counted() {
     let (mut agent, registry) = agent();
-    let mut slice = lb_model::manifest::parse(
+    let mut slice = lb_model::yaml_docs::parse(
         "s.yaml",
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan}\naddressType: IPv4\n",
     )

@@ -20,6 +20,8 @@ const KUBE_QUEUE: usize = 4096;
 
 /// What a source sends the agent.
 #[derive(Debug)]
+// `SourceEvent` is this large already; boxing it would cost an allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AgentEvent {
     /// A change of the cluster.
     Source(SourceEvent),

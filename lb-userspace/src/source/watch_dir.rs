@@ -21,7 +21,7 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use lb_model::{manifest, Problem, SourceEvent};
+use lb_model::{yaml_docs, Problem, SourceEvent};
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
@@ -72,7 +72,7 @@ fn parse_file(path: &Path, problems: &mut Vec<Problem>) -> Parsed {
     let mut out = Parsed::default();
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            let parsed = manifest::parse(&origin, &text);
+            let parsed = yaml_docs::parse(&origin, &text);
             problems.extend(parsed.problems);
             // Later documents of a file replace earlier ones with the same key.
             for s in parsed.services {

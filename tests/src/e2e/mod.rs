@@ -2,6 +2,12 @@
 //! name prefix, a 2-node netns cluster, a manifests directory, pods and one `xlb agent` per node.
 //! Dropping it stops the agents (`xlb cleanup`), deletes pods and namespaces and the directory,
 //! also when the test panics (the agent logs are printed then).
+//!
+//! The tests need root (namespaces, BPF): each is `#[ignore = "needs root"]`, so a plain
+//! `cargo test` lists them as ignored; `cargo xtask test` runs them with `--include-ignored`.
+//! Nothing here sleeps to let something happen: a test waits for the event itself (a log line
+//! of the agent, the maps' state through `xlb inspect -o json`), and the deadlines of those
+//! waits only bound a failure.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -28,16 +34,6 @@ pub const MAP_SIZE_ARGS: [&str; 6] = [
     "--conntrack-map-size",
     "16384",
 ];
-
-/// True when running as root; otherwise the test prints why it is skipped.
-pub fn root_or_skip() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: the netns end-to-end tests need root (run `cargo xtask test`)");
-        return false;
-    }
-    true
-}
 
 /// Removes a directory on drop.
 #[derive(Debug)]
@@ -150,6 +146,22 @@ impl Env {
                 Agent::start(spec).unwrap_or_else(|e| panic!("agent on {}: {e}", node.name));
             self.agents.push(agent);
         }
+    }
+
+    /// Wait until the agent of `pod`'s node logged that it attached the programs to the pod's
+    /// veth (it scans for new devices every 250 ms).
+    pub fn wait_programs_attached(&mut self, pod: &str) {
+        let pod = self.pods.get(pod).unwrap_or_else(|| panic!("no pod {pod}"));
+        let device = format!("device={}", pod.host_veth);
+        let agent = self
+            .agents
+            .get_mut(usize::from(pod.node) - 1)
+            .unwrap_or_else(|| panic!("no agent on node{}", pod.node));
+        agent
+            .wait_log(CONVERGE, |l| {
+                l.contains("programs attached") && l.split_whitespace().any(|w| w == device)
+            })
+            .unwrap_or_else(|e| panic!("{} never got the programs: {e}", pod.host_veth));
     }
 
     pub fn pin(&self, k: u8) -> PathBuf {
@@ -278,11 +290,9 @@ pub fn assert_burst(
     dials: &[Dial],
     ok: impl Fn(usize, &str) -> bool,
 ) -> BTreeMap<String, usize> {
-    let t = std::time::Instant::now();
     let results = client
         .tcp_burst(dials, BURST_TIMEOUT, BURST_MAX_ERRORS)
         .unwrap_or_else(|e| panic!("{what}: burst from {}: {e}", client.name));
-    eprintln!("{what}: {} connections in {:?}", results.len(), t.elapsed());
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let mut first = Vec::new();
