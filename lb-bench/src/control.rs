@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bed::{start_agent, unique_prefix, Bed};
 use crate::netfilter::{Installed, NfMode};
-use crate::rules::{manifests, ServiceSet, SetSpec, SERVICE_PORT};
+use crate::rules::{xlb_dir, ServiceSet, SetSpec, SERVICE_PORT};
 use crate::stats::Latency;
 use crate::traffic::request;
 
@@ -90,7 +90,7 @@ pub fn cold(
             .prefix("xlb-bench-cold-")
             .tempdir()?;
         let dir = scratch.path().join("manifests");
-        manifests::write_all(&set, &dir)?;
+        xlb_dir::write_all(&set, &dir)?;
         let pin_root = Path::new(lb_testkit::cluster::BPFFS).join(prefix.trim_end_matches('-'));
         let agent = start_agent(
             &ns,
@@ -181,9 +181,9 @@ pub fn endpoint_changes(
     for i in 0..count {
         let next = if i % 2 == 0 { &b } else { &a };
         let want: BTreeSet<Ipv4Addr> = next.iter().copied().collect();
-        let text = manifests::manifest(probe, next).to_yaml();
+        let text = xlb_dir::manifest(probe, next).to_yaml();
         let started = Instant::now();
-        lb_testkit::manifests::write_atomic(probe_file, &text)?;
+        lb_testkit::service_yaml::write_atomic(probe_file, &text)?;
         loop {
             if probe_backends(&maps, probe.cluster_ip)? == want {
                 break;
@@ -200,7 +200,7 @@ pub fn endpoint_changes(
     }
     // Leave the set with the fourth pod in it and show a client reaches that pod.
     if count.is_multiple_of(2) {
-        lb_testkit::manifests::write_atomic(probe_file, &manifests::manifest(probe, &b).to_yaml())?;
+        lb_testkit::service_yaml::write_atomic(probe_file, &xlb_dir::manifest(probe, &b).to_yaml())?;
         let want: BTreeSet<Ipv4Addr> = b.iter().copied().collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         while probe_backends(&maps, probe.cluster_ip)? != want && Instant::now() < deadline {

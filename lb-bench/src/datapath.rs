@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::bed::Bed;
 use crate::control::{endpoint_changes, ChangeResults};
 use crate::netfilter::{Installed, NfMode};
-use crate::rules::{manifests, ServiceSet, SERVICE_PORT};
+use crate::rules::{xlb_dir, ServiceSet, SERVICE_PORT};
 use crate::traffic::{conn_rate, request, stream, ConnResult, SINK_PORT};
 
 /// What translates the client's traffic.
@@ -139,7 +139,7 @@ fn run_mode(
             }
             Mode::Xlb => {
                 let dir = bed.scratch().join(format!("manifests-{n}"));
-                let probe_file = manifests::write_all(&set, &dir)?;
+                let probe_file = xlb_dir::write_all(&set, &dir)?;
                 let agent = bed.start_agent(&dir, Duration::from_secs(300))?;
                 let conn = measure(svc)?;
                 row(conn, agent.ready_after.as_secs_f64(), agent.rss_mib());

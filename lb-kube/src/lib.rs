@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! watcher(Service) ─┐
-//! watcher(Slice)  ──┼─ select ─ translate::Sources ─ mpsc::Sender<E: From<Event>> ─ agent
+//! watcher(Slice)  ──┼─ select ─ watch_events::Sources ─ mpsc::Sender<E: From<Event>> ─ agent
 //! watcher(Node)   ──┘  (each with kube-runtime's default backoff)
 //! ```
 //!
@@ -22,7 +22,7 @@
 //!   [`lenient`] for why kube-rs alone would let one bad object block a whole kind).
 
 pub mod lenient;
-mod translate;
+mod watch_events;
 
 use std::path::{Path, PathBuf};
 
@@ -36,9 +36,9 @@ use lb_model::{Problem, SourceEvent};
 use tokio::sync::mpsc;
 
 pub use lenient::Lenient;
-pub use translate::node_info;
+pub use watch_events::node_info;
 
-use translate::{Sources, Update};
+use watch_events::{Sources, Update};
 
 /// Why the source could not start.
 #[derive(Debug, thiserror::Error)]

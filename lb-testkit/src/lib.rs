@@ -11,7 +11,7 @@ pub mod client;
 pub mod cluster;
 pub mod error;
 pub mod logwatch;
-pub mod manifests;
+pub mod service_yaml;
 pub mod netns;
 pub mod server;
 pub mod wait;

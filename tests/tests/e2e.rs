@@ -7,7 +7,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use lb_testkit::manifests::{set_endpoint_ready, write_atomic, Endpoint, SvcManifest, SvcPort};
+use lb_testkit::service_yaml::{set_endpoint_ready, write_atomic, Endpoint, SvcManifest, SvcPort};
 use xlb_tests::e2e::{example_file, hostport, tally_tcp, tally_udp, Env};
 
 const CLIENT: &str = "client";
@@ -22,7 +22,7 @@ fn ip(node: u8, host: u8) -> Ipv4Addr {
 }
 
 /// Examples loaded, their pods serving, a client pod on node1, agents ready, hostnames programmed.
-fn examples_env() -> (Env, Vec<lb_testkit::manifests::ExampleService>) {
+fn examples_env() -> (Env, Vec<lb_testkit::service_yaml::ExampleService>) {
     let mut env = Env::new();
     let examples = env.with_examples();
     env.add_pod(1, CLIENT, CLIENT_IP, &[], &[]);

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use lb_testkit::manifests::{Endpoint, SvcManifest, SvcPort};
+use lb_testkit::service_yaml::{Endpoint, SvcManifest, SvcPort};
 use lb_testkit::{metric_sum, wait_until, AgentSpec, ClientError, Close, Dial, InspectCt, Pod};
 use xlb_tests::e2e::{
     assert_burst, hostport, reused_port, reused_port_dials, rst_or_server_fin, tally_tcp,

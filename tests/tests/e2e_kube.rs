@@ -11,7 +11,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Node;
 use lb_fakeapi::{FakeApi, Kind};
 use lb_testkit::agent::{find_frontend, inspect_services};
-use lb_testkit::manifests::{Endpoint, SvcManifest, SvcPort};
+use lb_testkit::service_yaml::{Endpoint, SvcManifest, SvcPort};
 use lb_testkit::{wait_until, Agent, AgentSpec, ClientError};
 use xlb_tests::e2e::{tally_tcp, Env, CONVERGE, MAP_SIZE_ARGS};
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use lb_testkit::manifests::{self, ExampleService};
+use lb_testkit::service_yaml::{self, ExampleService};
 use lb_testkit::{agent, netns, wait_until, Agent, AgentSpec, Cluster, Pod};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
@@ -117,8 +117,8 @@ fn teardown_on_signal() {
 fn up() -> Result<Demo> {
     cluster_down()?;
     let manifests = Path::new(STATE_DIR).join("manifests");
-    manifests::copy_dir(&manifests::examples_dir(), &manifests)?;
-    let services = manifests::load_examples(&manifests)?;
+    service_yaml::copy_dir(&service_yaml::examples_dir(), &manifests)?;
+    let services = service_yaml::load_examples(&manifests)?;
     println!(
         "cluster: 2 nodes, {} example Services from examples/",
         services.len()
@@ -250,7 +250,7 @@ fn show(demo: &Demo) -> Result<()> {
             .unwrap_or_default()
             .to_string_lossy()
     );
-    manifests::set_endpoint_ready(
+    service_yaml::set_endpoint_ready(
         &demo.manifests.join(hostnames.file.file_name().unwrap()),
         victim.ip,
         false,

@@ -8,7 +8,7 @@
 //! points at the real pods.
 
 pub mod iptables;
-pub mod manifests;
+pub mod xlb_dir;
 pub mod nft;
 
 use std::net::Ipv4Addr;

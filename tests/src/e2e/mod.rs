@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_testkit::agent::{find_frontend, inspect_services};
-use lb_testkit::manifests::{self, SvcManifest};
+use lb_testkit::service_yaml::{self, SvcManifest};
 use lb_testkit::{
     inspect_conntrack, unique_prefix, wait_until, Agent, AgentSpec, ClientError, Close, Cluster,
     Dial, InspectCt, InspectService, Pod,
@@ -76,9 +76,9 @@ impl Env {
 
     /// Copy the repository's examples/ into the manifests directory and create (and serve) the
     /// pods their EndpointSlices name.
-    pub fn with_examples(&mut self) -> Vec<manifests::ExampleService> {
-        manifests::copy_dir(&manifests::examples_dir(), &self.manifests).expect("copying examples");
-        let services = manifests::load_examples(&self.manifests).expect("reading examples");
+    pub fn with_examples(&mut self) -> Vec<service_yaml::ExampleService> {
+        service_yaml::copy_dir(&service_yaml::examples_dir(), &self.manifests).expect("copying examples");
+        let services = service_yaml::load_examples(&self.manifests).expect("reading examples");
         for s in &services {
             for p in &s.pods {
                 self.add_pod(p.node, &p.name, p.ip, &p.tcp_ports, &p.udp_ports);
@@ -368,7 +368,7 @@ pub fn hostport(ip: Ipv4Addr, port: u16) -> String {
 }
 
 /// The manifests file of an example Service.
-pub fn example_file(env: &Env, svc: &manifests::ExampleService) -> PathBuf {
+pub fn example_file(env: &Env, svc: &service_yaml::ExampleService) -> PathBuf {
     env.manifests
         .join(Path::new(svc.file.file_name().expect("example file name")))
 }

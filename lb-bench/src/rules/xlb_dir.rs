@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lb_testkit::manifests::{Endpoint, SvcManifest, SvcPort};
+use lb_testkit::service_yaml::{Endpoint, SvcManifest, SvcPort};
 
 use super::{ServiceSet, Svc};
 
