@@ -281,6 +281,20 @@ fn show(demo: &Demo) -> Result<()> {
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
+
+    // The flows the tallies made: each request's connection, closed, waiting out its short
+    // closing lifetime before the agent's sweeper removes it.
+    println!(
+        "\n$ xlb inspect conntrack --pin-path {} | tail -1",
+        demo.node1_pin().display()
+    );
+    let out = Command::new(lb_testkit::xlb_bin()?)
+        .args(["inspect", "conntrack", "--pin-path"])
+        .arg(demo.node1_pin())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{}", stdout.lines().last().unwrap_or_default());
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 
