@@ -54,15 +54,16 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
     if pkt.proto == PROTO_SCTP {
         return Ok(other_proto(&pkt));
     }
-    let now = now_ns();
     if pkt.daddr == HAIRPIN {
-        return hairpin_reply(ctx, &pkt, now);
+        return hairpin_reply(ctx, &pkt);
     }
     let key = forward_key(&pkt);
     let mut reason = None;
     if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: a live map value; copied out before any other map operation.
         let ct = unsafe { *entry };
+        // The clock is read only where it is needed: a packet that is not ours never pays it.
+        let now = now_ns();
         if !alive(&ct, now) {
             reason = Some(Stat::CtExpired);
         } else {
@@ -89,7 +90,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
     if let Some(stat) = reason {
         bump(stat);
     }
-    new_flow(ctx, &pkt, now)
+    new_flow(ctx, &pkt)
 }
 
 /// Why a live conntrack hit must not keep its backend, or `None` when it keeps it.
@@ -147,13 +148,14 @@ fn forward(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<i32, Fault> {
 /// A pod answering a hairpin flow (to [`HAIRPIN`]): restore the frontend as the source and the
 /// pod itself as the destination, and send it straight back in.
 #[inline(always)]
-fn hairpin_reply(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<i32, Fault> {
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
     let key = reply_key_of(pkt);
     let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
         return Ok(PASS);
     };
     // SAFETY: a live map value; copied out before any other map operation.
     let ct = unsafe { *entry };
+    let now = now_ns();
     if !alive(&ct, now) {
         return Ok(PASS);
     }
@@ -168,7 +170,7 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<i32, Fault> 
 
 /// First packet of a flow (or one that starts over): select, track, DNAT.
 #[inline(always)]
-fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<i32, Fault> {
+fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
     let master_key = master_key(pkt);
     // SAFETY: the master is copied out at once.
     let Some(master) = (unsafe { SERVICES.get(&master_key) }).copied() else {
@@ -187,6 +189,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<i32, Fault> {
     if master.count == 0 {
         return refuse(ctx, pkt);
     }
+    let now = now_ns();
     let selected = lb::select(pkt, &master_key, &master, now)?;
     let flags = if selected.addr == pkt.saddr {
         CT_F_HAIRPIN
