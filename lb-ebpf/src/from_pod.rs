@@ -102,11 +102,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
 /// lose: every datagram checks membership, and moves on at once (DNS must not blackhole).
 #[inline(always)]
 fn stale_reason(pkt: &Packet, ct: &CtValue) -> Option<Stat> {
+    if pkt.is_tcp() && !pkt.is_syn_only() {
+        // The established path: nothing more to look up.
+        return None;
+    }
     let master_key = master_key(pkt);
     if pkt.is_tcp() {
-        if !pkt.is_syn_only() {
-            return None;
-        }
         if lb_common::ct_state::is_closing(ct.state) {
             return Some(Stat::CtTupleReused);
         }

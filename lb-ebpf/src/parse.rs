@@ -171,7 +171,8 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
         PROTO_ICMP => return Err(Skip::Fragment),
         _ => return Err(Skip::NotOurs),
     };
-    let frag_key = FragKey {
+    // Built only for fragments: unfragmented packets (nearly all) never touch FRAGS.
+    let frag_key = || FragKey {
         saddr: pkt.saddr,
         daddr: pkt.daddr,
         id: u16::from_ne_bytes(ip.id),
@@ -181,7 +182,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
     if frags & IP_OFFSET_MASK != 0 {
         // A later fragment: no L4 header. Follow the first fragment if it was seen.
         // SAFETY: copied out at once.
-        let ports = unsafe { FRAGS.get(&frag_key) }.copied().ok_or(Skip::Fragment)?;
+        let ports = unsafe { FRAGS.get(&frag_key()) }.copied().ok_or(Skip::Fragment)?;
         pkt.sport = ports.sport;
         pkt.dport = ports.dport;
         pkt.has_l4 = false;
@@ -208,7 +209,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
             sport: pkt.sport,
             dport: pkt.dport,
         };
-        let _ = FRAGS.insert(&frag_key, &ports, BPF_ANY.into());
+        let _ = FRAGS.insert(&frag_key(), &ports, BPF_ANY.into());
     }
     Ok(Parsed::L4(pkt))
 }

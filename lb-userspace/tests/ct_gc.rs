@@ -7,8 +7,10 @@
 //!
 //! Run: `cargo test -p lb-userspace --test ct_gc -- --include-ignored` (as root).
 
+mod common;
+use common::Pins;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use lb_common::{
@@ -17,25 +19,10 @@ use lb_common::{
 };
 use lb_model::{Applied, AppliedFrontend, Frontend, Proto};
 use lb_userspace::ct_gc::{affinity_timeout, next_interval, now_coarse_ns, CtGc, GcConfig, SweepReport};
-use lb_userspace::datapath::{cleanup, Datapath, LoadOptions, MapSizes, PinnedMaps};
+use lb_userspace::datapath::{Datapath, LoadOptions, MapSizes, PinnedMaps};
 
 const SEC: u64 = 1_000_000_000;
 const CT_MAX: u32 = 4096;
-
-/// A pin directory removed (with everything pinned in it) on drop, even when the test fails.
-struct Pins(PathBuf);
-impl Pins {
-    fn new(tag: &str) -> Self {
-        let p = PathBuf::from(format!("/sys/fs/bpf/xlb-test-ctgc-{tag}-{}", std::process::id()));
-        let _ = cleanup(&p);
-        Pins(p)
-    }
-}
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = cleanup(&self.0);
-    }
-}
 
 /// The real object loaded on fresh pins with a small conntrack map, and a sweeper on them.
 /// Fields drop in order: the pins are removed last.
@@ -49,7 +36,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str, cfg: GcConfig) -> Self {
-        let pins = Pins::new(tag);
+        let pins = Pins::new("ctgc", tag);
         let opts = LoadOptions {
             sizes: MapSizes { conntrack: CT_MAX, affinity: 256, ..MapSizes::default() },
             service_cidr: None,

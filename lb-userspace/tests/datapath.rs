@@ -7,27 +7,14 @@
 //!
 //! Run: `cargo test -p lb-userspace --test datapath -- --include-ignored` (as root).
 
+mod common;
+use common::Pins;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use lb_model::planner::{all_frontends, plan};
 use lb_model::{yaml_docs, ClusterState, Config, DesiredState, SourceEvent};
-use lb_userspace::datapath::{cleanup, Datapath, MapSizes, PinnedMaps};
-
-/// A pin directory removed (with everything pinned in it) on drop, even when the test fails.
-struct Pins(PathBuf);
-impl Pins {
-    fn new(tag: &str) -> Self {
-        let p = PathBuf::from(format!("/sys/fs/bpf/xlb-test-dp-{tag}-{}", std::process::id()));
-        let _ = cleanup(&p);
-        Pins(p)
-    }
-}
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = cleanup(&self.0);
-    }
-}
+use lb_userspace::datapath::{Datapath, MapSizes, PinnedMaps};
 
 fn manifests(n: usize, endpoints: usize) -> String {
     let mut s = String::new();
@@ -65,7 +52,7 @@ fn desired_from(text: &str) -> DesiredState {
 #[test]
 #[ignore = "needs root"]
 fn restart_reads_back_exactly_and_plans_nothing() {
-    let pins = Pins::new("restart");
+    let pins = Pins::new("dp", "restart");
     let desired = desired_from(&manifests(20, 4));
     let mut applied = {
         let mut dp = Datapath::open(&pins.0, &MapSizes::default()).expect("open datapath");
@@ -109,7 +96,7 @@ fn restart_reads_back_exactly_and_plans_nothing() {
 #[test]
 #[ignore = "needs root"]
 fn full_services_map_is_reported_and_leaves_frontends_consistent() {
-    let pins = Pins::new("full");
+    let pins = Pins::new("dp", "full");
     // 10 Services x 2 ports x (1 master + 3 slots) = 80 entries; the map holds 50.
     let sizes = MapSizes { services: 50, ..MapSizes::default() };
     let mut dp = Datapath::open(&pins.0, &sizes).expect("open datapath");
