@@ -76,6 +76,7 @@ fn flow(i: u32, expires_ns: u64, state: u8) -> [(CtKey, CtValue); 2] {
         flags: 0,
         rev_nat_id: 1,
         expires_ns,
+        ..CtValue::default()
     };
     [(fwd, v(backend, bport)), (rev, v(frontend, fport))]
 }

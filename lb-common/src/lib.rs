@@ -25,22 +25,36 @@ pub const PROTO_SCTP: u8 = 132;
 pub mod map_names {
     pub const SERVICES: &str = "XLB_SVC_V1";
     pub const BACKENDS: &str = "XLB_BE_V1";
-    /// V2: the value carries a state and an expiry instead of seen-flags and a last-seen time.
-    pub const CONNTRACK: &str = "XLB_CT_V2";
-    /// V2: one more counter per reason.
-    pub const STATS: &str = "XLB_STATS_V2";
+    /// V3: the value also carries a second address and port (the SNAT of a flow from outside
+    /// the node to a backend on another node). V2: a state and an expiry.
+    pub const CONNTRACK: &str = "XLB_CT_V3";
+    /// V3: room for [`crate::STATS_SLOTS`] counters, so a new counter needs no new map.
+    pub const STATS: &str = "XLB_STATS_V3";
     pub const AFFINITY: &str = "XLB_AFF_V1";
     /// (frontend, backend id) -> backend address: which backends are members of which frontend.
     pub const MEMBERS: &str = "XLB_MEMBER_V1";
     /// (src, dst, IP id, proto) of a fragmented datagram -> its L4 ports.
     pub const FRAGS: &str = "XLB_FRAG_V1";
-    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, CONNTRACK, STATS, AFFINITY, MEMBERS, FRAGS];
+    /// LPM trie: (frontend, client CIDR) of `loadBalancerSourceRanges`.
+    pub const SRC_RANGES: &str = "XLB_SRCRANGE_V1";
+    /// ifindex of an external device -> its node address (the SNAT source).
+    pub const DEVICES: &str = "XLB_DEV_V1";
+    pub const ALL: [&str; 9] = [
+        SERVICES, BACKENDS, CONNTRACK, STATS, AFFINITY, MEMBERS, FRAGS, SRC_RANGES, DEVICES,
+    ];
 }
 
 /// Names of the programs in the eBPF object.
 pub mod prog_names {
     pub const FROM_POD: &str = "from_pod";
     pub const TO_POD: &str = "to_pod";
+    /// Traffic from outside the node: native/generic XDP on the external devices.
+    pub const FROM_NET_XDP: &str = "from_net_xdp";
+    /// The same at tc ingress: for devices without XDP (`--xdp-mode off`), and, next to XDP, for
+    /// what XDP hands over (refusals, a next hop without a neighbour entry, ICMP errors).
+    pub const FROM_NET: &str = "from_net";
+    /// tc egress on the external devices: answers of local backends to clients outside.
+    pub const TO_NET: &str = "to_net";
     /// Do-nothing programs, for benchmark floors only.
     pub const NOOP_TC: &str = "noop_tc";
     pub const NOOP_XDP: &str = "noop_xdp";
@@ -55,6 +69,27 @@ pub mod global_names {
     pub const SERVICE_CIDR_MASK: &str = "XLB_SERVICE_CIDR_MASK";
     /// Conntrack lifetimes, a [`crate::CtTimeouts`].
     pub const CT_TIMEOUTS: &str = "XLB_CT_TIMEOUTS";
+    /// SNAT source ports for flows from outside to a backend on another node, a
+    /// [`crate::PortRange`] (host order, inclusive).
+    pub const SNAT_PORTS: &str = "XLB_SNAT_PORTS";
+}
+
+/// An inclusive range of ports, host byte order (a load-time global).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+/// Default SNAT port range: above Linux's default ephemeral range (32768-60999), so the node's
+/// own connections never take a port the datapath hands out.
+pub const DEFAULT_SNAT_PORTS: PortRange = PortRange { min: 61_000, max: 65_535 };
+
+impl Default for PortRange {
+    fn default() -> Self {
+        DEFAULT_SNAT_PORTS
+    }
 }
 
 /// The link-local address a hairpin flow (a pod reaching itself through a Service) is SNATed to,
@@ -69,9 +104,13 @@ pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
 pub const DEFAULT_MEMBERS_MAX: u32 = 262_144;
 pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
+pub const DEFAULT_SRC_RANGES_MAX: u32 = 16_384;
+pub const DEFAULT_DEVICES_MAX: u32 = 64;
 
-/// Scope of a frontend entry. Only `SCOPE_EXT` is used until traffic policy Local splits a
-/// Service into an external and an internal backend set.
+/// Scope of a frontend entry. `SCOPE_EXT` holds every frontend. An external frontend (NodePort,
+/// LoadBalancer, externalIP) of an externalTrafficPolicy Local Service has a second entry with
+/// `SCOPE_INT` (its master flagged [`SVC_FLAG_TWO_SCOPES`]): the node-local backends serve
+/// clients from outside (`SCOPE_EXT`), every backend serves pods (`SCOPE_INT`), as kube-proxy does.
 pub const SCOPE_EXT: u8 = 0;
 pub const SCOPE_INT: u8 = 1;
 
@@ -112,6 +151,14 @@ pub const SVC_FLAG_INT_LOCAL: u32 = 1 << 5;
 pub const SVC_FLAG_AFFINITY: u32 = 1 << 6;
 /// The slots hold serving+terminating endpoints because no ready endpoint exists.
 pub const SVC_FLAG_TERMINATING_FALLBACK: u32 = 1 << 7;
+/// On a `SCOPE_EXT` master: pods use the `SCOPE_INT` entry of the same frontend.
+pub const SVC_FLAG_TWO_SCOPES: u32 = 1 << 8;
+/// loadBalancerSourceRanges: new flows from clients outside the frontend's `SRC_RANGES` are dropped.
+pub const SVC_FLAG_SOURCE_RANGES: u32 = 1 << 9;
+/// externalTrafficPolicy Local with endpoints only on other nodes: a master with `count == 0`
+/// drops new flows (kube-proxy does, so a load balancer's health check moves traffic away)
+/// instead of refusing them, which is only right when the Service has no endpoint at all.
+pub const SVC_FLAG_DROP_NO_LOCAL: u32 = 1 << 10;
 
 /// Value of `SERVICES`. For the master (slot 0): `count`, `rev_nat_id`, `flags`,
 /// `affinity_timeout`; `backend_id` is 0. For a slot: only `backend_id`.
@@ -137,6 +184,10 @@ pub struct ServiceValue {
 pub const BACKEND_ACTIVE: u8 = 0;
 /// Serving but terminating: only used when a Service has no ready endpoint.
 pub const BACKEND_TERMINATING: u8 = 1;
+/// A bit of `Backend::state`: the endpoint runs on this node. Flows from outside to a local
+/// backend keep the client's address (no SNAT); to a backend on another node they are SNATed
+/// to the node so the answer comes back through it.
+pub const BACKEND_F_LOCAL: u8 = 1 << 7;
 
 /// Value of `BACKENDS` (key: backend id, `u32`). Ids are stable for an (addr, port, proto).
 #[repr(C)]
@@ -147,6 +198,7 @@ pub struct Backend {
     /// Backend port, network byte order.
     pub port: u16,
     pub proto: u8,
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`], plus the bit [`BACKEND_F_LOCAL`].
     pub state: u8,
 }
 
@@ -223,6 +275,10 @@ pub const CT_F_FIN_REV: u8 = 1 << 1;
 /// `CtValue::flags`: hairpin flow: the client is its own backend, its source is SNATed to
 /// [`HAIRPIN_ADDR`] on the way in and restored on the way back.
 pub const CT_F_HAIRPIN: u8 = 1 << 2;
+/// `CtValue::flags`: the flow is also SNATed (from outside the node to a backend on another
+/// node). Forward entry: `snat_*` is the node address and port the backend sees. Reply entry
+/// (keyed by the backend's answer to that address): `snat_*` is the client to restore.
+pub const CT_F_SNAT: u8 = 1 << 3;
 
 /// Value of `CONNTRACK`.
 ///
@@ -247,6 +303,12 @@ pub struct CtValue {
     pub flags: u8,
     /// The frontend's `ServiceValue::rev_nat_id` when the flow was set up.
     pub rev_nat_id: u32,
+    /// With [`CT_F_SNAT`] only. Forward: the node address the flow is SNATed to. Reply: the
+    /// client address to restore as the destination. Network byte order.
+    pub snat_addr: u32,
+    /// With [`CT_F_SNAT`] only: the port that goes with `snat_addr`. Network byte order.
+    pub snat_port: u16,
+    pub _pad: u16,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) after which the entry is dead.
     /// Refreshed at most once a second per flow, so busy flows do not write the map per packet.
     pub expires_ns: u64,
@@ -256,29 +318,65 @@ impl CtKey {
     /// The key of the other entry of the same flow, given this entry's value.
     pub const fn pair(&self, v: &CtValue) -> CtKey {
         let hairpin = v.flags & CT_F_HAIRPIN != 0;
+        let snat = v.flags & CT_F_SNAT != 0;
         if self.dir == CT_FORWARD {
-            // (client, frontend, cport, fport) -> (backend, client or hairpin, bport, cport)
+            // (client, frontend, cport, fport) -> (backend, client | hairpin | node, bport, cport | snat port)
             CtKey {
                 saddr: v.nat_addr,
-                daddr: if hairpin { u32::from_ne_bytes(HAIRPIN_ADDR) } else { self.saddr },
+                daddr: if snat {
+                    v.snat_addr
+                } else if hairpin {
+                    u32::from_ne_bytes(HAIRPIN_ADDR)
+                } else {
+                    self.saddr
+                },
                 sport: v.nat_port,
-                dport: self.sport,
+                dport: if snat { v.snat_port } else { self.sport },
                 proto: self.proto,
                 dir: CT_REPLY,
                 _pad: 0,
             }
         } else {
-            // (backend, client or hairpin, bport, cport) -> (client, frontend, cport, fport)
+            // (backend, client | hairpin | node, bport, cport | snat port) -> (client, frontend, cport, fport)
             CtKey {
-                saddr: if hairpin { self.saddr } else { self.daddr },
+                saddr: if snat {
+                    v.snat_addr
+                } else if hairpin {
+                    self.saddr
+                } else {
+                    self.daddr
+                },
                 daddr: v.nat_addr,
-                sport: self.dport,
+                sport: if snat { v.snat_port } else { self.dport },
                 dport: v.nat_port,
                 proto: self.proto,
                 dir: CT_FORWARD,
                 _pad: 0,
             }
         }
+    }
+
+    /// The value of the other entry of the flow whose entry at `self` holds `v`: the addresses
+    /// each side restores are the other side's key.
+    pub const fn pair_value(&self, v: &CtValue) -> CtValue {
+        let snat = v.flags & CT_F_SNAT != 0;
+        let mut out = *v;
+        if self.dir == CT_FORWARD {
+            out.nat_addr = self.daddr;
+            out.nat_port = self.dport;
+            if snat {
+                out.snat_addr = self.saddr;
+                out.snat_port = self.sport;
+            }
+        } else {
+            out.nat_addr = self.saddr;
+            out.nat_port = self.sport;
+            if snat {
+                out.snat_addr = self.daddr;
+                out.snat_port = self.dport;
+            }
+        }
+        out
     }
 }
 
@@ -392,6 +490,38 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
+/// The data part of a `SRC_RANGES` LPM-trie key (the trie's `prefixlen` comes first, outside
+/// this struct): a frontend, then a client address. An entry for a CIDR `a/n` has prefix length
+/// [`SrcRangeKey::FRONTEND_BITS`] + n, so every lookup matches the frontend exactly and the
+/// client by its longest prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SrcRangeKey {
+    /// Frontend address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    /// Client address (or the CIDR's network address), network byte order.
+    pub client: u32,
+}
+
+impl SrcRangeKey {
+    /// Bits of the key before the client address.
+    pub const FRONTEND_BITS: u32 = 64;
+}
+
+/// Value of `DEVICES` (key: ifindex, `u32`): an external device the agent attached to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
+pub struct DeviceValue {
+    /// The node's primary IPv4 address on the device, network byte order: the SNAT source of
+    /// flows from outside to a backend on another node. 0: none (such flows are passed on).
+    pub addr: u32,
+    pub _pad: u32,
+}
+
 /// Index of the per-CPU `STATS` array: one counter per verdict / reason.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -436,9 +566,25 @@ pub enum Stat {
     FragmentTranslated = 18,
     /// A lost reply entry of a live flow was re-created.
     CtReplyRecreated = 19,
+    /// A new flow from outside to a backend on another node found no free SNAT port: dropped.
+    DropSnatPortsExhausted = 20,
+    /// A new flow to a LoadBalancer IP from a client outside its loadBalancerSourceRanges: dropped.
+    DropSourceRange = 21,
+    /// externalTrafficPolicy Local, no endpoint on this node (but some elsewhere): dropped.
+    DropNoLocalEndpoint = 22,
+    /// XDP handed a packet of ours to the tc program untouched (a refusal, a next hop without
+    /// a neighbour entry, an ICMP error, a fragment).
+    XdpDeferred = 23,
+    /// A translated packet from outside could not be forwarded (no route): dropped.
+    DropNoRoute = 24,
+    /// A flow from outside to a backend on another node was SNATed to the node.
+    Snat = 25,
 }
 
-pub const STAT_COUNT: u32 = 20;
+pub const STAT_COUNT: u32 = 26;
+/// Capacity of the `STATS` array: counters can be added up to it without a new map.
+pub const STATS_SLOTS: u32 = 64;
+const _: () = assert!(STAT_COUNT <= STATS_SLOTS);
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -462,6 +608,12 @@ impl Stat {
         Stat::IcmpErrorTranslated,
         Stat::FragmentTranslated,
         Stat::CtReplyRecreated,
+        Stat::DropSnatPortsExhausted,
+        Stat::DropSourceRange,
+        Stat::DropNoLocalEndpoint,
+        Stat::XdpDeferred,
+        Stat::DropNoRoute,
+        Stat::Snat,
     ];
     /// Stable snake_case name, used for metrics labels and `xlb inspect stats`.
     pub const fn name(self) -> &'static str {
@@ -486,6 +638,12 @@ impl Stat {
             Stat::IcmpErrorTranslated => "icmp_error_translated",
             Stat::FragmentTranslated => "fragment_translated",
             Stat::CtReplyRecreated => "ct_reply_recreated",
+            Stat::DropSnatPortsExhausted => "drop_snat_ports_exhausted",
+            Stat::DropSourceRange => "drop_source_range",
+            Stat::DropNoLocalEndpoint => "drop_no_local_endpoint",
+            Stat::XdpDeferred => "xdp_deferred",
+            Stat::DropNoRoute => "drop_no_route",
+            Stat::Snat => "snat",
         }
     }
 }
@@ -542,6 +700,9 @@ mod user {
         MemberValue,
         FragKey,
         FragValue,
+        SrcRangeKey,
+        DeviceValue,
+        PortRange,
     );
 }
 
@@ -550,7 +711,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 24);
@@ -558,6 +719,8 @@ const _: () = assert!(core::mem::size_of::<MemberKey>() == 12);
 const _: () = assert!(core::mem::size_of::<MemberValue>() == 8);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragValue>() == 4);
+const _: () = assert!(core::mem::size_of::<SrcRangeKey>() == 12);
+const _: () = assert!(core::mem::size_of::<DeviceValue>() == 8);
 
 #[cfg(test)]
 mod tests {
@@ -605,6 +768,22 @@ mod tests {
         assert_eq!(reply.saddr, key.saddr);
         let reply_value = CtValue { nat_addr: key.daddr, nat_port: key.dport, ..value };
         assert_eq!(reply.pair(&reply_value), key);
+    }
+
+    #[test]
+    fn pair_of_a_snat_flow_is_the_backends_answer_to_the_node() {
+        let (key, mut value) = flow(CT_F_SNAT);
+        value.snat_addr = ip4([172, 31, 0, 11]);
+        value.snat_port = port(61_234);
+        let reply = key.pair(&value);
+        assert_eq!((reply.saddr, reply.sport), (value.nat_addr, value.nat_port));
+        assert_eq!((reply.daddr, reply.dport), (value.snat_addr, value.snat_port));
+        let reply_value = key.pair_value(&value);
+        // The reply restores the frontend as the source and the client as the destination.
+        assert_eq!((reply_value.nat_addr, reply_value.nat_port), (key.daddr, key.dport));
+        assert_eq!((reply_value.snat_addr, reply_value.snat_port), (key.saddr, key.sport));
+        assert_eq!(reply.pair(&reply_value), key);
+        assert_eq!(reply.pair_value(&reply_value), value);
     }
 
     #[test]

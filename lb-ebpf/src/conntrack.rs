@@ -91,24 +91,6 @@ pub fn answer_key_of(pkt: &Packet) -> CtKey {
     }
 }
 
-/// The value of the other entry of the flow whose entry at `key` holds `v`.
-#[inline(always)]
-fn pair_value(key: &CtKey, v: &CtValue) -> CtValue {
-    if key.dir == CT_FORWARD {
-        CtValue {
-            nat_addr: key.daddr,
-            nat_port: key.dport,
-            ..*v
-        }
-    } else {
-        CtValue {
-            nat_addr: key.saddr,
-            nat_port: key.sport,
-            ..*v
-        }
-    }
-}
-
 /// State and flags after `pkt` went `dir` on a flow in `state` with `flags`.
 #[inline(always)]
 fn next_state(state: u8, flags: u8, pkt: &Packet, dir: Dir) -> (u8, u8) {
@@ -220,7 +202,7 @@ pub fn update(key: &CtKey, entry: *mut CtValue, pkt: &Packet, dir: Dir, now: u64
 #[inline(always)]
 fn recreate_pair(key: &CtKey, pair_key: &CtKey, v: &CtValue) {
     if CONNTRACK
-        .insert(pair_key, &pair_value(key, v), BPF_ANY.into())
+        .insert(pair_key, &key.pair_value(v), BPF_ANY.into())
         .is_ok()
     {
         bump(Stat::CtReplyRecreated);
@@ -248,11 +230,12 @@ pub fn create(
         flags: flags | seen,
         rev_nat_id,
         expires_ns: now + lifetime_ns(state),
+        ..CtValue::default()
     };
     let key = forward_key(pkt);
     let fwd_ok = CONNTRACK.insert(&key, &forward, BPF_ANY.into()).is_ok();
     let rep_ok = CONNTRACK
-        .insert(&key.pair(&forward), &pair_value(&key, &forward), BPF_ANY.into())
+        .insert(&key.pair(&forward), &key.pair_value(&forward), BPF_ANY.into())
         .is_ok();
     fwd_ok && rep_ok
 }

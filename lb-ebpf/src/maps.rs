@@ -4,13 +4,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue,
-    MemberKey, MemberValue, ServiceKey, ServiceValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
-    DEFAULT_CONNTRACK_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MEMBERS_MAX, DEFAULT_SERVICES_MAX,
-    STAT_COUNT,
+    map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, DeviceValue, FragKey,
+    FragValue, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey,
+    DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX,
+    DEFAULT_FRAGS_MAX, DEFAULT_MEMBERS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SRC_RANGES_MAX,
+    STATS_SLOTS,
 };
 
 /// Frontends: master entries (slot 0) and backend slots `1..=count`. A reply is restored from
@@ -26,7 +27,7 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_B
 
 /// Forward and reply entries of every translated flow. LRU, so a full table evicts the
 /// coldest flows instead of refusing new ones.
-#[map(name = "XLB_CT_V2")]
+#[map(name = "XLB_CT_V3")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
 
@@ -47,8 +48,18 @@ pub static FRAGS: LruHashMap<FragKey, FragValue> =
     LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
 
 /// Per-CPU counters indexed by `lb_common::Stat`.
-#[map(name = "XLB_STATS_V2")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+#[map(name = "XLB_STATS_V3")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+/// loadBalancerSourceRanges: (frontend, client CIDR) -> 1. Looked up only for frontends whose
+/// master has `SVC_FLAG_SOURCE_RANGES`. `BPF_F_NO_PREALLOC` is required for LPM tries.
+#[map(name = "XLB_SRCRANGE_V1")]
+pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> =
+    LpmTrie::with_max_entries(DEFAULT_SRC_RANGES_MAX, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// ifindex of an external device -> the node's address on it (SNAT source), written by the agent.
+#[map(name = "XLB_DEV_V1")]
+pub static DEVICES: HashMap<u32, DeviceValue> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
 
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -68,8 +79,10 @@ const fn same(a: &str, b: &str) -> bool {
 // The literals above must match the shared names userspace looks up.
 const _: () = assert!(same("XLB_SVC_V1", map_names::SERVICES));
 const _: () = assert!(same("XLB_BE_V1", map_names::BACKENDS));
-const _: () = assert!(same("XLB_CT_V2", map_names::CONNTRACK));
+const _: () = assert!(same("XLB_CT_V3", map_names::CONNTRACK));
+const _: () = assert!(same("XLB_SRCRANGE_V1", map_names::SRC_RANGES));
+const _: () = assert!(same("XLB_DEV_V1", map_names::DEVICES));
 const _: () = assert!(same("XLB_MEMBER_V1", map_names::MEMBERS));
 const _: () = assert!(same("XLB_FRAG_V1", map_names::FRAGS));
 const _: () = assert!(same("XLB_AFF_V1", map_names::AFFINITY));
-const _: () = assert!(same("XLB_STATS_V2", map_names::STATS));
+const _: () = assert!(same("XLB_STATS_V3", map_names::STATS));

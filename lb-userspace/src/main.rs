@@ -212,6 +212,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             udp: args.ct_timeout_udp,
             udp_stream: args.ct_timeout_udp_stream,
         },
+        snat_ports: lb_common::DEFAULT_SNAT_PORTS,
         ct_gc: GcConfig {
             min_interval: args.ct_gc_min_interval,
             max_interval: args.ct_gc_max_interval,

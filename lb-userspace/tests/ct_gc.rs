@@ -41,6 +41,7 @@ impl Bed {
             sizes: MapSizes { conntrack: CT_MAX, affinity: 256, ..MapSizes::default() },
             service_cidr: None,
             ct_timeouts: CtTimeouts { tcp_close: 5, ..CtTimeouts::DEFAULT },
+            ..LoadOptions::default()
         };
         let dp =
             Datapath::open_with_options(&pins.0, &opts).expect("loading the datapath (needs root and the eBPF object)");
@@ -78,6 +79,7 @@ fn flow(i: u32, state: u8, expires_ns: u64, hairpin: bool) -> [(CtKey, CtValue);
         flags: if hairpin { CT_F_HAIRPIN } else { 0 },
         rev_nat_id: 7,
         expires_ns,
+        ..CtValue::default()
     };
     let fv = value(backend, port(9376));
     let rev = fwd.pair(&fv);

@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub service_cidr: Option<(std::net::Ipv4Addr, u8)>,
     /// Conntrack lifetimes (a load-time global of the eBPF programs).
     pub ct_timeouts: lb_common::CtTimeouts,
+    /// SNAT source ports of flows from outside to backends on other nodes (a load-time global).
+    pub snat_ports: lb_common::PortRange,
     /// Conntrack sweeper settings.
     pub ct_gc: GcConfig,
     /// How often to look for new pod devices and retry failed frontends.

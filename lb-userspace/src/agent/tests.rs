@@ -55,6 +55,7 @@ fn config() -> AgentConfig {
         map_sizes: MapSizes::default(),
         service_cidr: None,
         ct_timeouts: CtTimeouts::DEFAULT,
+        snat_ports: lb_common::DEFAULT_SNAT_PORTS,
         ct_gc: GcConfig::default(),
         tick: Duration::from_millis(250),
     }

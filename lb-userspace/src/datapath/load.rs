@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
-use lb_common::{global_names, map_names, CtTimeouts};
+use lb_common::{global_names, map_names, CtTimeouts, PortRange};
 
 use super::{Error, PinLayout, Result};
 
@@ -60,6 +60,8 @@ pub struct LoadOptions {
     pub service_cidr: Option<(Ipv4Addr, u8)>,
     /// Conntrack lifetimes (the `CT_TIMEOUTS` global).
     pub ct_timeouts: CtTimeouts,
+    /// SNAT source ports of flows from outside to backends on other nodes (the `SNAT_PORTS` global).
+    pub snat_ports: PortRange,
 }
 
 impl LoadOptions {
@@ -91,21 +93,27 @@ impl LoadOptions {
         loader
             .override_global(global_names::SERVICE_CIDR_ADDR, &cidr_addr, true)
             .override_global(global_names::SERVICE_CIDR_MASK, &cidr_mask, true)
-            .override_global(global_names::CT_TIMEOUTS, &self.ct_timeouts, true);
+            .override_global(global_names::CT_TIMEOUTS, &self.ct_timeouts, true)
+            .override_global(global_names::SNAT_PORTS, &self.snat_ports, true);
         Ok(loader.load(obj)?)
     }
 }
 
-/// Load the tc programs `names` of a loaded object into the kernel (the verifier runs here; its
-/// log is in the error).
+/// Load the programs `names` (tc classifiers or XDP) of a loaded object into the kernel (the
+/// verifier runs here; its log is in the error).
 pub fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<()> {
     for &name in names {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| Error::Program { name, source })?;
-        prog.load().map_err(|source| Error::Program { name, source })?;
+        let prog = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+        let loaded = match prog {
+            aya::programs::Program::Xdp(xdp) => xdp.load(),
+            other => {
+                let tc: &mut SchedClassifier = other
+                    .try_into()
+                    .map_err(|source| Error::Program { name, source })?;
+                tc.load()
+            }
+        };
+        loaded.map_err(|source| Error::Program { name, source })?;
     }
     Ok(())
 }
