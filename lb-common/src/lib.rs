@@ -517,10 +517,18 @@ impl SrcRangeKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
 pub struct DeviceValue {
     /// The node's primary IPv4 address on the device, network byte order: the SNAT source of
-    /// flows from outside to a backend on another node. 0: none (such flows are passed on).
+    /// flows from outside to a backend on another node. 0: none (such flows are dropped,
+    /// counted `drop_no_route`).
     pub addr: u32,
-    pub _pad: u32,
+    /// `DEV_F_*`.
+    pub flags: u32,
 }
+
+/// `DeviceValue::flags`: XDP on this device may transmit (`XDP_TX` / `XDP_REDIRECT`). Set for
+/// generic XDP and for native XDP on real NICs; not for native XDP on a veth, whose transmit
+/// needs the peer to run XDP or GRO (otherwise the frame is silently dropped): there XDP leaves
+/// forwarding to the tc program.
+pub const DEV_F_XDP_TX: u32 = 1 << 0;
 
 /// Index of the per-CPU `STATS` array: one counter per verdict / reason.
 #[repr(u32)]

@@ -209,28 +209,34 @@ fn recreate_pair(key: &CtKey, pair_key: &CtKey, v: &CtValue) {
     }
 }
 
-/// Inserts the forward and reply entries of a new flow of `pkt` to `backend_addr:backend_port`.
+/// Where a new flow goes: its backend, and for a flow SNATed to the node, the node's address
+/// and port (network order). `flags` are `CT_F_HAIRPIN` / `CT_F_SNAT`.
+pub struct Target {
+    pub backend_id: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    pub rev_nat_id: u32,
+    pub flags: u8,
+}
+
+/// Inserts the forward and reply entries of a new flow of `pkt` to `t`.
 /// Returns false when an insert failed (the flow is still translated, just not pinned).
 #[inline(always)]
-pub fn create(
-    pkt: &Packet,
-    backend_id: u32,
-    backend_addr: u32,
-    backend_port: u16,
-    rev_nat_id: u32,
-    flags: u8,
-    now: u64,
-) -> bool {
+pub fn create(pkt: &Packet, t: &Target, now: u64) -> bool {
     let (state, seen) = initial_state(pkt);
     let forward = CtValue {
-        backend_id,
-        nat_addr: backend_addr,
-        nat_port: backend_port,
+        backend_id: t.backend_id,
+        nat_addr: t.addr,
+        nat_port: t.port,
         state,
-        flags: flags | seen,
-        rev_nat_id,
+        flags: t.flags | seen,
+        rev_nat_id: t.rev_nat_id,
+        snat_addr: t.snat_addr,
+        snat_port: t.snat_port,
+        _pad: 0,
         expires_ns: now + lifetime_ns(state),
-        ..CtValue::default()
     };
     let key = forward_key(pkt);
     let fwd_ok = CONNTRACK.insert(&key, &forward, BPF_ANY.into()).is_ok();

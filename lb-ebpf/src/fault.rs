@@ -1,12 +1,17 @@
 //! Why a packet could not be handled, and what happens to it then.
 
-use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
+use aya_ebpf::bindings::TC_ACT_OK;
 use lb_common::Stat;
 
-use crate::stats::bump;
+use crate::{frame::Frame, stats::bump};
 
 /// A failure after the packet was recognised as ours. Each maps to one counter and a verdict.
+///
+/// `repr(i32)`: a `Result<i32, Fault>` then keeps both payloads in the same 32-bit slot. With a
+/// one-byte `Fault`, the `Ok` payload is undefined on the `Err` path, and LLVM may copy that
+/// undefined register around, which the verifier rejects ("R1 !read_ok").
 #[derive(Clone, Copy)]
+#[repr(i32)]
 pub enum Fault {
     /// The master entry promised a backend, but the slot or the backend is gone (an update is
     /// in flight). Dropped: the client retransmits and finds a consistent Service.
@@ -18,16 +23,15 @@ pub enum Fault {
 }
 
 impl Fault {
-    /// Counts the fault and returns the tc verdict.
+    /// Counts the fault and returns the hook's drop verdict.
     #[inline(always)]
-    pub fn verdict(self) -> i32 {
-        let (stat, verdict) = match self {
-            Fault::NoBackend => (Stat::DropNoBackend, TC_ACT_SHOT),
-            Fault::Rewrite => (Stat::DropRewriteFailed, TC_ACT_SHOT),
-            Fault::Unrefusable => (Stat::DropUnrefusable, TC_ACT_SHOT),
-        };
-        bump(stat);
-        verdict
+    pub fn verdict<C: Frame>(self) -> i32 {
+        bump(match self {
+            Fault::NoBackend => Stat::DropNoBackend,
+            Fault::Rewrite => Stat::DropRewriteFailed,
+            Fault::Unrefusable => Stat::DropUnrefusable,
+        });
+        C::DROP
     }
 }
 

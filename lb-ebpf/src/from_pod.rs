@@ -5,14 +5,15 @@
 //! Service) starts over. New flow to a frontend: master lookup, backend selection, conntrack
 //! pair, DNAT. Frontend without endpoints: refuse. A pod that selected itself is hairpinned.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
-use lb_common::{CtKey, CtValue, ServiceKey, Stat, CT_F_HAIRPIN, PROTO_SCTP, SCOPE_EXT};
+use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+use lb_common::{CtKey, CtValue, Stat, CT_F_HAIRPIN, PROTO_SCTP};
 
 use crate::{
     conntrack::{self, alive, answer_key_of, forward_key, now_ns, reply_key_of, Dir, HAIRPIN},
     fault::{Fault, PASS},
-    icmp, lb,
-    maps::{CONNTRACK, SERVICES},
+    icmp,
+    lb::{self, Client},
+    maps::CONNTRACK,
     nat, parse,
     parse::{Packet, Parsed, Skip},
     refuse::{bounce, refuse, swap_macs},
@@ -41,7 +42,7 @@ fn in_service_cidr(daddr: u32) -> bool {
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    try_from_pod(&ctx).unwrap_or_else(Fault::verdict)
+    try_from_pod(&ctx).unwrap_or_else(Fault::verdict::<TcContext>)
 }
 
 #[inline(always)]
@@ -49,7 +50,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
     let pkt = match parse::parse(ctx) {
         Ok(Parsed::L4(pkt)) => pkt,
         Ok(Parsed::IcmpError(outer, quoted)) => return icmp::from_client(ctx, &outer, &quoted),
-        Err(skip) => return Ok(skip.pass()),
+        Err(skip) => return Ok(skip.pass::<TcContext>()),
     };
     if pkt.proto == PROTO_SCTP {
         return Ok(other_proto(&pkt));
@@ -67,7 +68,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
         if !alive(&ct, now) {
             reason = Some(Stat::CtExpired);
         } else {
-            match stale_reason(&pkt, &ct) {
+            match stale_reason(&pkt, &ct, Client::Pod) {
                 None => {
                     if pkt.has_l4 {
                         conntrack::update(&key, entry, &pkt, Dir::Forward, now, pkt.is_syn_only());
@@ -85,7 +86,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
     }
     if !pkt.has_l4 {
         // A later fragment whose flow is unknown: it cannot start a flow.
-        return Ok(Skip::Fragment.pass());
+        return Ok(Skip::Fragment.pass::<TcContext>());
     }
     if let Some(stat) = reason {
         bump(stat);
@@ -100,35 +101,32 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
 /// after a close it always starts over; on a live entry it keeps the backend only while the
 /// Service is the same (rev-NAT id) and the backend still a member. UDP has no connection to
 /// lose: every datagram checks membership, and moves on at once (DNS must not blackhole).
+/// `client` says which backend set of the frontend applies (see `lb::Client`).
 #[inline(always)]
-fn stale_reason(pkt: &Packet, ct: &CtValue) -> Option<Stat> {
+pub fn stale_reason(pkt: &Packet, ct: &CtValue, client: Client) -> Option<Stat> {
     if pkt.is_tcp() && !pkt.is_syn_only() {
         // The established path: nothing more to look up.
         return None;
     }
-    let master_key = master_key(pkt);
+    let frontend = lb::frontend(pkt, client);
+    let member = |(key, _): &(lb_common::ServiceKey, lb_common::ServiceValue)| {
+        lb::is_member(key, ct.backend_id, ct.nat_addr, ct.nat_port)
+    };
     if pkt.is_tcp() {
         if lb_common::ct_state::is_closing(ct.state) {
             return Some(Stat::CtTupleReused);
         }
-        // SAFETY: copied out at once.
-        let same_service = unsafe { SERVICES.get(&master_key) }
-            .is_some_and(|m| m.rev_nat_id == ct.rev_nat_id);
-        if same_service && lb::is_member(&master_key, ct.backend_id, ct.nat_addr, ct.nat_port) {
+        let same_service = frontend.is_some_and(|f| f.1.rev_nat_id == ct.rev_nat_id);
+        if same_service && frontend.as_ref().is_some_and(member) {
             return None;
         }
         return Some(Stat::CtTupleReused);
     }
-    if lb::is_member(&master_key, ct.backend_id, ct.nat_addr, ct.nat_port) {
+    if frontend.as_ref().is_some_and(member) {
         None
     } else {
         Some(Stat::Reselected)
     }
-}
-
-#[inline(always)]
-fn master_key(pkt: &Packet) -> ServiceKey {
-    ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXT, 0)
 }
 
 /// Translates a packet of the flow `ct` (the forward entry) towards its backend.
@@ -172,9 +170,7 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
 /// First packet of a flow (or one that starts over): select, track, DNAT.
 #[inline(always)]
 fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
-    let master_key = master_key(pkt);
-    // SAFETY: the master is copied out at once.
-    let Some(master) = (unsafe { SERVICES.get(&master_key) }).copied() else {
+    let Some((master_key, master)) = lb::frontend(pkt, Client::Pod) else {
         // An unallocated ClusterIP (or a port the Service does not have): refuse at once
         // instead of letting the packet leave untranslated and time out.
         if in_service_cidr(pkt.daddr) {
@@ -187,6 +183,10 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
         }
         return Ok(PASS);
     };
+    if !lb::source_allowed(pkt, &master) {
+        bump(Stat::DropSourceRange);
+        return Ok(TC_ACT_SHOT);
+    }
     if master.count == 0 {
         return refuse(ctx, pkt);
     }
@@ -197,15 +197,16 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
     } else {
         0
     };
-    if !conntrack::create(
-        pkt,
-        selected.id,
-        selected.addr,
-        selected.port,
-        master.rev_nat_id,
+    let target = conntrack::Target {
+        backend_id: selected.id,
+        addr: selected.addr,
+        port: selected.port,
+        snat_addr: 0,
+        snat_port: 0,
+        rev_nat_id: master.rev_nat_id,
         flags,
-        now,
-    ) {
+    };
+    if !conntrack::create(pkt, &target, now) {
         bump(Stat::CtInsertFailed);
     }
     bump(Stat::NewFlow);
@@ -232,8 +233,7 @@ fn forget_stale_reply(pkt: &Packet) {
 /// SCTP is not translated yet: count packets to an SCTP frontend so the gap is visible.
 #[inline(always)]
 fn other_proto(pkt: &Packet) -> i32 {
-    // SAFETY: existence check only.
-    if unsafe { SERVICES.get(&master_key(pkt)) }.is_some() {
+    if lb::frontend(pkt, Client::Pod).is_some() {
         bump(Stat::PassOtherProto);
     }
     PASS

@@ -14,12 +14,12 @@
 //! header always sums to zero, so changing an address in it together with its checksum leaves
 //! the ICMP checksum as it was; the quoted port and quoted L4 checksum are accounted for.
 
-use aya_ebpf::programs::TcContext;
-use lb_common::{CtKey, Stat, CT_FORWARD, CT_F_HAIRPIN, CT_REPLY, PROTO_UDP};
+use lb_common::{CtKey, Stat, CT_FORWARD, CT_F_HAIRPIN, CT_F_SNAT, CT_REPLY, PROTO_UDP};
 
 use crate::{
     conntrack::{alive, now_ns},
-    fault::{Fault, PASS},
+    fault::Fault,
+    frame::Frame,
     maps::CONNTRACK,
     parse::{Packet, Quoted, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
     stats::bump,
@@ -37,7 +37,7 @@ struct Change {
 
 /// `to_pod`: an error for a client about a packet it sent to a backend through a frontend.
 #[inline(always)]
-pub fn to_client(ctx: &TcContext, outer: &Packet, q: &Quoted) -> Result<i32, Fault> {
+pub fn to_client<C: Frame>(ctx: &C, outer: &Packet, q: &Quoted) -> Result<i32, Fault> {
     // The flow's reply entry (backend, client, bport, cport); its frontend goes back into the
     // quote's destination, and into the outer source when the backend sent the error.
     translate(ctx, outer, q, CT_REPLY)
@@ -45,7 +45,7 @@ pub fn to_client(ctx: &TcContext, outer: &Packet, q: &Quoted) -> Result<i32, Fau
 
 /// `from_pod`: an error from a client about a reply it got from a frontend.
 #[inline(always)]
-pub fn from_client(ctx: &TcContext, outer: &Packet, q: &Quoted) -> Result<i32, Fault> {
+pub fn from_client<C: Frame>(ctx: &C, outer: &Packet, q: &Quoted) -> Result<i32, Fault> {
     // The flow's forward entry (client, frontend, cport, fport); its backend goes back into the
     // quote's source, and into the outer destination when the error was sent to the frontend.
     translate(ctx, outer, q, CT_FORWARD)
@@ -55,7 +55,7 @@ pub fn from_client(ctx: &TcContext, outer: &Packet, q: &Quoted) -> Result<i32, F
 /// answer tuple) and rewrites the quoted peer (`dir == CT_REPLY`: the destination, else the
 /// source) and the matching outer address to that entry's NAT address and port.
 #[inline(always)]
-fn translate(ctx: &TcContext, outer: &Packet, q: &Quoted, dir: u8) -> Result<i32, Fault> {
+fn translate<C: Frame>(ctx: &C, outer: &Packet, q: &Quoted, dir: u8) -> Result<i32, Fault> {
     let key = CtKey {
         saddr: q.daddr,
         daddr: q.saddr,
@@ -67,10 +67,11 @@ fn translate(ctx: &TcContext, outer: &Packet, q: &Quoted, dir: u8) -> Result<i32
     };
     // SAFETY: copied out at once.
     let Some(ct) = (unsafe { CONNTRACK.get(&key) }).copied() else {
-        return Ok(PASS);
+        return Ok(C::PASS);
     };
-    if !alive(&ct, now_ns()) || ct.flags & CT_F_HAIRPIN != 0 {
-        return Ok(PASS);
+    // Errors about SNATed flows (from outside to another node) are not translated yet.
+    if !alive(&ct, now_ns()) || ct.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0 {
+        return Ok(C::PASS);
     }
     let to_client = dir == CT_REPLY;
     let change = if to_client {
@@ -102,13 +103,13 @@ fn translate(ctx: &TcContext, outer: &Packet, q: &Quoted, dir: u8) -> Result<i32
         set_outer_addr(ctx, outer_off, outer_addr, ct.nat_addr)?;
     }
     bump(Stat::IcmpErrorTranslated);
-    Ok(PASS)
+    Ok(C::PASS)
 }
 
 /// Replaces one address and port of the quoted packet, with the quoted IP and L4 checksums and
 /// the ICMP checksum.
 #[inline(always)]
-fn rewrite_quote(ctx: &TcContext, outer: &Packet, q: &Quoted, c: &Change) -> Result<(), Fault> {
+fn rewrite_quote<C: Frame>(ctx: &C, outer: &Packet, q: &Quoted, c: &Change) -> Result<(), Fault> {
     let icmp_csum = outer.l4_off + 2;
     let replace = |off: usize, old: u64, new: u64, size: u64| {
         ctx.l3_csum_replace(off, old, new, size)
@@ -126,24 +127,24 @@ fn rewrite_quote(ctx: &TcContext, outer: &Packet, q: &Quoted, c: &Change) -> Res
             if new == 0 && q.proto == PROTO_UDP {
                 // 0 and 0xffff are the same one's-complement value: the ICMP sum is unchanged.
                 new = 0xffff;
-                ctx.store(l4_csum_off, &new, 0).map_err(|_| Fault::Rewrite)?;
+                ctx.store(l4_csum_off, &new).map_err(|_| Fault::Rewrite)?;
             }
             replace(icmp_csum, old.into(), new.into(), 2)?;
         }
     }
     // The quoted IP header stays consistent, so it adds nothing to the ICMP checksum change.
     replace(q.ip_off + 10, c.old_addr.into(), c.new_addr.into(), 4)?;
-    ctx.store(c.addr_off, &c.new_addr, 0)
+    ctx.store(c.addr_off, &c.new_addr)
         .map_err(|_| Fault::Rewrite)?;
     replace(icmp_csum, c.old_port.into(), c.new_port.into(), 2)?;
-    ctx.store(c.port_off, &c.new_port, 0)
+    ctx.store(c.port_off, &c.new_port)
         .map_err(|_| Fault::Rewrite)
 }
 
 /// Replaces an outer IP address (ICMP has no pseudo header: only the IP checksum changes).
 #[inline(always)]
-fn set_outer_addr(ctx: &TcContext, off: usize, old: u32, new: u32) -> Result<(), Fault> {
+fn set_outer_addr<C: Frame>(ctx: &C, off: usize, old: u32, new: u32) -> Result<(), Fault> {
     ctx.l3_csum_replace(IP_CSUM_OFF, old.into(), new.into(), 4)
         .map_err(|_| Fault::Rewrite)?;
-    ctx.store(off, &new, 0).map_err(|_| Fault::Rewrite)
+    ctx.store(off, &new).map_err(|_| Fault::Rewrite)
 }

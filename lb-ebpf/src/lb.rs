@@ -3,16 +3,63 @@
 //! "random" algorithm; slots `1..=count`). Membership (`MEMBERS`) is checked by address, so a
 //! stale id can never send a flow to another pod.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use lb_common::{
-    AffinityKey, AffinityValue, MemberKey, ServiceKey, ServiceValue, SVC_FLAG_AFFINITY,
+    AffinityKey, AffinityValue, MemberKey, ServiceKey, ServiceValue, SrcRangeKey,
+    BACKEND_F_LOCAL, SCOPE_EXT, SCOPE_INT, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
     fault::Fault,
-    maps::{AFFINITY, BACKENDS, MEMBERS, SERVICES},
+    maps::{AFFINITY, BACKENDS, MEMBERS, SERVICES, SRC_RANGES},
     parse::Packet,
 };
+
+/// Who sends a packet to a frontend, which decides the backend set of an externalTrafficPolicy
+/// Local frontend: clients outside the node get the node-local endpoints (`SCOPE_EXT`), pods
+/// every endpoint (`SCOPE_INT`, kube-proxy's behaviour).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    Pod,
+    Outside,
+}
+
+/// The frontend `pkt` is sent to, as `client` sees it: its master key and master entry.
+#[inline(always)]
+pub fn frontend(pkt: &Packet, client: Client) -> Option<(ServiceKey, ServiceValue)> {
+    let key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXT, 0);
+    // SAFETY: copied out at once.
+    let master = unsafe { *SERVICES.get(&key)? };
+    if client == Client::Pod && master.flags & SVC_FLAG_TWO_SCOPES != 0 {
+        let int_key = ServiceKey { scope: SCOPE_INT, ..key };
+        // SAFETY: copied out at once.
+        if let Some(int) = unsafe { SERVICES.get(&int_key) } {
+            return Some((int_key, *int));
+        }
+    }
+    Some((key, master))
+}
+
+/// Whether `pkt`'s client may use the frontend (loadBalancerSourceRanges): always, unless the
+/// master lists source ranges and none holds the client.
+#[inline(always)]
+pub fn source_allowed(pkt: &Packet, master: &ServiceValue) -> bool {
+    if master.flags & SVC_FLAG_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        SrcRangeKey::FRONTEND_BITS + 32,
+        SrcRangeKey {
+            addr: pkt.daddr,
+            port: pkt.dport,
+            proto: pkt.proto,
+            _pad: 0,
+            client: pkt.saddr,
+        },
+    );
+    SRC_RANGES.get(&key).is_some()
+}
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -21,6 +68,8 @@ pub struct Selected {
     pub id: u32,
     pub addr: u32,
     pub port: u16,
+    /// The backend runs on this node (`BACKEND_F_LOCAL`).
+    pub local: bool,
 }
 
 /// Whether backend `id` at `addr:port` is (still) a member of the frontend `master_key`.
@@ -73,10 +122,13 @@ fn affine(key: &AffinityKey, master_key: &ServiceKey, timeout_s: u32, now: u64) 
     }
     // SAFETY: copied out at once.
     let member = unsafe { *MEMBERS.get(&MemberKey::of(master_key, last.backend_id))? };
+    // SAFETY: copied out at once.
+    let backend = unsafe { *BACKENDS.get(&last.backend_id)? };
     Some(Selected {
         id: last.backend_id,
         addr: member.addr,
         port: member.port,
+        local: backend.state & BACKEND_F_LOCAL != 0,
     })
 }
 
@@ -97,5 +149,6 @@ fn random_slot(master_key: &ServiceKey, count: u32) -> Result<Selected, Fault> {
         id,
         addr: backend.addr,
         port: backend.port,
+        local: backend.state & BACKEND_F_LOCAL != 0,
     })
 }

@@ -25,6 +25,10 @@ mod csum;
 #[cfg(target_arch = "bpf")]
 mod fault;
 #[cfg(target_arch = "bpf")]
+mod frame;
+#[cfg(target_arch = "bpf")]
+mod from_net;
+#[cfg(target_arch = "bpf")]
 mod from_pod;
 #[cfg(target_arch = "bpf")]
 mod icmp;

@@ -52,10 +52,10 @@ pub static FRAGS: LruHashMap<FragKey, FragValue> =
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
 
 /// loadBalancerSourceRanges: (frontend, client CIDR) -> 1. Looked up only for frontends whose
-/// master has `SVC_FLAG_SOURCE_RANGES`. `BPF_F_NO_PREALLOC` is required for LPM tries.
+/// master has `SVC_FLAG_SOURCE_RANGES` (aya adds the `BPF_F_NO_PREALLOC` LPM tries need).
 #[map(name = "XLB_SRCRANGE_V1")]
 pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> =
-    LpmTrie::with_max_entries(DEFAULT_SRC_RANGES_MAX, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+    LpmTrie::with_max_entries(DEFAULT_SRC_RANGES_MAX, 0);
 
 /// ifindex of an external device -> the node's address on it (SNAT source), written by the agent.
 #[map(name = "XLB_DEV_V1")]

@@ -9,11 +9,11 @@
 //!   when the quoted packet belongs to a translated flow;
 //! - anything else is a [`Skip`] and passes untouched.
 
-use aya_ebpf::{bindings::BPF_ANY, programs::TcContext};
+use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{FragKey, FragValue, Stat, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{fault::PASS, maps::FRAGS, stats::bump};
+use crate::{frame::Frame, maps::FRAGS, stats::bump};
 
 /// Offset of the IPv4 header (untagged Ethernet only).
 pub const L3_OFF: usize = EthHdr::LEN;
@@ -117,20 +117,21 @@ pub enum Skip {
 }
 
 impl Skip {
+    /// Counts the skip; the packet passes untouched (`C::PASS`).
     #[inline(always)]
-    pub fn pass(self) -> i32 {
+    pub fn pass<C: Frame>(self) -> i32 {
         match self {
             Skip::NotOurs => {}
             Skip::Malformed => bump(Stat::PassMalformed),
             Skip::Fragment => bump(Stat::PassFragment),
         }
-        PASS
+        C::PASS
     }
 }
 
 /// Parses Ethernet + IPv4 (options allowed) + the L4 ports (and TCP flags), or an ICMP error.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
+pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Skip> {
     let ether_type: u16 = ctx.load(12).map_err(|_| Skip::NotOurs)?;
     if ether_type != ETH_P_IPV4_BE {
         return Err(Skip::NotOurs);
@@ -142,7 +143,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
         return Err(Skip::Malformed);
     }
     // The IP datagram must be all there (Ethernet padding after it is fine).
-    if L3_OFF + usize::from(ip_tot_len) > ctx.len() as usize {
+    if L3_OFF + usize::from(ip_tot_len) > ctx.len() {
         return Err(Skip::Malformed);
     }
     let l4_off = L3_OFF + ip_hlen;
@@ -216,7 +217,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
 
 /// An ICMP error quoting a TCP/UDP packet; other ICMP (echo, ...) is not ours.
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, outer: Packet, l4_len: usize) -> Result<Parsed, Skip> {
+fn icmp_error<C: Frame>(ctx: &C, outer: Packet, l4_len: usize) -> Result<Parsed, Skip> {
     let type_code: [u8; 2] = ctx.load(outer.l4_off).map_err(|_| Skip::NotOurs)?;
     if type_code[0] != ICMP_DEST_UNREACH && type_code[0] != ICMP_TIME_EXCEEDED {
         return Err(Skip::NotOurs);

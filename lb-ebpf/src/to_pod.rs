@@ -1,13 +1,17 @@
-//! `to_pod`: tc egress on the host side of pod veths, i.e. packets going into a pod.
-//! Replies of translated flows get their source restored to the frontend the client used;
-//! ICMP errors about translated flows are translated back (see `icmp`).
+//! Answers on their way to a client: `to_pod` (tc egress on the host side of pod veths, packets
+//! going into a pod) and `to_net` (tc egress on the external devices, packets leaving the node).
+//! Replies of translated flows get their source restored to the frontend the client used (and,
+//! for a SNATed flow, their destination restored to the client); ICMP errors about translated
+//! flows are translated back (see `icmp`). Both hooks run the same code: what differs is only
+//! which clients' answers pass there (pods' there, outside clients' here).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use lb_common::{Stat, PROTO_SCTP};
+use lb_common::{Stat, CT_F_SNAT, PROTO_SCTP};
 
 use crate::{
     conntrack::{self, alive, now_ns, reply_key_of, Dir},
-    fault::{Fault, PASS},
+    fault::Fault,
+    frame::Frame,
     icmp,
     maps::CONNTRACK,
     nat, parse,
@@ -17,36 +21,41 @@ use crate::{
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    try_to_pod(&ctx).unwrap_or_else(Fault::verdict)
+    to_client(&ctx).unwrap_or_else(Fault::verdict::<TcContext>)
+}
+
+#[classifier]
+pub fn to_net(ctx: TcContext) -> i32 {
+    to_client(&ctx).unwrap_or_else(Fault::verdict::<TcContext>)
 }
 
 #[inline(always)]
-fn try_to_pod(ctx: &TcContext) -> Result<i32, Fault> {
+fn to_client<C: Frame>(ctx: &C) -> Result<i32, Fault> {
     let pkt = match parse::parse(ctx) {
         Ok(Parsed::L4(pkt)) => pkt,
         Ok(Parsed::IcmpError(outer, quoted)) => return icmp::to_client(ctx, &outer, &quoted),
-        Err(skip) => return Ok(skip.pass()),
+        Err(skip) => return Ok(skip.pass::<C>()),
     };
     if pkt.proto == PROTO_SCTP {
-        return Ok(PASS);
+        return Ok(C::PASS);
     }
     let key = reply_key_of(&pkt);
     let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
-        return Ok(PASS);
+        return Ok(C::PASS);
     };
     // SAFETY: a live map value; copied out before any other map operation.
     let ct = unsafe { *entry };
     let now = now_ns();
     if !alive(&ct, now) {
         bump(Stat::CtExpired);
-        return Ok(PASS);
+        return Ok(C::PASS);
     }
     if pkt.is_syn_only() {
         // An answer is never a bare SYN: this is a new connection towards the pod on a tuple
         // a Service flow used before. The stale flow must not rewrite it.
         conntrack::remove_flow(&key, &ct);
         bump(Stat::CtStaleReplyRemoved);
-        return Ok(PASS);
+        return Ok(C::PASS);
     }
     if pkt.has_l4 {
         conntrack::update(&key, entry, &pkt, Dir::Reply, now, false);
@@ -54,6 +63,9 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Fault> {
         bump(Stat::FragmentTranslated);
     }
     nat::snat(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+    if ct.flags & CT_F_SNAT != 0 {
+        nat::dnat(ctx, &pkt, ct.snat_addr, ct.snat_port)?;
+    }
     bump(Stat::Reply);
-    Ok(PASS)
+    Ok(C::PASS)
 }

@@ -1,0 +1,430 @@
+//! `from_net_xdp` (XDP) and `from_net` (tc ingress): traffic arriving on the node's external
+//! devices, i.e. clients outside the node reaching NodePorts, LoadBalancer IPs and externalIPs,
+//! and the answers of backends on other nodes to flows this node SNATed.
+//!
+//! Both hooks run the same code (`Frame`). A flow to a backend on this node is DNATed and goes
+//! up the stack to the pod; its answers leave through `to_net`, which restores the frontend.
+//! A flow to a backend on another node is DNATed and SNATed to this node (so the answer comes
+//! back here), with a source port from `XLB_SNAT_PORTS` whose answer tuple is free, and sent
+//! straight out with the next hop from `bpf_fib_lookup`; the answer arrives here, is restored
+//! to frontend -> client and sent out the same way. Such packets cannot go up the stack: their
+//! source is a local address, which the stack drops as a martian.
+//!
+//! XDP does everything it can do in place. What it cannot, it hands to the tc program untouched
+//! (`XDP_PASS`, counted `xdp_deferred`): refusals (which resize the frame), next hops without a
+//! neighbour entry (tc resolves them with `bpf_redirect_neigh`), transmits on devices whose XDP
+//! cannot transmit (`DEV_F_XDP_TX`), ICMP errors. So in the XDP modes the agent attaches both.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, bpf_redir_neigh, xdp_action},
+    helpers::{bpf_get_prandom_u32, bpf_redirect, bpf_redirect_neigh},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{
+    CtKey, CtValue, PortRange, Stat, CT_F_SNAT, CT_REPLY, DEFAULT_SNAT_PORTS, DEV_F_XDP_TX,
+    PROTO_SCTP, SVC_FLAG_DROP_NO_LOCAL, SVC_FLAG_NODE_PORT,
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    conntrack::{self, alive, forward_key, now_ns, reply_key_of, Dir, Target},
+    fault::Fault,
+    frame::Frame,
+    from_pod::stale_reason,
+    icmp,
+    lb::{self, Client},
+    maps::{CONNTRACK, DEVICES},
+    nat, parse,
+    parse::{Packet, Parsed, Skip},
+    refuse::refuse,
+    stats::bump,
+};
+
+/// See `lb_common::global_names::SNAT_PORTS`: set by the agent at load time.
+#[unsafe(no_mangle)]
+static XLB_SNAT_PORTS: PortRange = DEFAULT_SNAT_PORTS;
+
+/// Ports tried for a new SNATed flow before it is dropped as `drop_snat_ports_exhausted`.
+const SNAT_TRIES: u32 = 16;
+
+const AF_INET: u8 = 2;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+#[xdp]
+pub fn from_net_xdp(ctx: XdpContext) -> u32 {
+    from_outside(&ctx).unwrap_or_else(Fault::verdict::<XdpContext>) as u32
+}
+
+#[classifier]
+pub fn from_net(ctx: TcContext) -> i32 {
+    from_outside(&ctx).unwrap_or_else(Fault::verdict::<TcContext>)
+}
+
+/// The next hop of a packet that must leave the node as it is (not go up the stack).
+struct NextHop {
+    ifindex: u32,
+    /// The gateway (or the destination itself when it is on link), network order.
+    via: u32,
+    /// MACs to write, valid when `resolved`.
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    /// The neighbour entry exists (else only `bpf_redirect_neigh` can send it).
+    resolved: bool,
+}
+
+/// What each hook does where they differ: refusing, and sending a packet out.
+trait Hook: Frame {
+    /// Refuses a new flow to a frontend without endpoints.
+    fn refuse_flow(&self, pkt: &Packet) -> Result<i32, Fault>;
+    /// Whether this hook can send a packet to `hop` itself. Checked before anything is written,
+    /// so XDP can still hand the untouched packet to tc when it cannot.
+    fn can_send(&self, hop: &NextHop) -> bool;
+    /// Sends the rewritten packet to `hop`.
+    fn send(&self, hop: &NextHop) -> Result<i32, Fault>;
+}
+
+impl Hook for TcContext {
+    #[inline(always)]
+    fn refuse_flow(&self, pkt: &Packet) -> Result<i32, Fault> {
+        refuse(self, pkt)
+    }
+    #[inline(always)]
+    fn can_send(&self, _hop: &NextHop) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn send(&self, hop: &NextHop) -> Result<i32, Fault> {
+        if hop.resolved {
+            set_macs(self, hop)?;
+            // SAFETY: plain helper call; the verdict tells the kernel to redirect.
+            return Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32);
+        }
+        let mut nh = bpf_redir_neigh {
+            nh_family: u32::from(AF_INET),
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+                ipv4_nh: hop.via,
+            },
+        };
+        // SAFETY: `nh` is a valid struct of the size passed.
+        Ok(unsafe {
+            bpf_redirect_neigh(
+                hop.ifindex,
+                &mut nh,
+                size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        } as i32)
+    }
+}
+
+impl Hook for XdpContext {
+    #[inline(always)]
+    fn refuse_flow(&self, _pkt: &Packet) -> Result<i32, Fault> {
+        Ok(defer())
+    }
+    #[inline(always)]
+    fn can_send(&self, hop: &NextHop) -> bool {
+        // SAFETY: copied out at once.
+        let tx = unsafe { DEVICES.get(&hop.ifindex) }
+            .is_some_and(|d| d.flags & DEV_F_XDP_TX != 0);
+        hop.resolved && tx
+    }
+    #[inline(always)]
+    fn send(&self, hop: &NextHop) -> Result<i32, Fault> {
+        set_macs(self, hop)?;
+        if hop.ifindex == Frame::ifindex(self) {
+            return Ok(xdp_action::XDP_TX as i32);
+        }
+        // SAFETY: plain helper call; the verdict tells the kernel to redirect.
+        Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32)
+    }
+}
+
+/// XDP hands the untouched packet to the tc program.
+#[inline(always)]
+fn defer() -> i32 {
+    bump(Stat::XdpDeferred);
+    xdp_action::XDP_PASS as i32
+}
+
+#[inline(always)]
+fn set_macs<C: Frame>(ctx: &C, hop: &NextHop) -> Result<(), Fault> {
+    let mut eth: EthHdr = ctx.load(0).map_err(|_| Fault::Rewrite)?;
+    eth.dst_addr = hop.dmac;
+    eth.src_addr = hop.smac;
+    ctx.store(0, &eth).map_err(|_| Fault::Rewrite)
+}
+
+/// The next hop towards `daddr` for a packet from `saddr` (after translation), or `None` when
+/// there is no route (counted and dropped by the caller).
+#[inline(always)]
+fn next_hop<C: Frame>(ctx: &C, pkt: &Packet, saddr: u32, daddr: u32) -> Option<NextHop> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input struct.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = pkt.proto;
+    p.__bindgen_anon_1.tot_len = pkt.ip_tot_len;
+    p.ifindex = ctx.ifindex();
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    let ret = ctx.fib_lookup(&mut p, 0);
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return None;
+    }
+    Some(NextHop {
+        ifindex: p.ifindex,
+        // SAFETY: the lookup wrote the IPv4 member (the next hop) for an AF_INET lookup.
+        via: unsafe { p.__bindgen_anon_4.ipv4_dst },
+        smac: p.smac,
+        dmac: p.dmac,
+        resolved: ret == BPF_FIB_LKUP_RET_SUCCESS,
+    })
+}
+
+/// How a translated packet leaves: up the stack (a local backend) or out to a next hop.
+enum Exit {
+    Stack,
+    Out(NextHop),
+}
+
+/// The route of a packet about to be rewritten to `saddr -> daddr` (SNATed when `snat`):
+/// `Err(verdict)` when it must not be rewritten here (XDP defers, no route drops).
+#[inline(always)]
+fn exit<C: Hook>(ctx: &C, pkt: &Packet, snat: bool, saddr: u32, daddr: u32) -> Result<Exit, i32> {
+    if !snat {
+        return Ok(Exit::Stack);
+    }
+    let Some(hop) = next_hop(ctx, pkt, saddr, daddr) else {
+        bump(Stat::DropNoRoute);
+        return Err(C::DROP);
+    };
+    if !ctx.can_send(&hop) {
+        return Err(defer());
+    }
+    Ok(Exit::Out(hop))
+}
+
+#[inline(always)]
+fn leave<C: Hook>(ctx: &C, exit: &Exit) -> Result<i32, Fault> {
+    match exit {
+        Exit::Stack => Ok(C::PASS),
+        Exit::Out(hop) => ctx.send(hop),
+    }
+}
+
+#[inline(always)]
+fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
+    let pkt = match parse::parse(ctx) {
+        Ok(Parsed::L4(pkt)) => pkt,
+        Ok(Parsed::IcmpError(outer, quoted)) => {
+            if C::XDP {
+                return Ok(defer());
+            }
+            return icmp::from_client(ctx, &outer, &quoted);
+        }
+        Err(skip) => return Ok(skip.pass::<C>()),
+    };
+    if pkt.proto == PROTO_SCTP {
+        return Ok(C::PASS);
+    }
+    let key = forward_key(&pkt);
+    let mut reason = None;
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: a live map value; copied out before any other map operation.
+        let ct = unsafe { *entry };
+        let now = now_ns();
+        if !alive(&ct, now) {
+            reason = Some(Stat::CtExpired);
+        } else {
+            match stale_reason(&pkt, &ct, Client::Outside) {
+                None => return established(ctx, &pkt, &key, entry, &ct, now),
+                Some(stat) => reason = Some(stat),
+            }
+        }
+        conntrack::remove_flow(&key, &ct);
+    }
+    if in_snat_range(pkt.dport) {
+        if let Some(verdict) = snat_reply(ctx, &pkt)? {
+            return Ok(verdict);
+        }
+    }
+    if !pkt.has_l4 {
+        return Ok(Skip::Fragment.pass::<C>());
+    }
+    let Some((master_key, master)) = lb::frontend(&pkt, Client::Outside) else {
+        return Ok(C::PASS);
+    };
+    if let Some(stat) = reason {
+        bump(stat);
+    }
+    if !lb::source_allowed(&pkt, &master) {
+        bump(Stat::DropSourceRange);
+        return Ok(C::DROP);
+    }
+    if master.count == 0 {
+        if master.flags & SVC_FLAG_DROP_NO_LOCAL != 0 {
+            bump(Stat::DropNoLocalEndpoint);
+            return Ok(C::DROP);
+        }
+        return ctx.refuse_flow(&pkt);
+    }
+    let now = now_ns();
+    let selected = lb::select(&pkt, &master_key, &master, now)?;
+    let mut target = Target {
+        backend_id: selected.id,
+        addr: selected.addr,
+        port: selected.port,
+        snat_addr: 0,
+        snat_port: 0,
+        rev_nat_id: master.rev_nat_id,
+        flags: 0,
+    };
+    if !selected.local {
+        let Some(node) = snat_source(ctx, &pkt, master.flags) else {
+            bump(Stat::DropNoRoute);
+            return Ok(C::DROP);
+        };
+        target.snat_addr = node;
+        target.flags = CT_F_SNAT;
+    }
+    let snat = target.flags & CT_F_SNAT != 0;
+    let exit = match exit(ctx, &pkt, snat, target.snat_addr, target.addr) {
+        Ok(exit) => exit,
+        Err(verdict) => return Ok(verdict),
+    };
+    if snat {
+        let Some(port) = snat_port(&pkt, &target, now) else {
+            bump(Stat::DropSnatPortsExhausted);
+            return Ok(C::DROP);
+        };
+        target.snat_port = port;
+    }
+    if !conntrack::create(&pkt, &target, now) {
+        bump(Stat::CtInsertFailed);
+    }
+    bump(Stat::NewFlow);
+    nat::dnat(ctx, &pkt, target.addr, target.port)?;
+    if snat {
+        nat::snat(ctx, &pkt, target.snat_addr, target.snat_port)?;
+        bump(Stat::Snat);
+    }
+    leave(ctx, &exit)
+}
+
+/// A packet of a live flow from outside: DNAT (and SNAT) as its forward entry says.
+#[inline(always)]
+fn established<C: Hook>(
+    ctx: &C,
+    pkt: &Packet,
+    key: &CtKey,
+    entry: *mut CtValue,
+    ct: &CtValue,
+    now: u64,
+) -> Result<i32, Fault> {
+    let snat = ct.flags & CT_F_SNAT != 0;
+    let exit = match exit(ctx, pkt, snat, ct.snat_addr, ct.nat_addr) {
+        Ok(exit) => exit,
+        Err(verdict) => return Ok(verdict),
+    };
+    if pkt.has_l4 {
+        conntrack::update(key, entry, pkt, Dir::Forward, now, pkt.is_syn_only());
+    } else {
+        bump(Stat::FragmentTranslated);
+    }
+    bump(Stat::Established);
+    nat::dnat(ctx, pkt, ct.nat_addr, ct.nat_port)?;
+    if snat {
+        nat::snat(ctx, pkt, ct.snat_addr, ct.snat_port)?;
+    }
+    leave(ctx, &exit)
+}
+
+/// The answer of a backend on another node to a flow this node SNATed: restore frontend ->
+/// client and send it out. `None`: not such an answer.
+#[inline(always)]
+fn snat_reply<C: Hook>(ctx: &C, pkt: &Packet) -> Result<Option<i32>, Fault> {
+    let key = reply_key_of(pkt);
+    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
+        return Ok(None);
+    };
+    // SAFETY: a live map value; copied out before any other map operation.
+    let ct = unsafe { *entry };
+    let now = now_ns();
+    if ct.flags & CT_F_SNAT == 0 || !alive(&ct, now) {
+        return Ok(None);
+    }
+    let exit = match exit(ctx, pkt, true, ct.nat_addr, ct.snat_addr) {
+        Ok(exit) => exit,
+        Err(verdict) => return Ok(Some(verdict)),
+    };
+    if pkt.has_l4 {
+        conntrack::update(&key, entry, pkt, Dir::Reply, now, false);
+    } else {
+        bump(Stat::FragmentTranslated);
+    }
+    bump(Stat::Reply);
+    nat::snat(ctx, pkt, ct.nat_addr, ct.nat_port)?;
+    nat::dnat(ctx, pkt, ct.snat_addr, ct.snat_port)?;
+    leave(ctx, &exit).map(Some)
+}
+
+#[inline(always)]
+fn snat_ports() -> PortRange {
+    // SAFETY: a plain read of a load-time constant; volatile so the compiler keeps the load.
+    unsafe { core::ptr::read_volatile(&XLB_SNAT_PORTS) }
+}
+
+/// Whether a destination port (network order) can be a SNAT port of this node.
+#[inline(always)]
+fn in_snat_range(dport: u16) -> bool {
+    let range = snat_ports();
+    let p = u16::from_be(dport);
+    p >= range.min && p <= range.max
+}
+
+/// The node address a flow to a backend on another node is SNATed to: the NodePort's own
+/// address, else the address of the device the packet came in by.
+#[inline(always)]
+fn snat_source<C: Frame>(ctx: &C, pkt: &Packet, flags: u32) -> Option<u32> {
+    if flags & SVC_FLAG_NODE_PORT != 0 {
+        return Some(pkt.daddr);
+    }
+    // SAFETY: copied out at once.
+    let dev = unsafe { DEVICES.get(&ctx.ifindex()) }?;
+    (dev.addr != 0).then_some(dev.addr)
+}
+
+/// A SNAT port (network order) whose answer tuple (backend -> node:port) no live flow holds.
+/// Starts at a random port and probes the next ones, as Cilium's SNAT does.
+#[inline(always)]
+fn snat_port(pkt: &Packet, t: &Target, now: u64) -> Option<u16> {
+    let range = snat_ports();
+    if range.max < range.min {
+        return None;
+    }
+    let size = u32::from(range.max - range.min) + 1;
+    // SAFETY: no arguments, always callable.
+    let start = unsafe { bpf_get_prandom_u32() } % size;
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        let port = (u32::from(range.min) + (start + i) % size) as u16;
+        let key = CtKey {
+            saddr: t.addr,
+            daddr: t.snat_addr,
+            sport: t.port,
+            dport: port.to_be(),
+            proto: pkt.proto,
+            dir: CT_REPLY,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        let taken = unsafe { CONNTRACK.get(&key) }.is_some_and(|v| alive(v, now));
+        if !taken {
+            return Some(port.to_be());
+        }
+        i += 1;
+    }
+    None
+}
