@@ -18,12 +18,13 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use lb_common::{
     ip4, map_names, port, prog_names, AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts,
-    CtValue, FragKey, FragValue, MemberKey, ServiceKey, Stat, SCOPE_EXT,
+    CtValue, DeviceValue, FragKey, FragValue, MemberKey, ServiceKey, Stat, BACKEND_F_LOCAL,
+    SCOPE_EXT,
 };
 use lb_model::planner::plan;
 use lb_model::{
@@ -35,6 +36,43 @@ use lb_userspace::datapath::{load_programs, LoadOptions, ObjectMaps};
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+/// XDP verdicts.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// The hook a `from_net` run goes through: the XDP program or its tc ingress twin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetHook {
+    Xdp,
+    Tc,
+}
+
+impl NetHook {
+    pub const ALL: [NetHook; 2] = [NetHook::Xdp, NetHook::Tc];
+    /// The verdict for "continue into the stack".
+    pub fn pass(self) -> u32 {
+        match self {
+            NetHook::Xdp => XDP_PASS,
+            NetHook::Tc => TC_ACT_OK,
+        }
+    }
+    pub fn drop(self) -> u32 {
+        match self {
+            NetHook::Xdp => XDP_DROP,
+            NetHook::Tc => TC_ACT_SHOT,
+        }
+    }
+    /// The verdict for "sent out of `ifindex`" when the packet came in on `ingress`.
+    pub fn sent(self, ifindex: u32, ingress: u32) -> u32 {
+        match self {
+            NetHook::Xdp if ifindex == ingress => XDP_TX,
+            NetHook::Xdp => XDP_REDIRECT,
+            NetHook::Tc => TC_ACT_REDIRECT,
+        }
+    }
+}
 
 /// Room for frames that grow (a refused UDP datagram becomes a 70-byte ICMP error).
 const OUT_SLACK: usize = 256;
@@ -132,6 +170,7 @@ impl ServiceSpec {
                 .collect::<Result<_>>()?,
             flags: self.flags,
             affinity_timeout: self.affinity_timeout,
+            ..Default::default()
         })
     }
 }
@@ -195,16 +234,29 @@ impl TestDatapath {
 
     /// [`TestDatapath::load`] with the Service CIDR and conntrack lifetimes globals set.
     pub fn load_with(cidr: Option<(Ipv4Addr, u8)>, timeouts: CtTimeouts) -> Result<Self> {
-        let opts = LoadOptions {
+        Self::load_options(&LoadOptions {
             service_cidr: cidr,
             ct_timeouts: timeouts,
             ..LoadOptions::default()
-        };
+        })
+    }
+
+    /// Loads the object with `opts` (the agent's load options) and every program.
+    pub fn load_options(opts: &LoadOptions) -> Result<Self> {
         let mut ebpf = opts
             .load_object_from(&object()?, None)
             .context("loading the eBPF object")?;
-        load_programs(&mut ebpf, &[prog_names::FROM_POD, prog_names::TO_POD])
-            .map_err(|e| anyhow!("{e}"))?;
+        load_programs(
+            &mut ebpf,
+            &[
+                prog_names::FROM_POD,
+                prog_names::TO_POD,
+                prog_names::FROM_NET,
+                prog_names::FROM_NET_XDP,
+                prog_names::TO_NET,
+            ],
+        )
+        .map_err(|e| anyhow!("{e}"))?;
         for name in map_names::ALL {
             ebpf.map(name)
                 .with_context(|| format!("map {name} missing from the object"))?;
@@ -218,24 +270,91 @@ impl TestDatapath {
 
     /// Runs program `name` on `frame`.
     pub fn run(&self, name: &str, frame: &[u8]) -> Result<Outcome> {
-        let prog: &SchedClassifier = self
+        self.run_on(name, frame, None)
+    }
+
+    /// Runs program `name` (tc or XDP) on `frame` as if it arrived on device `ifindex` (which
+    /// must exist in the calling thread's network namespace; `None`: loopback). The program's
+    /// FIB lookups see that namespace's routes and neighbours.
+    pub fn run_on(&self, name: &str, frame: &[u8], ifindex: Option<u32>) -> Result<Outcome> {
+        let prog = self
             .ebpf
             .program(name)
-            .with_context(|| format!("program {name}"))?
-            .try_into()?;
+            .with_context(|| format!("program {name}"))?;
         let mut out = vec![0u8; frame.len() + OUT_SLACK];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+        // The context a test run may set: __sk_buff up to `ifindex` (offset 40), or xdp_md.
+        let (skb_ctx, xdp_ctx) = match ifindex {
+            Some(ifx) => {
+                let mut skb = [0u8; 44];
+                skb[40..44].copy_from_slice(&ifx.to_ne_bytes());
+                let mut xdp = [0u8; 24];
+                xdp[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+                xdp[12..16].copy_from_slice(&ifx.to_ne_bytes());
+                (Some(skb), Some(xdp))
+            }
+            None => (None, None),
+        };
+        let result = match prog {
+            aya::programs::Program::Xdp(_) => {
+                let xdp: &Xdp = prog.try_into()?;
+                xdp.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: xdp_ctx.as_ref().map(|c| &c[..]),
+                    ..Default::default()
+                })
+            }
+            _ => {
+                let tc: &SchedClassifier = prog.try_into()?;
+                tc.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: skb_ctx.as_ref().map(|c| &c[..]),
+                    ..Default::default()
+                })
+            }
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(result.data_size_out as usize);
         Ok(Outcome {
             verdict: result.return_value,
             frame: out,
         })
+    }
+
+    /// Runs `from_net` through `hook` on `frame` arriving on `ifindex`.
+    pub fn from_net(&self, hook: NetHook, frame: &[u8], ifindex: u32) -> Result<Outcome> {
+        let name = match hook {
+            NetHook::Xdp => prog_names::FROM_NET_XDP,
+            NetHook::Tc => prog_names::FROM_NET,
+        };
+        self.run_on(name, frame, Some(ifindex))
+    }
+
+    /// Runs `to_net` (tc egress of an external device) on `frame`.
+    pub fn to_net(&self, frame: &[u8], ifindex: u32) -> Result<Outcome> {
+        self.run_on(prog_names::TO_NET, frame, Some(ifindex))
+    }
+
+    /// Writes the `DEVICES` entry of an external device, as the agent does when it attaches.
+    pub fn set_device(&mut self, ifindex: u32, addr: Ipv4Addr, flags: u32) -> Result<()> {
+        let value = DeviceValue {
+            addr: ip4(addr.octets()),
+            flags,
+        };
+        self.hash::<u32, DeviceValue>(map_names::DEVICES)?
+            .insert(ifindex, value, 0)?;
+        Ok(())
+    }
+
+    /// Marks backend `id` as running on this node (`BACKEND_F_LOCAL`): a direct map write of
+    /// what the planner writes for an endpoint whose nodeName is this node.
+    pub fn set_backend_local(&mut self, id: u32) -> Result<()> {
+        let mut map = self.hash::<u32, Backend>(map_names::BACKENDS)?;
+        let mut b = map.get(&id, 0)?;
+        b.state |= BACKEND_F_LOCAL;
+        map.insert(id, b, 0)?;
+        Ok(())
     }
 
     pub fn from_pod(&self, frame: &[u8]) -> Result<Outcome> {
