@@ -35,7 +35,11 @@ pub fn frontend(pkt: &Packet, client: Client) -> Option<(ServiceKey, ServiceValu
         let int_key = ServiceKey { scope: SCOPE_INT, ..key };
         // SAFETY: copied out at once.
         if let Some(int) = unsafe { SERVICES.get(&int_key) } {
-            return Some((int_key, *int));
+            // Source ranges are filed under the frontend, not the scope: pods are held to them
+            // too (kube-proxy's firewall chain sees every source).
+            let mut int = *int;
+            int.flags |= master.flags & SVC_FLAG_SOURCE_RANGES;
+            return Some((int_key, int));
         }
     }
     Some((key, master))

@@ -9,12 +9,13 @@ use std::sync::OnceLock;
 
 use crate::ids::{advance, Cursors, IdSpace};
 use crate::planner::MapOp;
-use crate::{BackendAddr, Frontend};
+use crate::{BackendAddr, Cidr, Frontend};
 
 /// One frontend as it is in the maps.
 ///
 /// The master entry (slot 0) exists iff `rev_nat_id != 0` (every master xlb writes has an id
-/// >= 1); an entry with `rev_nat_id == 0` only describes leftover slots or members.
+/// >= 1); an entry with `rev_nat_id == 0` only describes leftover slots, members or source
+/// ranges.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AppliedFrontend {
     /// The identity of this incarnation of the frontend, as its master holds it: it stays while
@@ -32,6 +33,10 @@ pub struct AppliedFrontend {
     pub count: u32,
     /// Backend ids with a MEMBERS entry for this frontend, holding that backend's address.
     pub members: BTreeSet<u32>,
+    /// SRC_RANGES entries of this frontend's (address, port, protocol): client ranges allowed
+    /// in when the master has `SVC_FLAG_SOURCE_RANGES`. Filed under the `SCOPE_EXT` frontend
+    /// (the trie key has no scope).
+    pub src_ranges: BTreeSet<Cidr>,
 }
 
 impl AppliedFrontend {
@@ -40,7 +45,10 @@ impl AppliedFrontend {
     }
     /// Nothing of the frontend is left in the maps.
     fn is_empty(&self) -> bool {
-        !self.has_master() && self.slots.is_empty() && self.members.is_empty()
+        !self.has_master()
+            && self.slots.is_empty()
+            && self.members.is_empty()
+            && self.src_ranges.is_empty()
     }
 }
 
@@ -242,6 +250,22 @@ impl Applied {
                     ix.revs.add_ref(rev_nat_id, false);
                 }
             }
+            MapOp::PutSrcRange { frontend, range } => {
+                self.frontends
+                    .entry(frontend)
+                    .or_default()
+                    .src_ranges
+                    .insert(crate::cidr::normalize(range));
+            }
+            MapOp::DeleteSrcRange { frontend, range } => {
+                let Some(e) = self.frontends.get_mut(&frontend) else {
+                    return;
+                };
+                e.src_ranges.remove(&crate::cidr::normalize(range));
+                if e.is_empty() {
+                    self.frontends.remove(&frontend);
+                }
+            }
             MapOp::DeleteMaster { frontend } => {
                 let Some(e) = self.frontends.get_mut(&frontend) else {
                     return;
@@ -259,6 +283,31 @@ impl Applied {
                 }
             }
         }
+    }
+
+    /// The frontends whose slots or members name a backend that one of `ops` (`PutBackend`)
+    /// writes. A scan of every frontend: for the executor's failure path only.
+    pub fn frontends_using(&self, ops: &[MapOp]) -> Vec<Frontend> {
+        let ids: BTreeSet<u32> = ops
+            .iter()
+            .filter_map(|op| match *op {
+                MapOp::PutBackend { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        self.frontends
+            .iter()
+            .filter(|(_, af)| {
+                af.slots
+                    .iter()
+                    .chain(&af.members)
+                    .any(|id| ids.contains(id))
+            })
+            .map(|(fe, _)| *fe)
+            .collect()
     }
 
     /// Deletes of backends no slot or member entry refers to any more. Run after the frontend

@@ -4,11 +4,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub use crate::kube_proxy::service_frontends;
 use crate::state::{ClusterState, Config, ServiceKey};
-use crate::{BackendAddr, Frontend, Problem};
-use lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, SVC_FLAG_TERMINATING_FALLBACK};
+use crate::{BackendAddr, Cidr, Frontend, Problem};
+use lb_common::{
+    BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, SCOPE_EXT, SCOPE_INT,
+    SVC_FLAG_TERMINATING_FALLBACK,
+};
 
 /// What one frontend should look like in the maps.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+///
+/// `Default` is for callers that program frontends by hand (packet tests, benchmarks):
+/// `FrontendState { backends, flags, ..Default::default() }`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FrontendState {
     /// The Service this frontend belongs to.
     pub service: ServiceKey,
@@ -20,6 +26,16 @@ pub struct FrontendState {
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds (0 when affinity is off).
     pub affinity_timeout: u32,
+    /// The backends of `backends` whose endpoint runs on this node (EndpointSlice `nodeName` ==
+    /// this node's name). Their BACKENDS entry carries `BACKEND_F_LOCAL`: the datapath does not
+    /// SNAT flows from outside to them (the answer comes back through this node anyway), so
+    /// they see the client's address.
+    pub local: BTreeSet<BackendAddr>,
+    /// `loadBalancerSourceRanges`: the client ranges allowed in, written to SRC_RANGES for
+    /// this frontend's (address, port, protocol). Only meaningful with
+    /// `SVC_FLAG_SOURCE_RANGES` on a `SCOPE_EXT` frontend (the planner writes none for another
+    /// scope: the trie key has no scope). The flag with no range drops every client.
+    pub src_ranges: BTreeSet<Cidr>,
 }
 
 /// Every frontend the datapath should serve, and which Service produced which frontends.
@@ -36,8 +52,9 @@ pub struct DesiredState {
     waiting: BTreeMap<Frontend, BTreeSet<ServiceKey>>,
     /// The frontends each Service waits for (to drop its claims when it is recomputed).
     waiting_of: BTreeMap<ServiceKey, Vec<Frontend>>,
-    /// Per backend: number of frontends using it as [active, terminating].
-    backend_use: HashMap<BackendAddr, [u32; 2]>,
+    /// Per backend: number of frontends using it as [active, terminating], and how many of
+    /// them say it runs on this node.
+    backend_use: HashMap<BackendAddr, [u32; 3]>,
 }
 
 impl DesiredState {
@@ -70,20 +87,37 @@ impl DesiredState {
         }
         let mut touched: BTreeSet<Frontend> = old.iter().copied().collect();
         let mut owned = Vec::with_capacity(produced.len());
-        for (fe, st) in produced {
-            if let Some(other) = self.frontends.get(&fe) {
+        // A Service claims the scopes of one (address, port, protocol) together: the SCOPE_INT
+        // entry of an externalTrafficPolicy Local frontend is only read through its SCOPE_EXT
+        // master (SVC_FLAG_TWO_SCOPES), so the two must belong to the same Service. Claiming
+        // them one by one could pair one Service's master with another's SCOPE_INT backends.
+        let mut produced = produced.into_iter().peekable();
+        while let Some(first) = produced.next() {
+            let mut group = vec![first];
+            while let Some(next) = produced.next_if(|(fe, _)| same_group(fe, &group[0].0)) {
+                group.push(next);
+            }
+            let held = group
+                .iter()
+                .flat_map(|(fe, _)| [fe.with_scope(SCOPE_EXT), fe.with_scope(SCOPE_INT), *fe])
+                .find_map(|fe| self.frontends.get(&fe).map(|other| (fe, other)));
+            if let Some((fe, other)) = held {
                 problems.push(Problem {
                     object: key.to_string(),
                     kind: "frontend_conflict",
                     reason: format!("frontend {fe} already belongs to Service {}", other.service),
                 });
-                self.waiting.entry(fe).or_default().insert(key.clone());
-                self.waiting_of.entry(key.clone()).or_default().push(fe);
+                for (fe, _) in &group {
+                    self.waiting.entry(*fe).or_default().insert(key.clone());
+                    self.waiting_of.entry(key.clone()).or_default().push(*fe);
+                }
                 continue;
             }
-            self.insert_frontend(fe, st);
-            owned.push(fe);
-            touched.insert(fe);
+            for (fe, st) in group {
+                self.insert_frontend(fe, st);
+                owned.push(fe);
+                touched.insert(fe);
+            }
         }
         if !owned.is_empty() {
             self.by_service.insert(key.clone(), owned);
@@ -119,14 +153,17 @@ impl DesiredState {
     }
 
     /// The `lb_common::BACKEND_*` state a backend must have in the map: active when any frontend
-    /// uses it as a ready endpoint, terminating when all use it as a draining fallback. `None`
-    /// when no frontend uses it.
+    /// uses it as a ready endpoint, terminating when all use it as a draining fallback, plus
+    /// `BACKEND_F_LOCAL` when a frontend using it says it runs on this node (slices that
+    /// disagree about an address's node only do so while they are rewritten; "local" wins, as
+    /// in kube-proxy's slice cache). `None` when no frontend uses it.
     pub fn backend_state(&self, b: &BackendAddr) -> Option<u8> {
-        let [active, terminating] = *self.backend_use.get(b)?;
+        let [active, terminating, local] = *self.backend_use.get(b)?;
+        let local = if local > 0 { BACKEND_F_LOCAL } else { 0 };
         if active > 0 {
-            Some(BACKEND_ACTIVE)
+            Some(BACKEND_ACTIVE | local)
         } else if terminating > 0 {
-            Some(BACKEND_TERMINATING)
+            Some(BACKEND_TERMINATING | local)
         } else {
             None
         }
@@ -158,15 +195,23 @@ impl DesiredState {
     fn count_backends(&mut self, st: &FrontendState, add: bool) {
         let which = usize::from(st.flags & SVC_FLAG_TERMINATING_FALLBACK != 0);
         for b in &st.backends {
+            let local = usize::from(st.local.contains(b));
             let e = self.backend_use.entry(*b).or_default();
             if add {
                 e[which] += 1;
+                e[2] += local as u32;
             } else {
                 e[which] = e[which].saturating_sub(1);
-                if *e == [0, 0] {
+                e[2] = e[2].saturating_sub(local as u32);
+                if e[..2] == [0, 0] {
                     self.backend_use.remove(b);
                 }
             }
         }
     }
+}
+
+/// Whether two frontends are scopes of one (address, port, protocol).
+fn same_group(a: &Frontend, b: &Frontend) -> bool {
+    (a.addr, a.port, a.proto) == (b.addr, b.port, b.proto)
 }

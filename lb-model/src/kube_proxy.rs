@@ -3,16 +3,18 @@
 //! Kept apart from [`crate::desired::DesiredState`] (which only files the results by frontend and
 //! owner) so every rule here is a pure function of (Service, slices, node, config).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_common::{
-    SCOPE_EXT, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXT_LOCAL,
-    SVC_FLAG_INT_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_TERMINATING_FALLBACK,
+    SCOPE_EXT, SCOPE_INT, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_NO_LOCAL,
+    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_INT_LOCAL, SVC_FLAG_LOAD_BALANCER,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TERMINATING_FALLBACK, SVC_FLAG_TWO_SCOPES,
 };
 
+use crate::cidr::{self, Cidr};
 use crate::desired::FrontendState;
 use crate::state::{object_key, Config, NodeInfo, ServiceKey};
 use crate::{BackendAddr, Frontend, Problem, Proto};
@@ -27,6 +29,14 @@ const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 /// The frontends of one Service (pure kube-proxy semantics), sorted, plus the problems met.
 /// Skipped Services (ExternalName, headless, another proxy's, IPv6-only) give no frontends and no
 /// problem; an invalid port is a problem for that port only.
+///
+/// Every frontend is a `SCOPE_EXT` entry, except that each external frontend (NodePort on a
+/// node address, LoadBalancer ingress IP, externalIP) of an externalTrafficPolicy Local Service
+/// comes twice: `SCOPE_EXT` with this node's endpoints only and `SVC_FLAG_TWO_SCOPES` (clients
+/// from outside), and `SCOPE_INT` with every endpoint (pods on this node: kube-proxy sends pod
+/// traffic to an external address of such a Service through its "cluster" chain, subject to
+/// neither traffic policy, as if it had gone out to the load balancer and come back in). The
+/// two are adjacent in the sorted output (the scope is the last field of [`Frontend`]).
 pub fn service_frontends<'a>(
     svc: &Service,
     slices: impl Iterator<Item = &'a EndpointSlice>,
@@ -62,10 +72,12 @@ pub fn service_frontends<'a>(
             return (Vec::new(), problems);
         }
     };
+    let src_ranges = source_ranges(spec, &object, &mut problems);
     let mut ctx = Ctx {
         key: &key,
         object: &object,
         spec,
+        cfg,
         cluster_ips,
         external_ips: parse_v4_list(
             spec.external_ips.iter().flatten(),
@@ -74,6 +86,7 @@ pub fn service_frontends<'a>(
             &mut problems,
         ),
         lb_ips: load_balancer_ips(svc, &object, &mut problems),
+        src_ranges,
         node,
         affinity: affinity(spec),
         slices: slices.filter(|s| s.address_type == "IPv4").collect(),
@@ -96,7 +109,7 @@ fn problem(object: &(impl ToString + ?Sized), kind: &'static str, reason: String
 }
 
 /// Services kube-proxy does not program at all.
-fn skipped(svc: &Service, spec: &ServiceSpec, cfg: &Config) -> bool {
+pub(crate) fn skipped(svc: &Service, spec: &ServiceSpec, cfg: &Config) -> bool {
     if spec.type_.as_deref() == Some("ExternalName") {
         return true;
     }
@@ -114,7 +127,7 @@ fn skipped(svc: &Service, spec: &ServiceSpec, cfg: &Config) -> bool {
         || spec.cluster_ips.iter().flatten().any(|ip| headless(ip))
 }
 
-enum ClusterIps {
+pub(crate) enum ClusterIps {
     V4(Vec<Ipv4Addr>),
     /// Only IPv6 (or unparsable) cluster IPs: not ours to serve (IPv4 datapath).
     OtherFamily,
@@ -122,7 +135,7 @@ enum ClusterIps {
 }
 
 /// `spec.clusterIPs` (or `spec.clusterIP` when the list is absent), IPv4 only.
-fn cluster_ipv4s(spec: &ServiceSpec) -> ClusterIps {
+pub(crate) fn cluster_ipv4s(spec: &ServiceSpec) -> ClusterIps {
     let list: Vec<&str> = match spec.cluster_ips.as_deref() {
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
@@ -179,6 +192,47 @@ fn load_balancer_ips(svc: &Service, object: &str, problems: &mut Vec<Problem>) -
         .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|i| i.ip.as_ref());
     parse_v4_list(ips, object, "loadBalancer ingress IP", problems)
+}
+
+/// `spec.loadBalancerSourceRanges` of a LoadBalancer Service: `None` when it lists none (every
+/// client may use the LoadBalancer IPs), else the IPv4 ranges allowed in.
+///
+/// An invalid entry is a problem and is skipped, as kube-proxy skips it; the valid ones still
+/// apply. But the list is never widened to "everyone" by a bad or foreign entry: when it lists
+/// ranges and none is a valid IPv4 CIDR (all invalid, or all IPv6), the result is `Some` of an
+/// empty set, so the frontends get `SVC_FLAG_SOURCE_RANGES` with no range and drop every IPv4
+/// client. kube-proxy would leave such a Service open to all; the Service's owner asked for a
+/// restriction, and failing closed keeps it (a fixed list opens it again at once).
+fn source_ranges(
+    spec: &ServiceSpec,
+    object: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<BTreeSet<Cidr>> {
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return None;
+    }
+    let list = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default();
+    if list.is_empty() {
+        return None;
+    }
+    let mut out = BTreeSet::new();
+    for s in list {
+        match cidr::parse(s) {
+            Ok(cidr::Parsed::V4(c)) => {
+                out.insert(c);
+            }
+            Ok(cidr::Parsed::V6) => {}
+            Err(e) => problems.push(problem(
+                object,
+                "invalid_service",
+                format!("loadBalancerSourceRanges: {e}; skipped"),
+            )),
+        }
+    }
+    Some(out)
 }
 
 /// Affinity flag and timeout of every frontend of the Service.
@@ -289,9 +343,12 @@ struct Ctx<'a> {
     key: &'a ServiceKey,
     object: &'a str,
     spec: &'a ServiceSpec,
+    cfg: &'a Config,
     cluster_ips: Vec<Ipv4Addr>,
     external_ips: Vec<Ipv4Addr>,
     lb_ips: Vec<Ipv4Addr>,
+    /// [`source_ranges`]: applied to the LoadBalancer ingress IP frontends only.
+    src_ranges: Option<BTreeSet<Cidr>>,
     node: &'a NodeInfo,
     affinity: (u32, u32),
     slices: Vec<&'a EndpointSlice>,
@@ -323,29 +380,34 @@ impl Ctx<'_> {
         let eps = endpoints(&self.slices, &port_name, proto, &self.node.name);
         let int_local = self.spec.internal_traffic_policy.as_deref() == Some("Local");
         let ext_local = self.spec.external_traffic_policy.as_deref() == Some("Local");
-        let internal = (
-            select(&eps, int_local),
-            if int_local { SVC_FLAG_INT_LOCAL } else { 0 },
-        );
-        let external = (
-            select(&eps, ext_local),
-            if ext_local { SVC_FLAG_EXT_LOCAL } else { 0 },
-        );
+        // kube-proxy's "cluster" endpoints (every node) and, for a Local policy, this node's.
+        let cluster = select(&eps, false);
+        let local = select(&eps, true);
+        let internal = if int_local { &local } else { &cluster };
 
-        let mut fronts: Vec<(Ipv4Addr, u16, u32, bool)> = Vec::new();
+        let mut fronts: Vec<(Ipv4Addr, u16, u32)> = Vec::new();
         fronts.extend(
             self.cluster_ips
                 .iter()
-                .map(|ip| (*ip, port, SVC_FLAG_CLUSTER_IP, false)),
+                .map(|ip| (*ip, port, SVC_FLAG_CLUSTER_IP)),
         );
         let ty = self.spec.type_.as_deref().unwrap_or("ClusterIP");
         if matches!(ty, "NodePort" | "LoadBalancer") {
             match sp.node_port.map(valid_port) {
+                Some(Some(np)) if !self.cfg.is_nodeport_in_range(np) => problems.push(problem(
+                    self.object,
+                    "invalid_service",
+                    format!(
+                        "{what}: nodePort {np} is outside the NodePort range {}-{}",
+                        self.cfg.nodeport_range.0, self.cfg.nodeport_range.1
+                    ),
+                )),
                 Some(Some(np)) => fronts.extend(
                     self.node
                         .addresses
                         .iter()
-                        .map(|ip| (*ip, np, SVC_FLAG_NODE_PORT, true)),
+                        .filter(|ip| self.cfg.is_nodeport_address(**ip))
+                        .map(|ip| (*ip, np, SVC_FLAG_NODE_PORT)),
                 ),
                 Some(None) => problems.push(problem(
                     self.object,
@@ -358,30 +420,21 @@ impl Ctx<'_> {
         fronts.extend(
             self.lb_ips
                 .iter()
-                .map(|ip| (*ip, port, SVC_FLAG_LOAD_BALANCER, true)),
+                .map(|ip| (*ip, port, SVC_FLAG_LOAD_BALANCER)),
         );
         fronts.extend(
             self.external_ips
                 .iter()
-                .map(|ip| (*ip, port, SVC_FLAG_EXTERNAL_IP, true)),
+                .map(|ip| (*ip, port, SVC_FLAG_EXTERNAL_IP)),
         );
 
-        for (addr, fport, kind, is_external) in fronts {
-            let ((backends, fallback), policy) = if is_external { &external } else { &internal };
+        for (addr, fport, kind) in fronts {
             let fe = Frontend {
                 addr,
                 port: fport,
                 proto,
                 scope: SCOPE_EXT,
             };
-            let flags = kind
-                | policy
-                | self.affinity.0
-                | if *fallback {
-                    SVC_FLAG_TERMINATING_FALLBACK
-                } else {
-                    0
-                };
             // The same address may come twice (an externalIP equal to the LB ingress IP): the
             // first kind listed wins; two ports claiming one frontend are a problem.
             if let Some(held) = self.out.get(&fe) {
@@ -397,18 +450,73 @@ impl Ctx<'_> {
                 }
                 continue;
             }
-            self.out.insert(
-                fe,
-                FrontendState {
-                    service: self.key.clone(),
-                    port_name: port_name.clone(),
-                    backends: backends.clone(),
-                    flags,
-                    affinity_timeout: self.affinity.1,
-                },
-            );
+            let ranges = match &self.src_ranges {
+                Some(r) if kind == SVC_FLAG_LOAD_BALANCER => Some(r),
+                _ => None,
+            };
+            if kind == SVC_FLAG_CLUSTER_IP {
+                let policy = if int_local { SVC_FLAG_INT_LOCAL } else { 0 };
+                let st = self.state(&port_name, internal, kind | policy, &eps);
+                self.out.insert(fe, st);
+            } else if !ext_local {
+                let mut st = self.state(&port_name, &cluster, kind, &eps);
+                if let Some(r) = ranges {
+                    st.flags |= SVC_FLAG_SOURCE_RANGES;
+                    st.src_ranges = r.clone();
+                }
+                self.out.insert(fe, st);
+            } else {
+                // Clients from outside: this node's endpoints only. None here while the
+                // Service has endpoints elsewhere: drop (kube-proxy's "has no local endpoints"
+                // DROP, so a load balancer's health check moves the traffic away), not refuse.
+                let mut flags = kind | SVC_FLAG_EXT_LOCAL | SVC_FLAG_TWO_SCOPES;
+                if local.0.is_empty() && !cluster.0.is_empty() {
+                    flags |= SVC_FLAG_DROP_NO_LOCAL;
+                }
+                let mut ext = self.state(&port_name, &local, flags, &eps);
+                if let Some(r) = ranges {
+                    ext.flags |= SVC_FLAG_SOURCE_RANGES;
+                    ext.src_ranges = r.clone();
+                }
+                // Pods: every endpoint. Only read through the SCOPE_EXT master's
+                // SVC_FLAG_TWO_SCOPES, so the source-range flag (checked on that master) and
+                // the ranges (keyed without scope) stay with SCOPE_EXT.
+                let int = self.state(&port_name, &cluster, kind, &eps);
+                self.out.insert(fe, ext);
+                self.out.insert(fe.with_scope(SCOPE_INT), int);
+            }
         }
         Ok(())
+    }
+
+    /// A frontend of this Service port with the selected backends `(backends, fallback)` and
+    /// `flags` (plus the Service's affinity, and the fallback flag when the backends are the
+    /// serving+terminating ones).
+    fn state(
+        &self,
+        port_name: &str,
+        (backends, fallback): &(Vec<BackendAddr>, bool),
+        flags: u32,
+        eps: &BTreeMap<BackendAddr, Conditions>,
+    ) -> FrontendState {
+        let fallback = if *fallback {
+            SVC_FLAG_TERMINATING_FALLBACK
+        } else {
+            0
+        };
+        FrontendState {
+            service: self.key.clone(),
+            port_name: port_name.to_string(),
+            backends: backends.clone(),
+            flags: flags | self.affinity.0 | fallback,
+            affinity_timeout: self.affinity.1,
+            local: backends
+                .iter()
+                .filter(|b| eps.get(b).is_some_and(|c| c.local))
+                .copied()
+                .collect(),
+            src_ranges: BTreeSet::new(),
+        }
     }
 }
 

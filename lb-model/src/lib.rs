@@ -7,6 +7,7 @@
 //! store::execute(&mut impl MapStore, &Plan, &mut Applied): each op encoded as map entries, written,
 //!     and recorded in Applied when it succeeded (prepare -> frontends -> gc)
 //! ReadBack::read(&impl MapStore) -> Applied (at start, so a restart reconciles, never flushes)
+//! health::health_checks(&ClusterState) -> healthCheckNodePort answers (kube-proxy's JSON, pure)
 //! ```
 //!
 //! [`store::MapStore`] is the one contract with the maps: the agent's aya maps, the packet tests'
@@ -19,7 +20,9 @@
 //! few map writes however many Services exist.
 
 pub mod applied;
+pub mod cidr;
 pub mod desired;
+pub mod health;
 mod ids;
 mod kube_proxy;
 pub mod planner;
@@ -33,6 +36,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 pub use applied::{Applied, AppliedFrontend};
+pub use cidr::Cidr;
 pub use desired::{DesiredState, FrontendState};
 pub use planner::{MapOp, Plan};
 pub use readback::ReadBack;
@@ -105,6 +109,46 @@ impl Frontend {
             slot,
         )
     }
+    /// The same (address, port, protocol) in another scope: the other entry of an external
+    /// frontend of an externalTrafficPolicy Local Service.
+    pub const fn with_scope(self, scope: u8) -> Self {
+        Frontend { scope, ..self }
+    }
+    /// The SRC_RANGES key of client range `range` for this frontend (the scope is not part of
+    /// it: the ranges belong to the (address, port, protocol), and only the `SCOPE_EXT` master
+    /// carries `SVC_FLAG_SOURCE_RANGES`). The client is the range's network address, so one
+    /// range always has one key, whatever host bits it was written with. Returns the trie key's
+    /// prefix length (`SrcRangeKey::FRONTEND_BITS` + the range's) and its data.
+    pub fn src_range_key(&self, range: Cidr) -> (u32, lb_common::SrcRangeKey) {
+        let (net, len) = cidr::normalize(range);
+        (
+            lb_common::SrcRangeKey::FRONTEND_BITS + u32::from(len),
+            lb_common::SrcRangeKey {
+                addr: lb_common::ip4(self.addr.octets()),
+                port: lb_common::port(self.port),
+                proto: self.proto.number(),
+                _pad: 0,
+                client: lb_common::ip4(net.octets()),
+            },
+        )
+    }
+    /// Inverse of [`Frontend::src_range_key`]: the `SCOPE_EXT` frontend and the range. `None`
+    /// for a key xlb never writes (prefix outside the frontend's 64 bits + 0..=32, padding set,
+    /// unknown protocol).
+    pub fn from_src_range_key(prefix_len: u32, k: &lb_common::SrcRangeKey) -> Option<(Self, Cidr)> {
+        let len = prefix_len.checked_sub(lb_common::SrcRangeKey::FRONTEND_BITS)?;
+        if len > 32 || k._pad != 0 {
+            return None;
+        }
+        let fe = Frontend {
+            addr: Ipv4Addr::from(lb_common::ip4_from(k.addr)),
+            port: lb_common::port_from(k.port),
+            proto: Proto::from_number(k.proto)?,
+            scope: lb_common::SCOPE_EXT,
+        };
+        let client = Ipv4Addr::from(lb_common::ip4_from(k.client));
+        Some((fe, cidr::normalize((client, len as u8))))
+    }
     /// Inverse of [`Frontend::key`] (ignores the slot). `None` for an unknown protocol number.
     pub fn from_key(k: &lb_common::ServiceKey) -> Option<Self> {
         Some(Frontend {
@@ -125,9 +169,16 @@ impl Frontend {
     }
 }
 
+/// `addr:port/PROTO`, and `[int]` after a `SCOPE_INT` frontend (the pods' entry of an
+/// externalTrafficPolicy Local frontend), so the two scopes can be told apart in logs.
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)?;
+        match self.scope {
+            lb_common::SCOPE_EXT => Ok(()),
+            lb_common::SCOPE_INT => f.write_str("[int]"),
+            s => write!(f, "[scope {s}]"),
+        }
     }
 }
 

@@ -9,18 +9,36 @@
 //! a master always names a backend that exists and is a member of that frontend.
 //! [`crate::store::execute`] runs a plan in this order.
 //!
+//! Source ranges (SRC_RANGES, `loadBalancerSourceRanges`) follow the same rule around the
+//! master that carries `SVC_FLAG_SOURCE_RANGES`: ranges entering are written first in the
+//! frontend's ops (before the master that may gain the flag), ranges leaving are deleted last
+//! (after the master that may lose the flag, or after a removed frontend's master, slots and
+//! members), so the datapath never checks a flagged master against missing ranges.
+//!
+//! The two scopes of one (address, port, protocol) (`SCOPE_EXT` and the `SCOPE_INT` entry of an
+//! externalTrafficPolicy Local frontend) are planned as one unit: one entry of
+//! [`Plan::frontends`], named by the `SCOPE_EXT` frontend, so a failure in either stops both,
+//! and a retry of that frontend plans both. The datapath reads `SCOPE_INT` only through a
+//! `SCOPE_EXT` master with `SVC_FLAG_TWO_SCOPES`, so when the desired `SCOPE_EXT` master has
+//! that flag the `SCOPE_INT` ops come first (it is whole before the master can point pods at
+//! it), and otherwise the `SCOPE_EXT` ops come first (the master has lost the flag before the
+//! `SCOPE_INT` entry goes).
+//!
 //! New backend and frontend ids come from a cursor that only moves forward, so a freed id is not
 //! handed out again while conntrack or affinity entries may still hold it (see `ids.rs`).
 
 use std::collections::{BTreeSet, HashMap};
 
-use lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, SVC_FLAG_TERMINATING_FALLBACK};
+use lb_common::{
+    BACKEND_ACTIVE, BACKEND_TERMINATING, SCOPE_EXT, SCOPE_INT, SVC_FLAG_TERMINATING_FALLBACK,
+    SVC_FLAG_TWO_SCOPES,
+};
 
 use crate::applied::{Applied, AppliedFrontend, Index};
 use crate::desired::{DesiredState, FrontendState};
 use crate::ids::Cursors;
 use crate::slots;
-use crate::{BackendAddr, Frontend};
+use crate::{cidr, BackendAddr, Cidr, Frontend};
 
 /// One map write or delete. Executed strictly in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +85,36 @@ pub enum MapOp {
     DeleteMaster {
         frontend: Frontend,
     },
+    /// SRC_RANGES entry: clients in `range` may use `frontend` (a `SCOPE_EXT` frontend; the
+    /// entry is keyed by its address, port and protocol). Written before the master that gets
+    /// `SVC_FLAG_SOURCE_RANGES`.
+    PutSrcRange {
+        frontend: Frontend,
+        range: Cidr,
+    },
+    /// Deleted after the master lost `SVC_FLAG_SOURCE_RANGES` (or no longer lists the range),
+    /// or after the frontend is gone.
+    DeleteSrcRange {
+        frontend: Frontend,
+        range: Cidr,
+    },
+}
+
+impl MapOp {
+    /// The frontend an op writes (`None` for a backend op).
+    pub fn frontend(&self) -> Option<&Frontend> {
+        match self {
+            MapOp::PutBackend { .. } | MapOp::DeleteBackend { .. } => None,
+            MapOp::PutMember { frontend, .. }
+            | MapOp::DeleteMember { frontend, .. }
+            | MapOp::PutSlot { frontend, .. }
+            | MapOp::DeleteSlot { frontend, .. }
+            | MapOp::PutMaster { frontend, .. }
+            | MapOp::DeleteMaster { frontend }
+            | MapOp::PutSrcRange { frontend, .. }
+            | MapOp::DeleteSrcRange { frontend, .. } => Some(frontend),
+        }
+    }
 }
 
 /// Operations grouped so a failure (e.g. a full map) stops only the frontend it hit.
@@ -76,6 +124,9 @@ pub struct Plan {
     /// When one fails, skip the frontends [`Plan::blocked_by`] names.
     pub prepare: Vec<MapOp>,
     /// Per-frontend ops in update order. If one op fails, skip the rest of that frontend's ops.
+    /// One entry holds both scopes of an (address, port, protocol) (see the module docs), named
+    /// by its `SCOPE_EXT` frontend (or by its only frontend when it has no `SCOPE_EXT` one):
+    /// planning that frontend again plans both.
     pub frontends: Vec<(Frontend, Vec<MapOp>)>,
 }
 
@@ -111,12 +162,15 @@ impl Plan {
             _ => false,
         };
         let holds = |fe: &Frontend| {
-            applied.frontends.get(fe).is_some_and(|af| {
-                af.slots
-                    .iter()
-                    .chain(&af.members)
-                    .any(|id| ids.contains(id))
-            })
+            [*fe, fe.with_scope(SCOPE_EXT), fe.with_scope(SCOPE_INT)]
+                .iter()
+                .filter_map(|fe| applied.frontends.get(fe))
+                .any(|af| {
+                    af.slots
+                        .iter()
+                        .chain(&af.members)
+                        .any(|id| ids.contains(id))
+                })
         };
         self.frontends
             .iter()
@@ -128,6 +182,8 @@ impl Plan {
 
 /// The ops that make `applied` match `desired` for the `touched` frontends (all frontends of
 /// `applied` and `desired` for a full reconcile). Frontends in `touched` that `desired` lacks are removed.
+/// A touched frontend brings the other scope of its (address, port, protocol) along (see the
+/// module docs).
 ///
 /// Cost is proportional to the touched frontends and their backends.
 pub fn plan(applied: &Applied, desired: &DesiredState, touched: &BTreeSet<Frontend>) -> Plan {
@@ -142,19 +198,50 @@ pub fn plan(applied: &Applied, desired: &DesiredState, touched: &BTreeSet<Fronte
         cursors: applied.cursors(),
     };
     let mut frontends = Vec::new();
-    for fe in touched {
-        let ops = match desired.frontends.get(fe) {
-            Some(st) => p.update(fe, st),
-            None => p.remove(fe),
-        };
+    // `touched` is sorted and the scope is the last field of a Frontend: the frontends of one
+    // (address, port, protocol) are adjacent.
+    let mut touched = touched.iter().peekable();
+    while let Some(first) = touched.next() {
+        let mut group: BTreeSet<Frontend> = BTreeSet::from([*first]);
+        while let Some(fe) = touched.next_if(|fe| same_group(fe, first)) {
+            group.insert(*fe);
+        }
+        let ext = first.with_scope(SCOPE_EXT);
+        for fe in [ext, first.with_scope(SCOPE_INT)] {
+            if applied.frontends.contains_key(&fe) || desired.frontends.contains_key(&fe) {
+                group.insert(fe);
+            }
+        }
+        let label = if group.contains(&ext) { ext } else { *first };
+        let int_first = desired
+            .frontends
+            .get(&ext)
+            .is_some_and(|st| st.flags & SVC_FLAG_TWO_SCOPES != 0);
+        // Sorted: SCOPE_EXT (0) first. With TWO_SCOPES wanted it goes last.
+        let mut order: Vec<Frontend> = group.into_iter().collect();
+        if int_first && order[0] == ext {
+            order.rotate_left(1);
+        }
+        let mut ops = Vec::new();
+        for fe in &order {
+            ops.extend(match desired.frontends.get(fe) {
+                Some(st) => p.update(fe, st),
+                None => p.remove(fe),
+            });
+        }
         if !ops.is_empty() {
-            frontends.push((*fe, ops));
+            frontends.push((label, ops));
         }
     }
     Plan {
         prepare: p.prepare,
         frontends,
     }
+}
+
+/// Whether two frontends are scopes of one (address, port, protocol).
+fn same_group(a: &Frontend, b: &Frontend) -> bool {
+    (a.addr, a.port, a.proto) == (b.addr, b.port, b.proto)
 }
 
 /// State of one [`plan`] call: ids handed out so far, and the prepare ops.
@@ -196,16 +283,28 @@ impl Planner<'_> {
         self.restate_leaving(cur);
         let new = slots::assign(old, &ids);
         let n = new.len();
-        // Members first: a slot may name an id only once the id is a member.
-        let mut ops: Vec<MapOp> = wanted
+        // Source ranges entering first: the master may gain SVC_FLAG_SOURCE_RANGES below.
+        let ranges = wanted_ranges(fe, st);
+        let held_ranges = cur.map(|c| &c.src_ranges);
+        let mut ops: Vec<MapOp> = ranges
             .iter()
-            .filter(|(id, _)| !members.is_some_and(|m| m.contains(id)))
-            .map(|&(backend_id, b)| MapOp::PutMember {
+            .filter(|r| !held_ranges.is_some_and(|h| h.contains(r)))
+            .map(|&range| MapOp::PutSrcRange {
                 frontend: *fe,
-                backend_id,
-                backend: *b,
+                range,
             })
             .collect();
+        // Members next: a slot may name an id only once the id is a member.
+        ops.extend(
+            wanted
+                .iter()
+                .filter(|(id, _)| !members.is_some_and(|m| m.contains(id)))
+                .map(|&(backend_id, b)| MapOp::PutMember {
+                    frontend: *fe,
+                    backend_id,
+                    backend: *b,
+                }),
+        );
         for (i, &id) in new.iter().enumerate() {
             if old.get(i) != Some(&id) {
                 ops.push(MapOp::PutSlot {
@@ -237,6 +336,10 @@ impl Planner<'_> {
             let staying: BTreeSet<u32> = new.iter().copied().collect();
             delete_members(fe, members.difference(&staying), &mut ops);
         }
+        // Ranges leaving last: the master no longer needs them (or lost the flag).
+        if let Some(held) = held_ranges {
+            delete_ranges(fe, held.difference(&ranges), &mut ops);
+        }
         ops
     }
 
@@ -252,6 +355,7 @@ impl Planner<'_> {
         }
         delete_slots(fe, &cur.slots, 0, &mut ops);
         delete_members(fe, cur.members.iter(), &mut ops);
+        delete_ranges(fe, cur.src_ranges.iter(), &mut ops);
         ops
     }
 
@@ -340,6 +444,23 @@ fn delete_members<'a>(fe: &Frontend, ids: impl Iterator<Item = &'a u32>, ops: &m
         frontend: *fe,
         backend_id,
     }));
+}
+
+fn delete_ranges<'a>(fe: &Frontend, ranges: impl Iterator<Item = &'a Cidr>, ops: &mut Vec<MapOp>) {
+    ops.extend(ranges.map(|&range| MapOp::DeleteSrcRange {
+        frontend: *fe,
+        range,
+    }));
+}
+
+/// The source ranges a desired frontend must have in SRC_RANGES, normalized (one key per
+/// range): those of a `SCOPE_EXT` frontend; none for another scope, whose ranges would share
+/// the `SCOPE_EXT` frontend's keys.
+fn wanted_ranges(fe: &Frontend, st: &FrontendState) -> BTreeSet<Cidr> {
+    if fe.scope != SCOPE_EXT {
+        return BTreeSet::new();
+    }
+    st.src_ranges.iter().map(|r| cidr::normalize(*r)).collect()
 }
 
 /// Slot number of slot index `i` (index 0 = slot 1).

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue};
+use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
 
 use crate::applied::{Applied, AppliedFrontend};
 use crate::store::MapStore;
@@ -24,12 +24,13 @@ impl ReadBack {
         Self::default()
     }
 
-    /// Every entry of SERVICES, BACKENDS and MEMBERS in `store`, as an [`Applied`].
+    /// Every entry of SERVICES, BACKENDS, MEMBERS and SRC_RANGES in `store`, as an [`Applied`].
     pub fn read<S: MapStore + ?Sized>(store: &S) -> Result<Applied, S::Error> {
         let mut r = ReadBack::new();
         store.for_each_service(&mut |k, v| r.service(k, v))?;
         store.for_each_backend(&mut |id, b| r.backend(id, b))?;
         store.for_each_member(&mut |k, v| r.member(k, v))?;
+        store.for_each_src_range(&mut |len, k| r.src_range(len, k))?;
         Ok(r.finish())
     }
 
@@ -63,6 +64,20 @@ impl ReadBack {
     pub fn member(&mut self, k: &MemberKey, v: &MemberValue) {
         if let Some((fe, id)) = Frontend::from_member_key(k) {
             self.members.push((fe, id, *v));
+        }
+    }
+
+    /// A SRC_RANGES entry, filed under its `SCOPE_EXT` frontend. Keys xlb never writes
+    /// (prefix shorter than the frontend, padding set, unknown protocol) are skipped; host
+    /// bits after the prefix are dropped, as the trie ignores them.
+    pub fn src_range(&mut self, prefix_len: u32, k: &SrcRangeKey) {
+        if let Some((fe, range)) = Frontend::from_src_range_key(prefix_len, k) {
+            self.applied
+                .frontends
+                .entry(fe)
+                .or_default()
+                .src_ranges
+                .insert(range);
         }
     }
 

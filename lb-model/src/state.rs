@@ -12,7 +12,7 @@ use crate::Problem;
 
 /// A Service's identity: (namespace, name). EndpointSlices find their Service through the
 /// `kubernetes.io/service-name` label in their own namespace.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ServiceKey {
     pub namespace: String,
     pub name: String,
@@ -65,13 +65,44 @@ pub struct Config {
     /// Value of the `service.kubernetes.io/service-proxy-name` label this proxy answers to; Services
     /// labelled with another name are skipped (kube-proxy semantics). `None`: skip every labelled one.
     pub service_proxy_name: Option<String>,
+    /// kube-proxy's `--nodeport-addresses`: empty means every node address
+    /// ([`NodeInfo::addresses`]) gets the NodePort frontends; otherwise only the node addresses
+    /// inside one of these CIDRs do (a node address outside all of them serves no NodePort).
+    pub nodeport_addresses: Vec<crate::Cidr>,
+    /// The cluster's NodePort range (the API server's `--service-node-port-range`), both ends
+    /// inclusive. A nodePort outside it is a problem for that Service port, which then gets no
+    /// NodePort frontend (its other frontends stay): the API server never allocates one there,
+    /// so it is a hand-written manifest, and answering on a port the node may use for
+    /// something else would steal its traffic.
+    pub nodeport_range: (u16, u16),
 }
+
+/// The API server's default NodePort range.
+pub const DEFAULT_NODEPORT_RANGE: (u16, u16) = (30000, 32767);
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             service_proxy_name: Some("xlb".to_string()),
+            nodeport_addresses: Vec::new(),
+            nodeport_range: DEFAULT_NODEPORT_RANGE,
         }
+    }
+}
+
+impl Config {
+    /// Whether node address `ip` gets NodePort frontends (`--nodeport-addresses`).
+    pub fn is_nodeport_address(&self, ip: Ipv4Addr) -> bool {
+        self.nodeport_addresses.is_empty()
+            || self
+                .nodeport_addresses
+                .iter()
+                .any(|c| crate::cidr::contains(*c, ip))
+    }
+
+    /// Whether `port` lies in [`Config::nodeport_range`].
+    pub fn is_nodeport_in_range(&self, port: u16) -> bool {
+        (self.nodeport_range.0..=self.nodeport_range.1).contains(&port)
     }
 }
 
@@ -201,7 +232,10 @@ impl ClusterState {
 
     /// The slices of a Service (empty if none).
     pub fn slices_of(&self, key: &ServiceKey) -> impl Iterator<Item = &EndpointSlice> {
-        self.slices.get(key).into_iter().flat_map(|m| m.values().map(|b| &**b))
+        self.slices
+            .get(key)
+            .into_iter()
+            .flat_map(|m| m.values().map(|b| &**b))
     }
 
     fn upsert_service(&mut self, svc: Service, changes: &mut Changes) {
@@ -297,7 +331,10 @@ impl ClusterState {
                             m.remove(&id.1);
                         }
                     }
-                    fresh.entry(owner).or_default().insert(id.1, Box::new(slice));
+                    fresh
+                        .entry(owner)
+                        .or_default()
+                        .insert(id.1, Box::new(slice));
                 }
                 SliceFiling::Skipped(problem) => changes.problems.push(problem),
             }

@@ -11,7 +11,8 @@ use common::*;
 use lb_common::*;
 use lb_model::planner::{all_frontends, plan};
 use lb_model::{
-    Applied, AppliedFrontend, ClusterState, DesiredState, Frontend, MapOp, Plan, Proto, SourceEvent,
+    Applied, AppliedFrontend, Cidr, ClusterState, DesiredState, Frontend, MapOp, Plan, Proto,
+    SourceEvent,
 };
 use serde_json::json;
 
@@ -29,6 +30,7 @@ impl World {
     }
 
     fn execute(&mut self, p: &Plan) {
+        self.sim.expect(&self.desired);
         self.sim.run(p, &mut self.applied);
         self.sim.check_equals(&self.desired).unwrap();
         assert_eq!(self.applied, self.sim.to_applied());
@@ -312,7 +314,7 @@ fn backend_state_change_is_written_in_prepare() {
             Some(false),
             Some(true),
             Some(true),
-            NODE
+            "node-b"
         )]),
     );
     let p = w.event(SourceEvent::SliceUpsert(draining));
@@ -481,6 +483,7 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
             slots: vec![1, 0, 3, 2],
             count: 0,
             members: BTreeSet::from([1, 3, 4, 9]),
+            ..Default::default()
         },
     );
     for i in 1..=4 {
@@ -636,7 +639,7 @@ fn shared_backend_state_follows_when_the_frontend_using_it_as_ready_goes() {
             Some(false),
             Some(true),
             Some(true),
-            NODE
+            "node-b"
         )]),
     );
     w.event(SourceEvent::SliceUpsert(draining));
@@ -920,4 +923,212 @@ fn failed_backend_write_blocks_the_frontend_that_would_make_it_a_member() {
         only_member.blocked_by(&p.prepare, &w.applied),
         BTreeSet::from([web()])
     );
+}
+
+/// A NodePort Service "np" (ClusterIP 10.96.0.30, nodePort 30080), Local or not.
+fn np_svc(local: bool) -> SourceEvent {
+    SourceEvent::ServiceUpsert(svc(
+        "np",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.30",
+               "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
+               "ports": [{"port": 80, "nodePort": 30080}]}),
+    ))
+}
+
+/// The ops of the plan entry named `f` (empty when there is none).
+fn entry(p: &Plan, f: Frontend) -> Vec<MapOp> {
+    p.frontends
+        .iter()
+        .find(|(x, _)| *x == f)
+        .map(|(_, ops)| ops.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn scope_int_entry_is_written_before_the_master_that_points_pods_at_it_and_removed_after() {
+    let ext = fe("192.168.1.10", 30080, Proto::Tcp);
+    let int = ext.with_scope(SCOPE_INT);
+    let mut w = World::new();
+    w.event(np_svc(false));
+    w.event(SourceEvent::SliceUpsert(slice(
+        "np-1",
+        "np",
+        json!([{"port": 9376}]),
+        json!([
+            ep_cond("10.244.1.1", None, None, None, NODE),
+            ep_cond("10.244.2.1", None, None, None, "node-b"),
+        ]),
+    )));
+    let is_master = |f: Frontend| move |op: &MapOp| matches!(op, MapOp::PutMaster { frontend, .. } if *frontend == f);
+    let frontend_of = |op: &MapOp| *op.frontend().unwrap();
+
+    // Cluster -> Local: one plan entry for both scopes, named by SCOPE_EXT; SCOPE_INT whole
+    // (members, slots, master) before the SCOPE_EXT master gets TWO_SCOPES.
+    let p = w.event(np_svc(true));
+    assert!(entry(&p, int).is_empty(), "no entry of its own: {p:?}");
+    let ops = entry(&p, ext);
+    let last_int = ops.iter().rposition(|op| frontend_of(op) == int).unwrap();
+    let first_ext = pos(&ops, |op| frontend_of(op) == ext);
+    assert!(last_int < first_ext, "{ops:?}");
+    assert!(matches!(ops[last_int], MapOp::PutMaster { count: 2, .. }));
+    let m = pos(&ops, is_master(ext));
+    assert!(
+        matches!(ops[m], MapOp::PutMaster { flags, count: 1, .. } if flags & SVC_FLAG_TWO_SCOPES != 0)
+    );
+
+    // Local -> Cluster: the SCOPE_EXT master loses the flag before SCOPE_INT goes.
+    let p = w.event(np_svc(false));
+    let ops = entry(&p, ext);
+    let m = pos(&ops, is_master(ext));
+    assert!(
+        matches!(ops[m], MapOp::PutMaster { flags, count: 2, .. } if flags & SVC_FLAG_TWO_SCOPES == 0)
+    );
+    let gone = pos(&ops, |op| *op == MapOp::DeleteMaster { frontend: int });
+    assert!(m < gone, "{ops:?}");
+    assert!(ops[..m].iter().all(|op| frontend_of(op) == ext));
+
+    // A Local Service deleted: the SCOPE_EXT master first, then the rest.
+    w.event(np_svc(true));
+    let p = w.event(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "np".into(),
+    });
+    let ops = entry(&p, ext);
+    assert_eq!(ops[0], MapOp::DeleteMaster { frontend: ext });
+    assert!(pos(&ops, |op| *op == MapOp::DeleteMaster { frontend: int }) > 0);
+}
+
+#[test]
+fn planning_one_scope_plans_the_other_too() {
+    // The agent retries the frontends a report names (SCOPE_EXT for a two-scope entry).
+    let ext = fe("192.168.1.10", 30080, Proto::Tcp);
+    let int = ext.with_scope(SCOPE_INT);
+    let mut w = World::new();
+    w.event(np_svc(true));
+    w.slice("np", &["10.244.0.1"]);
+    let empty = Applied::default();
+    for one in [ext, int] {
+        let p = plan(&empty, &w.desired, &BTreeSet::from([one]));
+        assert_eq!(p.frontends.len(), 1);
+        assert_eq!(p.frontends[0].0, ext, "named by SCOPE_EXT");
+        let written: BTreeSet<Frontend> = p.frontends[0]
+            .1
+            .iter()
+            .map(|op| *op.frontend().unwrap())
+            .collect();
+        assert_eq!(written, BTreeSet::from([ext, int]));
+    }
+}
+
+/// A LoadBalancer Service "lb" (ingress 198.51.100.1:443) with these source ranges.
+fn lb_svc(ranges: serde_json::Value) -> SourceEvent {
+    SourceEvent::ServiceUpsert(svc_full(
+        json!({"name": "lb", "namespace": "default"}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.40", "loadBalancerSourceRanges": ranges,
+               "ports": [{"port": 443, "nodePort": 30443}]}),
+        json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}),
+    ))
+}
+
+#[test]
+fn source_ranges_go_in_before_the_flagged_master_and_out_after_it() {
+    let lb = fe("198.51.100.1", 443, Proto::Tcp);
+    let a: Cidr = ("10.0.0.0".parse().unwrap(), 8);
+    let b: Cidr = ("192.0.2.0".parse().unwrap(), 24);
+    let put = |range| MapOp::PutSrcRange {
+        frontend: lb,
+        range,
+    };
+    let del = |range| MapOp::DeleteSrcRange {
+        frontend: lb,
+        range,
+    };
+    let mut w = World::new();
+    w.slice("lb", &["10.244.0.1"]);
+
+    // New: the ranges first, the flagged master after them.
+    let p = w.event(lb_svc(json!(["10.0.0.0/8"])));
+    let ops = entry(&p, lb);
+    assert_eq!(ops[0], put(a));
+    assert!(
+        matches!(ops.last(), Some(MapOp::PutMaster { flags, .. }) if flags & SVC_FLAG_SOURCE_RANGES != 0)
+    );
+    assert_eq!(w.sim.maps.src_ranges.len(), 1);
+
+    // Another range: the new one in before the old one out; the master stays.
+    let p = w.event(lb_svc(json!(["192.0.2.0/24"])));
+    assert_eq!(entry(&p, lb), vec![put(b), del(a)]);
+
+    // No ranges: the master loses the flag, then the range goes.
+    let p = w.event(lb_svc(json!(null)));
+    let ops = entry(&p, lb);
+    assert_eq!(ops.len(), 2);
+    assert!(
+        matches!(ops[0], MapOp::PutMaster { flags, .. } if flags & SVC_FLAG_SOURCE_RANGES == 0)
+    );
+    assert_eq!(ops[1], del(b));
+    assert!(w.sim.maps.src_ranges.is_empty());
+
+    // A Service removed: master, slots, members, then its ranges.
+    w.event(lb_svc(json!(["10.0.0.0/8", "192.0.2.0/24"])));
+    let p = w.event(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "lb".into(),
+    });
+    let ops = entry(&p, lb);
+    assert_eq!(ops[0], MapOp::DeleteMaster { frontend: lb });
+    assert_eq!(ops[ops.len() - 2..], [del(a), del(b)]);
+    assert!(w.sim.maps.src_ranges.is_empty() && w.applied.frontends.is_empty());
+}
+
+#[test]
+fn a_locality_change_rewrites_the_backend_in_prepare() {
+    let on = |node: &str| {
+        SourceEvent::SliceUpsert(slice(
+            "web-1",
+            "web",
+            json!([{"port": 9376}]),
+            json!([ep_cond("10.244.0.1", None, None, None, node)]),
+        ))
+    };
+    let mut w = World::new();
+    w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
+    w.event(on("node-b"));
+    assert_eq!(w.sim.maps.backends[&1].state, BACKEND_ACTIVE);
+    // The pod is this node's now (re-created with the same address): only BACKENDS changes.
+    let p = w.event(on(NODE));
+    assert_eq!(
+        p.prepare,
+        vec![MapOp::PutBackend {
+            id: 1,
+            backend: be("10.244.0.1", 9376),
+            state: BACKEND_ACTIVE | BACKEND_F_LOCAL
+        }]
+    );
+    assert!(p.frontends.is_empty(), "{p:?}");
+    assert_eq!(w.sim.maps.backends[&1].state, BACKEND_F_LOCAL);
+    // Read back, the bit is there (World::event checked applied == read-back too).
+    assert_eq!(w.sim.to_applied().backends[&1].1, BACKEND_F_LOCAL);
+    // The node loses its name: nothing is local, every frontend is re-planned.
+    let c = w.state.apply(SourceEvent::Node(lb_model::NodeInfo {
+        name: String::new(),
+        addresses: vec![NODE_IP],
+    }));
+    assert!(c.all);
+    let (d, _) = DesiredState::rebuild(&w.state, &cfg());
+    w.desired = d;
+    let p = plan(
+        &w.applied,
+        &w.desired,
+        &all_frontends(&w.applied, &w.desired),
+    );
+    assert_eq!(
+        p.prepare,
+        vec![MapOp::PutBackend {
+            id: 1,
+            backend: be("10.244.0.1", 9376),
+            state: BACKEND_ACTIVE
+        }]
+    );
+    w.execute(&p);
 }

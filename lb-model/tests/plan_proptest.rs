@@ -8,6 +8,12 @@
 //! included), and `Applied` (kept up to date by the executor) must equal what the maps hold,
 //! read back by the shipped read-back.
 //!
+//! The universe has LoadBalancer Services with and without loadBalancerSourceRanges and
+//! externalTrafficPolicy Local (two scopes per external frontend, locality of backends, drop
+//! without local endpoints), and node renames (an empty name: nothing is local). The
+//! simulator also checks after every write that a TWO_SCOPES master has its SCOPE_INT entry,
+//! and that a master is flagged SOURCE_RANGES only once its desired ranges are in the trie.
+//!
 //! Faults: a fault-injecting store (`FaultStore`) fails writes, either at random or exactly one
 //! at a random position of a plan; after each failure every Service is whole, and the agent's
 //! next plan (the frontends the executor reported failed) repairs everything.
@@ -18,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::sim::World;
 use common::*;
+use lb_common::{SCOPE_EXT, SCOPE_INT};
 use lb_model::desired::service_frontends;
 use lb_model::planner::{all_frontends, plan};
 use lb_model::store::{execute, ExecReport, FaultStore, MapWrite};
@@ -41,6 +48,10 @@ struct SvcSpec {
     affinity: bool,
     itp_local: bool,
     etp_local: bool,
+    /// Type LoadBalancer, ingress IP 198.51.100.(ip + 1) (a conflict when two share `ip`).
+    lb: bool,
+    /// loadBalancerSourceRanges: none, one, two, only invalid / IPv6 ones (fail closed).
+    ranges: u8,
 }
 
 /// One endpoint: pod index, readiness variant, on this node or not.
@@ -64,7 +75,8 @@ enum Ev {
     Slice(usize, SliceSpec),
     SliceDel(usize),
     Resync(Vec<Option<SvcSpec>>, Vec<Option<SliceSpec>>),
-    Node(bool),
+    /// A second node address; the node's name (false: empty, nothing is local).
+    Node(bool, bool),
 }
 
 fn svc_spec() -> impl Strategy<Value = SvcSpec> {
@@ -77,17 +89,23 @@ fn svc_spec() -> impl Strategy<Value = SvcSpec> {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
+        0..4u8,
     )
         .prop_map(
-            |(node_port, ip, port_a, port_b, np, affinity, itp_local, etp_local)| SvcSpec {
-                node_port,
-                ip,
-                port_a,
-                port_b,
-                node_port_no: 30080 + np,
-                affinity,
-                itp_local,
-                etp_local,
+            |(node_port, ip, port_a, port_b, np, affinity, itp_local, etp_local, lb, ranges)| {
+                SvcSpec {
+                    node_port,
+                    ip,
+                    port_a,
+                    port_b,
+                    node_port_no: 30080 + np,
+                    affinity,
+                    itp_local,
+                    etp_local,
+                    lb,
+                    ranges,
+                }
             },
         )
 }
@@ -110,7 +128,7 @@ fn event() -> impl Strategy<Value = Ev> {
             prop::collection::vec(prop::option::of(slice_spec()), SLICES)
         )
             .prop_map(|(a, b)| Ev::Resync(a, b)),
-        1 => any::<bool>().prop_map(Ev::Node),
+        1 => (any::<bool>(), prop::bool::weighted(0.8)).prop_map(|(two, named)| Ev::Node(two, named)),
     ]
 }
 
@@ -124,19 +142,42 @@ fn service(i: usize, s: &SvcSpec) -> k8s_openapi::api::core::v1::Service {
             json!({"name": "b", "port": 53, "protocol": "UDP", "nodePort": s.node_port_no + 10}),
         );
     }
+    let ty = if s.lb {
+        "LoadBalancer"
+    } else if s.node_port {
+        "NodePort"
+    } else {
+        "ClusterIP"
+    };
     let mut spec = json!({
-        "type": if s.node_port { "NodePort" } else { "ClusterIP" },
+        "type": ty,
         "clusterIP": format!("10.96.0.{}", s.ip + 1),
         "ports": ports,
         "internalTrafficPolicy": if s.itp_local { "Local" } else { "Cluster" },
     });
-    if s.node_port && s.etp_local {
+    if (s.node_port || s.lb) && s.etp_local {
         spec["externalTrafficPolicy"] = json!("Local");
     }
     if s.affinity {
         spec["sessionAffinity"] = json!("ClientIP");
     }
-    svc(&format!("s{i}"), spec)
+    let ranges = match s.ranges {
+        0 => json!(null),
+        1 => json!(["10.0.0.0/8"]),
+        2 => json!(["10.0.0.0/8", "192.0.2.0/24"]),
+        _ => json!(["not-a-cidr", "fd00::/8"]),
+    };
+    spec["loadBalancerSourceRanges"] = ranges;
+    let status = if s.lb {
+        json!({"loadBalancer": {"ingress": [{"ip": format!("198.51.100.{}", s.ip + 1)}]}})
+    } else {
+        json!({})
+    };
+    svc_full(
+        json!({"name": format!("s{i}"), "namespace": "default"}),
+        spec,
+        status,
+    )
 }
 
 fn endpoint_slice(j: usize, s: &SliceSpec) -> k8s_openapi::api::discovery::v1::EndpointSlice {
@@ -195,13 +236,13 @@ fn to_event(ev: &Ev) -> SourceEvent {
                     .collect(),
             ),
         },
-        Ev::Node(two) => {
+        Ev::Node(two, named) => {
             let mut addresses = vec![NODE_IP];
             if *two {
                 addresses.push("10.0.0.10".parse().unwrap());
             }
             SourceEvent::Node(NodeInfo {
-                name: NODE.into(),
+                name: if *named { NODE.into() } else { String::new() },
                 addresses,
             })
         }
@@ -226,11 +267,33 @@ fn check_ownership(state: &ClusterState, desired: &DesiredState) -> Result<(), T
             );
         }
         filed += owned.len();
+        // A Service claims both scopes of an (address, port, protocol) or none: a frontend
+        // it produces is filed, or another Service holds a scope of it.
         for fe in fresh.keys() {
-            prop_assert!(desired.frontends.contains_key(fe), "{} lost {}", key, fe);
+            let other = [fe.with_scope(SCOPE_EXT), fe.with_scope(SCOPE_INT)]
+                .iter()
+                .any(|f| {
+                    desired
+                        .frontends
+                        .get(f)
+                        .is_some_and(|st| st.service != *key)
+                });
+            prop_assert!(
+                desired.frontends.contains_key(fe) || other,
+                "{} lost {}",
+                key,
+                fe
+            );
         }
     }
     prop_assert_eq!(filed, desired.frontends.len());
+    // The SCOPE_INT entry a TWO_SCOPES master points pods at is the same Service's.
+    for (fe, st) in &desired.frontends {
+        if fe.scope == SCOPE_EXT && st.flags & lb_common::SVC_FLAG_TWO_SCOPES != 0 {
+            let int = desired.frontends.get(&fe.with_scope(SCOPE_INT));
+            prop_assert_eq!(int.map(|i| &i.service), Some(&st.service), "{}", fe);
+        }
+    }
     Ok(())
 }
 
@@ -241,10 +304,18 @@ fn check_slot_writes(
     desired: &DesiredState,
     p: &Plan,
 ) -> Result<(), TestCaseError> {
-    for (fe, ops) in &p.frontends {
-        let puts = ops
+    // One plan entry holds both scopes of an (address, port, protocol): count per frontend.
+    let frontends: BTreeSet<Frontend> = p
+        .frontends
+        .iter()
+        .flat_map(|(_, ops)| ops.iter().filter_map(|op| op.frontend().copied()))
+        .collect();
+    for fe in &frontends {
+        let puts = p
+            .frontends
             .iter()
-            .filter(|op| matches!(op, lb_model::MapOp::PutSlot { .. }))
+            .flat_map(|(_, ops)| ops)
+            .filter(|op| matches!(op, lb_model::MapOp::PutSlot { frontend, .. } if frontend == fe))
             .count();
         let old: BTreeSet<_> = before
             .frontends
@@ -301,6 +372,7 @@ impl World {
             }
             t
         };
+        self.sim.expect(&self.desired);
         (plan(&self.applied, &self.desired, &touched), touched)
     }
 
@@ -417,7 +489,7 @@ proptest! {
     #[test]
     fn a_full_map_fails_only_the_frontends_that_need_room(
         steps in prop::collection::vec(event(), 1..15),
-        full in 0..3usize,
+        full in 0..4usize,
     ) {
         let mut c = World::new();
         for ev in steps {
@@ -427,12 +499,18 @@ proptest! {
                 (0, MapWrite::PutService(k, _)) => !before.services.contains_key(k),
                 (1, MapWrite::PutBackend(id, _)) => !before.backends.contains_key(id),
                 (2, MapWrite::PutMember(k, _)) => !before.members.contains_key(k),
+                (3, MapWrite::PutSrcRange(len, k)) => !before.src_ranges.contains(&(*len, *k)),
                 _ => false,
             };
             let mut store = FaultStore::fail_matching(&mut c.sim, refuse);
             let report = execute(&mut store, &p, &mut c.applied);
             prop_assert_eq!(!store.injected().is_empty(), !report.is_clean(), "{:?}", report);
-            let failed: BTreeSet<Frontend> = report.failed.iter().map(|(fe, _)| *fe).collect();
+            // A failed plan entry is both scopes of an (address, port, protocol).
+            let failed: BTreeSet<Frontend> = report
+                .failed
+                .iter()
+                .flat_map(|(fe, _)| [fe.with_scope(SCOPE_EXT), fe.with_scope(SCOPE_INT)])
+                .collect();
             for fe in touched.iter().filter(|fe| !failed.contains(fe)) {
                 let want = c.desired.frontends.get(fe).map(|st| st.backends.len() as u32);
                 let got = c.applied.frontends.get(fe).map(|af| af.count);

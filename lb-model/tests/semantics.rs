@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+
 use common::*;
 use lb_common::*;
 use lb_model::desired::{service_frontends, FrontendState};
@@ -165,6 +167,7 @@ fn service_proxy_name_label_delegates_to_the_named_proxy() {
     assert_eq!(count(&labelled("xlb"), &cfg()), 1, "our own name is served");
     let none = Config {
         service_proxy_name: None,
+        ..Config::default()
     };
     assert_eq!(
         count(&labelled("xlb"), &none),
@@ -409,7 +412,7 @@ fn internal_traffic_policy_local_uses_this_nodes_endpoints_for_cluster_ips_only(
 }
 
 #[test]
-fn external_traffic_policy_local_uses_this_nodes_endpoints_for_external_frontends() {
+fn external_traffic_policy_local_gives_external_frontends_a_local_and_a_cluster_scope() {
     let s = svc_full(
         json!({"name": "m"}),
         json!({"type": "LoadBalancer", "clusterIP": "10.96.0.60", "externalTrafficPolicy": "Local",
@@ -417,16 +420,294 @@ fn external_traffic_policy_local_uses_this_nodes_endpoints_for_external_frontend
         json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}),
     );
     let f = frontends(&s, &[local_mix()]);
+    let both = vec![be("10.244.1.1", 9376), be("10.244.2.1", 9376)];
+    let local = vec![be("10.244.1.1", 9376)];
+    let got = |addr: &str, port: u16, scope: u8| {
+        let want = Frontend {
+            scope,
+            ..fe(addr, port, Proto::Tcp)
+        };
+        f.iter()
+            .find(|(fr, _)| *fr == want)
+            .map(|(_, st)| st.clone())
+    };
+    // ClusterIP: one SCOPE_EXT entry, every endpoint (iTP Cluster).
+    let cip = got("10.96.0.60", 80, SCOPE_EXT).unwrap();
+    assert_eq!((cip.flags, &cip.backends), (SVC_FLAG_CLUSTER_IP, &both));
+    assert!(got("10.96.0.60", 80, SCOPE_INT).is_none());
+    for (addr, port, kind) in [
+        ("192.168.1.10", 30060, SVC_FLAG_NODE_PORT),
+        ("198.51.100.1", 80, SVC_FLAG_LOAD_BALANCER),
+        ("203.0.113.1", 80, SVC_FLAG_EXTERNAL_IP),
+    ] {
+        // Clients from outside: this node's endpoints only.
+        let ext = got(addr, port, SCOPE_EXT).unwrap();
+        assert_eq!(
+            ext.flags,
+            kind | SVC_FLAG_EXT_LOCAL | SVC_FLAG_TWO_SCOPES,
+            "{addr}"
+        );
+        assert_eq!(ext.backends, local, "{addr}");
+        // Pods: every endpoint, kube-proxy's cluster chain.
+        let int = got(addr, port, SCOPE_INT).unwrap();
+        assert_eq!(int.flags, kind, "{addr}");
+        assert_eq!(int.backends, both, "{addr}");
+    }
+    assert_eq!(f.len(), 7);
+    // The two scopes are adjacent, SCOPE_EXT first (the planner and the conflict rule rely on it).
+    let i = f
+        .iter()
+        .position(|(fr, _)| *fr == fe("198.51.100.1", 80, Proto::Tcp))
+        .unwrap();
+    assert_eq!(f[i + 1].0.scope, SCOPE_INT);
+    // Cluster policy: one SCOPE_EXT entry per external frontend, every endpoint.
+    let mut cluster = s.clone();
+    cluster.spec.as_mut().unwrap().external_traffic_policy = Some("Cluster".into());
+    let f = frontends(&cluster, &[local_mix()]);
+    assert_eq!(f.len(), 4);
+    assert!(f
+        .iter()
+        .all(|(fr, st)| fr.scope == SCOPE_EXT && st.backends == both));
+}
+
+#[test]
+fn external_traffic_policy_local_without_local_endpoints_drops_unless_there_are_none_at_all() {
+    let s = svc(
+        "m",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.60", "externalTrafficPolicy": "Local",
+               "ports": [{"port": 80, "nodePort": 30060}]}),
+    );
+    let np = fe("192.168.1.10", 30060, Proto::Tcp);
+    let ext_int = |slices: &[EndpointSlice]| {
+        let f = frontends(&s, slices);
+        let get = |fr: Frontend| f.iter().find(|(x, _)| *x == fr).unwrap().1.clone();
+        (get(np), get(np.with_scope(SCOPE_INT)))
+    };
+    // Endpoints only elsewhere: drop (SVC_FLAG_DROP_NO_LOCAL), pods still use them.
+    let remote = slice(
+        "m",
+        "m",
+        json!([{"port": 9376}]),
+        json!([ep_cond("10.244.2.1", None, None, None, "node-b")]),
+    );
+    let (ext, int) = ext_int(&[remote]);
+    assert!(ext.backends.is_empty());
+    assert_eq!(
+        ext.flags,
+        SVC_FLAG_NODE_PORT | SVC_FLAG_EXT_LOCAL | SVC_FLAG_TWO_SCOPES | SVC_FLAG_DROP_NO_LOCAL
+    );
+    assert_eq!(int.backends, vec![be("10.244.2.1", 9376)]);
+    // Only a draining endpoint elsewhere is still an endpoint (kube-proxy's hasEndpoints).
+    let draining = slice(
+        "m",
+        "m",
+        json!([{"port": 9376}]),
+        json!([ep_cond(
+            "10.244.2.1",
+            Some(false),
+            Some(true),
+            Some(true),
+            "node-b"
+        )]),
+    );
+    let (ext, int) = ext_int(&[draining]);
+    assert_ne!(ext.flags & SVC_FLAG_DROP_NO_LOCAL, 0);
+    assert_eq!(
+        int.flags,
+        SVC_FLAG_NODE_PORT | SVC_FLAG_TERMINATING_FALLBACK
+    );
+    // No endpoint anywhere: refuse as any Service without endpoints.
+    let (ext, int) = ext_int(&[]);
+    assert_eq!(ext.flags & SVC_FLAG_DROP_NO_LOCAL, 0);
+    assert!(ext.backends.is_empty() && int.backends.is_empty());
+    // A local endpoint: served, no drop flag.
+    let (ext, _) = ext_int(&[local_mix()]);
+    assert_eq!(ext.flags & SVC_FLAG_DROP_NO_LOCAL, 0);
+    assert_eq!(ext.backends, vec![be("10.244.1.1", 9376)]);
+}
+
+#[test]
+fn backends_on_this_node_are_marked_local_by_node_name() {
+    let s = svc(
+        "m",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.60", "ports": [{"port": 80, "nodePort": 30060}]}),
+    );
+    let f = frontends(&s, &[local_mix()]);
+    for (_, st) in &f {
+        assert_eq!(st.backends.len(), 2);
+        assert_eq!(st.local, BTreeSet::from([be("10.244.1.1", 9376)]));
+    }
+    // A node without a name: nothing is local (not even endpoints without nodeName).
+    let nameless = lb_model::NodeInfo {
+        name: String::new(),
+        addresses: vec![NODE_IP],
+    };
+    let mut no_node = local_mix();
+    no_node
+        .endpoints
+        .get_or_insert_with(Vec::new)
+        .push(serde_json::from_value(ep("10.244.3.1")).unwrap());
+    let (f, _) = service_frontends(&s, [no_node].iter(), &nameless, &cfg());
+    assert!(f.iter().all(|(_, st)| st.local.is_empty()));
+}
+
+#[test]
+fn load_balancer_source_ranges_restrict_the_ingress_ip_frontends_only() {
+    let s = svc_full(
+        json!({"name": "lb"}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.40", "externalIPs": ["203.0.113.9"],
+               "loadBalancerSourceRanges": ["10.0.0.0/8", " 192.0.2.7/24 ", "fd00::/64"],
+               "ports": [{"port": 443, "nodePort": 30443}]}),
+        json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}),
+    );
+    let f = frontends(&s, &[]);
+    let ranges = BTreeSet::from([
+        ("10.0.0.0".parse().unwrap(), 8),
+        ("192.0.2.0".parse().unwrap(), 24),
+    ]);
     for (fr, st) in &f {
-        if fr.addr == "10.96.0.60".parse::<std::net::Ipv4Addr>().unwrap() {
-            assert_eq!(st.flags, SVC_FLAG_CLUSTER_IP);
-            assert_eq!(st.backends.len(), 2);
+        if *fr == fe("198.51.100.1", 443, Proto::Tcp) {
+            assert_eq!(st.flags, SVC_FLAG_LOAD_BALANCER | SVC_FLAG_SOURCE_RANGES);
+            assert_eq!(st.src_ranges, ranges);
         } else {
-            assert_eq!(st.flags & SVC_FLAG_EXT_LOCAL, SVC_FLAG_EXT_LOCAL, "{fr}");
-            assert_eq!(st.backends, vec![be("10.244.1.1", 9376)], "{fr}");
+            assert_eq!(st.flags & SVC_FLAG_SOURCE_RANGES, 0, "{fr}");
+            assert!(st.src_ranges.is_empty(), "{fr}");
         }
     }
     assert_eq!(f.len(), 4);
+    // eTP Local: the SCOPE_EXT entry carries flag and ranges (the datapath checks that master;
+    // the trie key has no scope), the SCOPE_INT entry neither.
+    let mut local = s.clone();
+    local.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+    let f = frontends(&local, &[]);
+    let lb = fe("198.51.100.1", 443, Proto::Tcp);
+    let get = |fr: Frontend| f.iter().find(|(x, _)| *x == fr).unwrap().1.clone();
+    assert_ne!(get(lb).flags & SVC_FLAG_SOURCE_RANGES, 0);
+    assert_eq!(get(lb).src_ranges, ranges);
+    let int = get(lb.with_scope(SCOPE_INT));
+    assert_eq!(int.flags & SVC_FLAG_SOURCE_RANGES, 0);
+    assert!(int.src_ranges.is_empty());
+    // Not a LoadBalancer: the field means nothing.
+    let mut np = s.clone();
+    np.spec.as_mut().unwrap().type_ = Some("NodePort".into());
+    assert!(frontends(&np, &[])
+        .iter()
+        .all(|(_, st)| st.flags & SVC_FLAG_SOURCE_RANGES == 0));
+}
+
+#[test]
+fn invalid_source_ranges_are_problems_and_never_open_the_service_to_everyone() {
+    let with = |ranges: serde_json::Value| {
+        let s = svc_full(
+            json!({"name": "lb"}),
+            json!({"type": "LoadBalancer", "clusterIP": "10.96.0.40",
+                   "loadBalancerSourceRanges": ranges, "ports": [{"port": 443, "nodePort": 30443}]}),
+            json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}),
+        );
+        let (f, p) = run(&s, &[]);
+        let st = f
+            .into_iter()
+            .find(|(x, _)| *x == fe("198.51.100.1", 443, Proto::Tcp))
+            .unwrap()
+            .1;
+        (st, p)
+    };
+    // An invalid entry is skipped (kube-proxy does too), the valid ones apply.
+    let (st, p) = with(json!(["10.0.0.0/8", "10.0.0.0/33", "nope"]));
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(p.iter().all(|p| p.kind == "invalid_service"));
+    assert_eq!(st.src_ranges.len(), 1);
+    assert_ne!(st.flags & SVC_FLAG_SOURCE_RANGES, 0);
+    // Nothing valid left: the flag with no range drops every client (fail closed).
+    let (st, p) = with(json!(["nope"]));
+    assert_eq!(p.len(), 1);
+    assert_ne!(st.flags & SVC_FLAG_SOURCE_RANGES, 0);
+    assert!(st.src_ranges.is_empty());
+    // Only IPv6 ranges: no IPv4 client is allowed in, and that is no problem.
+    let (st, p) = with(json!(["fd00::/8"]));
+    assert!(p.is_empty());
+    assert_ne!(st.flags & SVC_FLAG_SOURCE_RANGES, 0);
+    assert!(st.src_ranges.is_empty());
+    // An empty list restricts nothing.
+    let (st, p) = with(json!([]));
+    assert!(p.is_empty());
+    assert_eq!(st.flags, SVC_FLAG_LOAD_BALANCER);
+}
+
+#[test]
+fn nodeport_addresses_limit_the_node_addresses_that_serve_node_ports() {
+    let s = svc(
+        "np",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.30", "ports": [{"port": 80, "nodePort": 30080}]}),
+    );
+    let n = lb_model::NodeInfo {
+        name: NODE.into(),
+        addresses: vec![NODE_IP, "10.0.0.10".parse().unwrap()],
+    };
+    let node_ports = |cfg: &Config| {
+        let (f, p) = service_frontends(&s, [].iter(), &n, cfg);
+        assert!(p.is_empty());
+        f.into_iter()
+            .filter(|(_, st)| st.flags & SVC_FLAG_NODE_PORT != 0)
+            .map(|(fr, _)| fr.addr.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(node_ports(&cfg()), ["10.0.0.10", "192.168.1.10"]);
+    let only = Config {
+        nodeport_addresses: vec![("192.168.1.0".parse().unwrap(), 24)],
+        ..cfg()
+    };
+    assert_eq!(node_ports(&only), ["192.168.1.10"]);
+    let two = Config {
+        nodeport_addresses: vec![
+            ("192.168.1.0".parse().unwrap(), 24),
+            ("10.0.0.10".parse().unwrap(), 32),
+        ],
+        ..cfg()
+    };
+    assert_eq!(node_ports(&two), ["10.0.0.10", "192.168.1.10"]);
+    let none = Config {
+        nodeport_addresses: vec![("172.16.0.0".parse().unwrap(), 12)],
+        ..cfg()
+    };
+    assert!(node_ports(&none).is_empty());
+}
+
+#[test]
+fn node_port_outside_the_range_is_a_problem_for_that_port_only() {
+    let s = svc(
+        "np",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.30", "ports": [
+            {"name": "a", "port": 80, "nodePort": 8080},
+            {"name": "b", "port": 81, "nodePort": 30081}]}),
+    );
+    let (f, p) = run(&s, &[]);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].reason
+            .contains("outside the NodePort range 30000-32767"),
+        "{}",
+        p[0]
+    );
+    let got: Vec<Frontend> = f.iter().map(|(fr, _)| *fr).collect();
+    assert_eq!(
+        got,
+        vec![
+            fe("10.96.0.30", 80, Proto::Tcp),
+            fe("10.96.0.30", 81, Proto::Tcp),
+            fe("192.168.1.10", 30081, Proto::Tcp),
+        ],
+        "the ClusterIP of port a stays, its NodePort goes"
+    );
+    let wide = Config {
+        nodeport_range: (8000, 32767),
+        ..cfg()
+    };
+    let (f, p) = service_frontends(&s, [].iter(), &node(), &wide);
+    assert!(p.is_empty());
+    assert!(f
+        .iter()
+        .any(|(fr, _)| *fr == fe("192.168.1.10", 8080, Proto::Tcp)));
 }
 
 #[test]

@@ -320,7 +320,7 @@ fn shared_backend_is_active_if_any_frontend_uses_it_as_ready() {
                 Some(false),
                 Some(true),
                 Some(true),
-                NODE
+                "node-b"
             )]),
         )
     };
@@ -386,4 +386,120 @@ fn rebuild_matches_incremental_updates() {
         flags,
         BTreeSet::from([SVC_FLAG_CLUSTER_IP, SVC_FLAG_NODE_PORT])
     );
+}
+
+#[test]
+fn backend_is_local_if_a_frontend_using_it_says_it_runs_on_this_node() {
+    let on = |node: &str| {
+        slice(
+            "x-1",
+            "x",
+            json!([{"port": 9376}]),
+            json!([ep_cond("10.244.0.1", None, None, None, node)]),
+        )
+    };
+    let mut st = state_with(vec![
+        SourceEvent::ServiceUpsert(cluster_svc("x", "10.96.0.8")),
+        SourceEvent::ServiceUpsert(cluster_svc("y", "10.96.0.9")),
+        SourceEvent::SliceUpsert(on(NODE)),
+        SourceEvent::SliceUpsert(simple_slice("y-1", "y", &["10.244.0.1"])),
+    ]);
+    let (mut d, _) = DesiredState::rebuild(&st, &cfg());
+    let b = be("10.244.0.1", 9376);
+    // y's slice names no node; x's says this one: local wins (slices being rewritten).
+    assert_eq!(d.backend_state(&b), Some(BACKEND_ACTIVE | BACKEND_F_LOCAL));
+    st.apply(SourceEvent::SliceUpsert(on("node-b")));
+    d.update_service(&st, &key("default", "x"), &cfg());
+    assert_eq!(d.backend_state(&b), Some(BACKEND_ACTIVE));
+    st.apply(SourceEvent::SliceUpsert(on(NODE)));
+    d.update_service(&st, &key("default", "x"), &cfg());
+    assert_eq!(d.backend_state(&b), Some(BACKEND_ACTIVE | BACKEND_F_LOCAL));
+    // The node loses its name: nothing is local any more.
+    let c = st.apply(SourceEvent::Node(lb_model::NodeInfo {
+        name: String::new(),
+        addresses: vec![NODE_IP],
+    }));
+    assert!(c.all);
+    let (d, _) = DesiredState::rebuild(&st, &cfg());
+    assert_eq!(d.backend_state(&b), Some(BACKEND_ACTIVE));
+}
+
+/// A NodePort Service "name" with ClusterIP `ip` on nodePort 30080, Local or not.
+fn node_port_svc(name: &str, ip: &str, local: bool) -> SourceEvent {
+    SourceEvent::ServiceUpsert(svc(
+        name,
+        json!({"type": "NodePort", "clusterIP": ip,
+               "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
+               "ports": [{"port": 80, "nodePort": 30080}]}),
+    ))
+}
+
+#[test]
+fn both_scopes_of_a_frontend_belong_to_one_service() {
+    let ext = fe("192.168.1.10", 30080, Proto::Tcp);
+    let int = ext.with_scope(SCOPE_INT);
+    // "a" (Cluster) holds the NodePort; "b" (Local) wants both scopes of it and gets neither,
+    // not the SCOPE_INT entry alone.
+    let mut st = state_with(vec![
+        node_port_svc("a", "10.96.0.1", false),
+        node_port_svc("b", "10.96.0.2", true),
+        SourceEvent::SliceUpsert(simple_slice("a-1", "a", &["10.244.0.1"])),
+        SourceEvent::SliceUpsert(simple_slice("b-1", "b", &["10.244.0.2"])),
+    ]);
+    let (mut d, p) = DesiredState::rebuild(&st, &cfg());
+    assert_eq!(
+        p.len(),
+        1,
+        "one problem per (address, port, protocol): {p:?}"
+    );
+    assert_eq!(p[0].kind, "frontend_conflict");
+    assert_eq!(d.frontends[&ext].service, key("default", "a"));
+    assert!(!d.frontends.contains_key(&int));
+    // "a" turns Local: it takes both scopes (the SCOPE_INT entry its master points pods at is
+    // its own, never b's).
+    st.apply(node_port_svc("a", "10.96.0.1", true));
+    let (touched, _) = d.update_service(&st, &key("default", "a"), &cfg());
+    assert!(touched.contains(&ext) && touched.contains(&int));
+    assert_eq!(d.frontends[&ext].service, key("default", "a"));
+    assert_eq!(d.frontends[&int].service, key("default", "a"));
+    assert_eq!(d.frontends[&int].backends, vec![be("10.244.0.1", 9376)]);
+    // "a" goes: "b" gets both scopes, with its endpoints.
+    st.apply(SourceEvent::ServiceDelete {
+        namespace: "default".into(),
+        name: "a".into(),
+    });
+    let (touched, p) = d.update_service(&st, &key("default", "a"), &cfg());
+    assert!(p.is_empty(), "{p:?}");
+    assert!(touched.contains(&ext) && touched.contains(&int));
+    for f in [ext, int] {
+        assert_eq!(d.frontends[&f].service, key("default", "b"));
+    }
+    assert_eq!(d.frontends[&int].backends, vec![be("10.244.0.2", 9376)]);
+    // "b" turns Cluster: the SCOPE_INT entry goes with the policy.
+    st.apply(node_port_svc("b", "10.96.0.2", false));
+    let (touched, _) = d.update_service(&st, &key("default", "b"), &cfg());
+    assert!(touched.contains(&int));
+    assert!(!d.frontends.contains_key(&int));
+    let (fresh, _) = DesiredState::rebuild(&st, &cfg());
+    assert_eq!(d.frontends, fresh.frontends);
+}
+
+#[test]
+fn config_defaults_to_every_node_address_and_the_api_servers_node_port_range() {
+    let c = lb_model::Config::default();
+    assert_eq!(c.service_proxy_name.as_deref(), Some("xlb"));
+    assert!(c.nodeport_addresses.is_empty());
+    assert_eq!(c.nodeport_range, (30000, 32767));
+    assert_eq!(c.nodeport_range, lb_model::state::DEFAULT_NODEPORT_RANGE);
+    assert!(c.is_nodeport_address(NODE_IP));
+    assert!(c.is_nodeport_in_range(30000) && c.is_nodeport_in_range(32767));
+    assert!(!c.is_nodeport_in_range(29999) && !c.is_nodeport_in_range(32768));
+    let only = lb_model::Config {
+        nodeport_addresses: vec![lb_model::cidr::parse_v4("192.168.1.0/24").unwrap()],
+        nodeport_range: (80, 80),
+        ..c
+    };
+    assert!(only.is_nodeport_address(NODE_IP));
+    assert!(!only.is_nodeport_address("10.0.0.10".parse().unwrap()));
+    assert!(only.is_nodeport_in_range(80) && !only.is_nodeport_in_range(81));
 }

@@ -268,3 +268,217 @@ fn read_back_skips_unknown_protocols_and_keeps_leftovers() {
     assert_eq!(read.frontends[&web()].slots, vec![1, 2]);
     assert_eq!(read.frontends[&web()].count, 1);
 }
+
+#[test]
+fn source_range_ops_are_encoded_as_lpm_trie_keys_of_the_frontend_and_network_address() {
+    let lb = fe("198.51.100.1", 443, Proto::Tcp);
+    let key = |client: [u8; 4]| SrcRangeKey {
+        addr: ip4([198, 51, 100, 1]),
+        port: port(443),
+        proto: PROTO_TCP,
+        _pad: 0,
+        client: ip4(client),
+    };
+    let put = MapOp::PutSrcRange {
+        frontend: lb,
+        range: ("10.0.0.0".parse().unwrap(), 8),
+    };
+    assert_eq!(
+        MapWrite::of(&put),
+        MapWrite::PutSrcRange(72, key([10, 0, 0, 0]))
+    );
+    // Host bits are cleared: one range, one key (the trie ignores them anyway).
+    let del = MapOp::DeleteSrcRange {
+        frontend: lb,
+        range: ("10.1.2.3".parse().unwrap(), 8),
+    };
+    assert_eq!(
+        MapWrite::of(&del),
+        MapWrite::DeleteSrcRange(72, key([10, 0, 0, 0]))
+    );
+    // The scope is not part of the key.
+    let int = MapOp::PutSrcRange {
+        frontend: lb.with_scope(SCOPE_INT),
+        range: ("192.0.2.7".parse().unwrap(), 32),
+    };
+    assert_eq!(
+        MapWrite::of(&int),
+        MapWrite::PutSrcRange(96, key([192, 0, 2, 7]))
+    );
+    assert_eq!(MapWrite::of(&put).map_name(), map_names::SRC_RANGES);
+    assert!(MapWrite::of(&put).is_put());
+    assert!(!MapWrite::of(&del).is_put());
+    assert_eq!(
+        Frontend::from_src_range_key(72, &key([10, 0, 0, 0])),
+        Some((lb, ("10.0.0.0".parse().unwrap(), 8)))
+    );
+}
+
+#[test]
+fn read_back_files_source_ranges_under_the_ext_frontend_and_skips_foreign_keys() {
+    let lb = fe("198.51.100.1", 443, Proto::Tcp);
+    let (len, key) = lb.src_range_key(("10.0.0.0".parse().unwrap(), 8));
+    let mut maps = MemStore::default();
+    maps.put_src_range(len, &key).unwrap();
+    // Host bits after the prefix (never written by xlb; the trie ignores them).
+    let mut hosty = key;
+    hosty.client = ip4([192, 0, 2, 77]);
+    maps.put_src_range(SrcRangeKey::FRONTEND_BITS + 24, &hosty)
+        .unwrap();
+    // Keys xlb never writes: shorter than the frontend, longer than an address, padding set,
+    // an unknown protocol.
+    maps.put_src_range(32, &key).unwrap();
+    maps.put_src_range(97, &key).unwrap();
+    maps.put_src_range(len, &SrcRangeKey { _pad: 1, ..key })
+        .unwrap();
+    maps.put_src_range(len, &SrcRangeKey { proto: 99, ..key })
+        .unwrap();
+    let read = ReadBack::read(&maps).unwrap();
+    assert_eq!(read.frontends.len(), 1);
+    let af = &read.frontends[&lb];
+    assert_eq!(
+        af.src_ranges,
+        BTreeSet::from([
+            ("10.0.0.0".parse().unwrap(), 8),
+            ("192.0.2.0".parse().unwrap(), 24)
+        ])
+    );
+    assert_eq!(af.rev_nat_id, 0, "ranges without a master");
+    // Nothing desired there: the next plan deletes what it knows of.
+    let p = plan(
+        &read,
+        &DesiredState::default(),
+        &all_frontends(&read, &DesiredState::default()),
+    );
+    assert_eq!(p.frontends.len(), 1);
+    assert!(p.frontends[0]
+        .1
+        .iter()
+        .all(|op| matches!(op, MapOp::DeleteSrcRange { .. })));
+}
+
+/// The desired state of a LoadBalancer Service, externalTrafficPolicy Local, with source
+/// ranges, one endpoint here and one on another node.
+fn local_lb() -> DesiredState {
+    let mut state = ClusterState {
+        node: node(),
+        ..Default::default()
+    };
+    state.apply(SourceEvent::ServiceUpsert(svc_full(
+        serde_json::json!({"name": "lb", "namespace": "default"}),
+        serde_json::json!({"type": "LoadBalancer", "clusterIP": "10.96.0.40",
+            "externalTrafficPolicy": "Local", "loadBalancerSourceRanges": ["10.0.0.0/8", "192.0.2.0/24"],
+            "ports": [{"port": 443, "nodePort": 30443}]}),
+        serde_json::json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}),
+    )));
+    state.apply(SourceEvent::SliceUpsert(slice(
+        "lb-1",
+        "lb",
+        serde_json::json!([{"port": 9376}]),
+        serde_json::json!([
+            ep_cond("10.244.1.1", None, None, None, NODE),
+            ep_cond("10.244.2.1", None, None, None, "node-b")
+        ]),
+    )));
+    DesiredState::rebuild(&state, &cfg()).0
+}
+
+#[test]
+fn two_scopes_source_ranges_and_locality_read_back_as_applied() {
+    let d = local_lb();
+    let mut applied = Applied::default();
+    let mut maps = MemStore::default();
+    let report = execute(
+        &mut maps,
+        &plan(&applied, &d, &all_frontends(&applied, &d)),
+        &mut applied,
+    );
+    assert!(report.is_clean(), "{report:?}");
+    // ClusterIP; NodePort and LB ingress IP in both scopes: 5 masters.
+    assert_eq!(maps.services.keys().filter(|k| k.slot == 0).count(), 5);
+    assert_eq!(maps.src_ranges.len(), 2);
+    let local: Vec<u8> = maps.backends.values().map(|b| b.state).collect();
+    assert_eq!(local, [BACKEND_F_LOCAL, BACKEND_ACTIVE]);
+    let read = ReadBack::read(&maps).unwrap();
+    assert_eq!(read, applied);
+    assert!(plan(&read, &d, &all_frontends(&read, &d)).is_empty());
+}
+
+#[test]
+fn a_failing_source_range_write_stops_its_frontend_before_the_flagged_master() {
+    let d = local_lb();
+    let lb = fe("198.51.100.1", 443, Proto::Tcp);
+    let mut applied = Applied::default();
+    let p = plan(&applied, &d, &all_frontends(&applied, &d));
+    // The trie is full after one entry.
+    let mut puts = 0;
+    let mut store = FaultStore::new(MemStore::default(), move |_, w| {
+        matches!(w, MapWrite::PutSrcRange(..)) && {
+            puts += 1;
+            puts > 1
+        }
+    });
+    let report = execute(&mut store, &p, &mut applied);
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(
+        report.failed[0].0, lb,
+        "both scopes' entry, named by SCOPE_EXT"
+    );
+    let mut maps = store.into_inner();
+    // The SCOPE_INT entry went first and is whole (unused: no SCOPE_EXT master points pods at
+    // it); the SCOPE_EXT frontend stopped at its second range, before its flagged master.
+    assert!(!maps.services.contains_key(&lb.key(0)));
+    assert!(maps.services.contains_key(&lb.with_scope(SCOPE_INT).key(0)));
+    assert_eq!(maps.services.keys().filter(|k| k.slot == 0).count(), 4);
+    assert_eq!(maps.src_ranges.len(), 1);
+    assert_eq!(ReadBack::read(&maps).unwrap(), applied);
+    // Room again: the retry of the reported frontend completes both scopes.
+    let failed: BTreeSet<Frontend> = report.failed.iter().map(|(f, _)| *f).collect();
+    assert!(execute(&mut maps, &plan(&applied, &d, &failed), &mut applied).is_clean());
+    assert_eq!(maps.src_ranges.len(), 2);
+    assert!(maps.services[&lb.key(0)].flags & SVC_FLAG_SOURCE_RANGES != 0);
+    assert!(plan(&applied, &d, &all_frontends(&applied, &d)).is_empty());
+}
+
+#[test]
+fn a_failed_locality_rewrite_reports_the_frontends_keeping_that_backend() {
+    let mut state = ClusterState {
+        node: node(),
+        ..Default::default()
+    };
+    state.apply(SourceEvent::ServiceUpsert(cluster_svc("a", "10.96.0.1")));
+    let on = |node: &str| {
+        SourceEvent::SliceUpsert(slice(
+            "a-1",
+            "a",
+            serde_json::json!([{"port": 9376}]),
+            serde_json::json!([ep_cond("10.244.0.1", None, None, None, node)]),
+        ))
+    };
+    state.apply(on("node-b"));
+    let (d, _) = DesiredState::rebuild(&state, &cfg());
+    let mut applied = Applied::default();
+    let mut maps = MemStore::default();
+    execute(
+        &mut maps,
+        &plan(&applied, &d, &all_frontends(&applied, &d)),
+        &mut applied,
+    );
+    // The pod moves here: only its BACKENDS entry changes, and that write fails.
+    state.apply(on(NODE));
+    let (d, _) = DesiredState::rebuild(&state, &cfg());
+    let p = plan(&applied, &d, &all_frontends(&applied, &d));
+    assert!(p.frontends.is_empty() && p.prepare.len() == 1, "{p:?}");
+    let mut store = FaultStore::fail_matching(&mut maps, |w| matches!(w, MapWrite::PutBackend(..)));
+    let report = execute(&mut store, &p, &mut applied);
+    let a = fe("10.96.0.1", 80, Proto::Tcp);
+    assert_eq!(report.prepare_failed.len(), 1);
+    assert_eq!(
+        report.failed.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+        [a]
+    );
+    // Retrying that frontend writes the backend again.
+    let retry = plan(&applied, &d, &BTreeSet::from([a]));
+    assert!(execute(&mut maps, &retry, &mut applied).is_clean());
+    assert_eq!(maps.backends[&1].state, BACKEND_F_LOCAL);
+}

@@ -6,9 +6,10 @@ use std::path::Path;
 use anyhow::Context as _;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use lb_common::{
-    ct_state, ip4_from, port_from, BACKEND_ACTIVE, BACKEND_TERMINATING, CT_FORWARD, CT_F_FIN_FWD, CT_F_FIN_REV,
-    CT_F_HAIRPIN, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_INT_LOCAL,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_TERMINATING_FALLBACK,
+    ct_state, ip4_from, port_from, BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, CT_FORWARD, CT_F_FIN_FWD, CT_F_FIN_REV,
+    CT_F_HAIRPIN, CT_F_SNAT, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_INT_LOCAL,
+    SVC_FLAG_DROP_NO_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_TERMINATING_FALLBACK, SVC_FLAG_TWO_SCOPES,
 };
 use lb_model::{Applied, Proto};
 use serde::Serialize;
@@ -72,6 +73,10 @@ pub struct CtRow {
     pub proto: String,
     pub nat_addr: Ipv4Addr,
     pub nat_port: u16,
+    /// A flow from outside SNATed to the node (flag `snat`). Forward: the node address and
+    /// port the backend sees. Reply: the client the answer is restored to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat: Option<(Ipv4Addr, u16)>,
     pub backend_id: u32,
     pub rev_nat_id: u32,
     /// `lb_common::ct_state::name` of the state.
@@ -86,7 +91,7 @@ pub struct CtRow {
 
 /// Names of the `CT_F_*` flags set in `flags`.
 pub fn ct_flag_names(flags: u8) -> Vec<&'static str> {
-    [(CT_F_FIN_FWD, "fin_fwd"), (CT_F_FIN_REV, "fin_rev"), (CT_F_HAIRPIN, "hairpin")]
+    [(CT_F_FIN_FWD, "fin_fwd"), (CT_F_FIN_REV, "fin_rev"), (CT_F_HAIRPIN, "hairpin"), (CT_F_SNAT, "snat")]
         .into_iter()
         .filter(|(f, _)| flags & f != 0)
         .map(|(_, n)| n)
@@ -112,6 +117,9 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
         (SVC_FLAG_INT_LOCAL, "int_traffic_local"),
         (SVC_FLAG_AFFINITY, "affinity"),
         (SVC_FLAG_TERMINATING_FALLBACK, "terminating_fallback"),
+        (SVC_FLAG_TWO_SCOPES, "two_scopes"),
+        (SVC_FLAG_SOURCE_RANGES, "source_ranges"),
+        (SVC_FLAG_DROP_NO_LOCAL, "drop_no_local"),
     ]
     .into_iter()
     .filter(|(f, _)| flags & f != 0)
@@ -119,10 +127,13 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
     .collect()
 }
 
+/// The backend's state, and whether it runs on this node (`BACKEND_F_LOCAL`).
 fn state_name(s: u8) -> &'static str {
-    match s {
-        BACKEND_ACTIVE => "active",
-        BACKEND_TERMINATING => "terminating",
+    match (s & !BACKEND_F_LOCAL, s & BACKEND_F_LOCAL != 0) {
+        (BACKEND_ACTIVE, false) => "active",
+        (BACKEND_ACTIVE, true) => "active,local",
+        (BACKEND_TERMINATING, false) => "terminating",
+        (BACKEND_TERMINATING, true) => "terminating,local",
         _ => "unknown",
     }
 }
@@ -203,6 +214,8 @@ pub fn conntrack(maps: &PinnedMaps) -> anyhow::Result<Vec<CtRow>> {
             proto: proto_name(k.proto),
             nat_addr: Ipv4Addr::from(ip4_from(v.nat_addr)),
             nat_port: port_from(v.nat_port),
+            snat: (v.flags & CT_F_SNAT != 0)
+                .then(|| (Ipv4Addr::from(ip4_from(v.snat_addr)), port_from(v.snat_port))),
             backend_id: v.backend_id,
             rev_nat_id: v.rev_nat_id,
             state: ct_state::name(v.state),
@@ -302,6 +315,7 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
                 "SOURCE",
                 "DESTINATION",
                 "TRANSLATED TO",
+                "SNAT",
                 "BACKEND",
                 "REV-NAT",
                 "STATE",
@@ -315,6 +329,7 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
                     format!("{}:{}", r.saddr, r.sport),
                     format!("{}:{}", r.daddr, r.dport),
                     format!("{}:{}", r.nat_addr, r.nat_port),
+                    r.snat.map(|(a, p)| format!("{a}:{p}")).unwrap_or_default(),
                     r.backend_id.to_string(),
                     r.rev_nat_id.to_string(),
                     r.state.to_string(),
@@ -368,6 +383,7 @@ mod tests {
             proto: "TCP".into(),
             nat_addr: Ipv4Addr::new(10, 244, 1, 10),
             nat_port: 9376,
+            snat: None,
             backend_id: 1,
             rev_nat_id: 1,
             state,
@@ -381,7 +397,7 @@ mod tests {
     fn conntrack_flags_time_left_and_summary() {
         assert_eq!(ct_flag_names(0), Vec::<&str>::new());
         assert_eq!(ct_flag_names(CT_F_FIN_FWD | CT_F_HAIRPIN), ["fin_fwd", "hairpin"]);
-        assert_eq!(ct_flag_names(0xff), ["fin_fwd", "fin_rev", "hairpin"]);
+        assert_eq!(ct_flag_names(0xff), ["fin_fwd", "fin_rev", "hairpin", "snat"]);
         assert_eq!(time_left(12.34), "12.3s");
         assert_eq!(time_left(-2.0), "expired 2.0s ago");
         assert_eq!(time_left(0.0), "expired 0.0s ago");

@@ -7,7 +7,9 @@
 pub mod agent;
 pub mod bpf_batch;
 pub mod ct_gc;
+pub mod devices;
 pub mod datapath;
+pub mod healthcheck;
 pub mod inspect;
 pub mod metrics;
 pub mod source;

@@ -10,6 +10,7 @@ use lb_common::CtTimeouts;
 use lb_userspace::agent::{self, AgentConfig};
 use lb_userspace::ct_gc::GcConfig;
 use lb_userspace::datapath::{self, MapSizes};
+use lb_userspace::devices::{self, DeviceSelection, XdpMode};
 use lb_userspace::inspect;
 use lb_userspace::source::{self, SourceConfig};
 use tracing_subscriber::EnvFilter;
@@ -60,6 +61,29 @@ struct AgentArgs {
     /// Comma-separated globs of pod devices (host side of pod veths) to attach to.
     #[arg(long, default_value = "veth*,cali*,lxc*,xp*")]
     pod_devices: String,
+    /// External devices, comma-separated names or globs (e.g. `eth0,bond*`), where traffic from
+    /// outside the node (NodePort, LoadBalancer, externalIPs) is translated; `none` disables
+    /// that. Default: the device of the IPv4 default route. Devices that appear later are
+    /// attached then; their IPv4 addresses are node addresses (NodePort frontends).
+    #[arg(long, value_parser = DeviceSelection::parse)]
+    devices: Option<DeviceSelection>,
+    /// How from_net runs on the external devices: native (driver) XDP, generic (skb) XDP, or
+    /// off (tc ingress only). tc ingress is attached in every mode, behind XDP.
+    #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+    xdp_mode: XdpMode,
+    /// The cluster's NodePort range (the API server's --service-node-port-range), MIN-MAX: a
+    /// nodePort outside it gets no frontend.
+    #[arg(long, default_value = "30000-32767", value_parser = lb_model::cidr::parse_port_range)]
+    nodeport_range: (u16, u16),
+    /// Node addresses that serve NodePorts, as comma-separated IPv4 CIDRs (kube-proxy's
+    /// --nodeport-addresses); default: every node address.
+    #[arg(long, value_delimiter = ',', value_parser = lb_model::cidr::parse_v4)]
+    nodeport_addresses: Vec<(std::net::Ipv4Addr, u8)>,
+    /// Source ports, MIN-MAX, for flows from outside the node to a backend on another node
+    /// (SNATed to the node's address). Keep it out of net.ipv4.ip_local_port_range and the
+    /// NodePort range.
+    #[arg(long, default_value = SNAT_PORTS_DEFAULT, value_parser = lb_model::cidr::parse_port_range)]
+    snat_port_range: (u16, u16),
     /// Address for /metrics, /healthz and /readyz; "none" disables it.
     #[arg(long, default_value = "127.0.0.1:9477")]
     metrics_addr: String,
@@ -107,6 +131,9 @@ struct AgentArgs {
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
 }
+
+/// `--snat-port-range`'s default, [`lb_common::DEFAULT_SNAT_PORTS`] (a test keeps them equal).
+const SNAT_PORTS_DEFAULT: &str = "61000-65535";
 
 /// A conntrack lifetime: whole seconds, at least 1.
 fn lifetime(s: &str) -> Result<u32, String> {
@@ -173,6 +200,31 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `--snat-port-range` as the datapath global: refused when it overlaps the NodePort range
+/// (a SNAT port would shadow a NodePort), a warning when it overlaps the kernel's local port
+/// range (the node's own connections could pick a port the datapath hands out).
+fn check_snat_ports(snat: (u16, u16), nodeport: (u16, u16)) -> anyhow::Result<lb_common::PortRange> {
+    anyhow::ensure!(
+        !devices::ranges_overlap(snat, nodeport),
+        "--snat-port-range {}-{} overlaps --nodeport-range {}-{}",
+        snat.0,
+        snat.1,
+        nodeport.0,
+        nodeport.1
+    );
+    match devices::local_port_range() {
+        Ok(local) if devices::ranges_overlap(snat, local) => tracing::warn!(
+            snat_port_range = %format!("{}-{}", snat.0, snat.1),
+            ip_local_port_range = %format!("{}-{}", local.0, local.1),
+            "--snat-port-range overlaps net.ipv4.ip_local_port_range: the node's own connections may \
+             take ports the datapath uses for SNAT (lower the top of the kernel's range, or move --snat-port-range)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot read net.ipv4.ip_local_port_range"),
+    }
+    Ok(lb_common::PortRange { min: snat.0, max: snat.1 })
+}
+
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let pod_devices = args
         .pod_devices
@@ -191,11 +243,20 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         args.ct_gc_min_interval,
         args.ct_gc_max_interval
     );
+    let snat_ports = check_snat_ports(args.snat_port_range, args.nodeport_range)?;
     let cfg = AgentConfig {
         pin_path: args.pin_path,
         pod_devices,
+        devices: args.devices.unwrap_or(DeviceSelection::DefaultRoute),
+        xdp_mode: args.xdp_mode,
+        node_name: args.node_name.clone(),
+        health_check_bind: Some(std::net::Ipv4Addr::UNSPECIFIED.into()),
         metrics_addr,
-        model: lb_model::Config { service_proxy_name: Some(args.service_proxy_name) },
+        model: lb_model::Config {
+            service_proxy_name: Some(args.service_proxy_name),
+            nodeport_addresses: args.nodeport_addresses,
+            nodeport_range: args.nodeport_range,
+        },
         map_sizes: MapSizes {
             services: args.services_map_size,
             backends: args.backends_map_size,
@@ -212,7 +273,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             udp: args.ct_timeout_udp,
             udp_stream: args.ct_timeout_udp_stream,
         },
-        snat_ports: lb_common::DEFAULT_SNAT_PORTS,
+        snat_ports,
         ct_gc: GcConfig {
             min_interval: args.ct_gc_min_interval,
             max_interval: args.ct_gc_max_interval,
@@ -223,4 +284,79 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let source = SourceConfig::from_flags(args.manifests, args.kubeconfig, args.node_name);
     let events = source::start(source).await?;
     agent::run(cfg, events).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent_args(extra: &[&str]) -> Result<AgentArgs, clap::Error> {
+        let mut argv = vec!["xlb", "agent", "--manifests", "/m"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.cmd {
+            Cmd::Agent(a) => Ok(*a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn external_traffic_flags_have_their_defaults() {
+        let a = agent_args(&[]).unwrap();
+        assert!(a.devices.is_none(), "no --devices: the default route's device");
+        assert_eq!(a.xdp_mode, XdpMode::Native);
+        assert_eq!(a.nodeport_range, lb_model::state::DEFAULT_NODEPORT_RANGE);
+        assert!(a.nodeport_addresses.is_empty());
+        let d = lb_common::DEFAULT_SNAT_PORTS;
+        assert_eq!(a.snat_port_range, (d.min, d.max));
+    }
+
+    #[test]
+    fn external_traffic_flags_parse() {
+        let a = agent_args(&[
+            "--devices",
+            "eth0,bond*",
+            "--xdp-mode",
+            "generic",
+            "--nodeport-range",
+            "20000-20100",
+            "--nodeport-addresses",
+            "10.0.0.0/8,192.168.1.9/24",
+            "--snat-port-range",
+            "40000-40999",
+        ])
+        .unwrap();
+        assert!(matches!(a.devices, Some(DeviceSelection::Globs(ref g)) if g.len() == 2));
+        assert_eq!(a.xdp_mode, XdpMode::Generic);
+        assert_eq!(a.nodeport_range, (20000, 20100));
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+        assert_eq!(a.nodeport_addresses, [(ip("10.0.0.0"), 8), (ip("192.168.1.0"), 24)]);
+        assert_eq!(a.snat_port_range, (40000, 40999));
+        assert!(matches!(agent_args(&["--devices", "none"]).unwrap().devices, Some(DeviceSelection::None)));
+        assert_eq!(agent_args(&["--xdp-mode", "off"]).unwrap().xdp_mode, XdpMode::Off);
+    }
+
+    #[test]
+    fn bad_external_traffic_flags_are_refused_with_the_value() {
+        for (flag, value) in [
+            ("--devices", "eth0,,eth1"),
+            ("--xdp-mode", "fast"),
+            ("--nodeport-range", "32767-30000"),
+            ("--nodeport-range", "0-100"),
+            ("--nodeport-addresses", "10.0.0.1"),
+            ("--nodeport-addresses", "fd00::/8"),
+            ("--snat-port-range", "61000-70000"),
+        ] {
+            let err = agent_args(&[flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} accepted"));
+            let msg = err.to_string();
+            assert!(msg.contains(flag), "{flag} {value}: {msg}");
+        }
+    }
+
+    #[test]
+    fn snat_ports_must_not_shadow_node_ports() {
+        let err = check_snat_ports((30000, 30010), (30000, 32767)).unwrap_err();
+        assert!(err.to_string().contains("overlaps --nodeport-range"), "{err}");
+        let r = check_snat_ports((61000, 65535), (30000, 32767)).unwrap();
+        assert_eq!(r, lb_common::DEFAULT_SNAT_PORTS);
+    }
 }

@@ -50,6 +50,12 @@ pub struct Metrics {
     pub frontends: Gauge,
     pub backends: Gauge,
     pub devices: Gauge,
+    /// External devices with from_net / to_net (and XDP) attached.
+    pub external_devices: Gauge,
+    /// healthCheckNodePort listeners serving.
+    pub health_check_servers: Gauge,
+    /// healthCheckNodePort listeners that could not be bound (counted once per failure streak).
+    pub health_check_bind_errors: Counter,
     pub datapath_packets: Family<ReasonLabel, Counter>,
     /// Live conntrack entries by state, as of the last sweep.
     pub conntrack_entries: Family<StateLabel, Gauge>,
@@ -84,6 +90,9 @@ impl Metrics {
             frontends: Gauge::default(),
             backends: Gauge::default(),
             devices: Gauge::default(),
+            external_devices: Gauge::default(),
+            health_check_servers: Gauge::default(),
+            health_check_bind_errors: Counter::default(),
             datapath_packets: Family::default(),
             conntrack_entries: Family::default(),
             conntrack_gc_deleted: Counter::default(),
@@ -113,6 +122,21 @@ impl Metrics {
         r.register("frontends", "Service frontends in the maps", m.frontends.clone());
         r.register("backends", "Backends in the maps", m.backends.clone());
         r.register("devices", "Pod devices with programs attached", m.devices.clone());
+        r.register(
+            "external_devices",
+            "External devices with the programs for traffic from outside the node attached",
+            m.external_devices.clone(),
+        );
+        r.register(
+            "health_check_servers",
+            "healthCheckNodePort listeners serving",
+            m.health_check_servers.clone(),
+        );
+        r.register(
+            "health_check_bind_errors",
+            "healthCheckNodePort listeners that could not be bound (retried on every tick)",
+            m.health_check_bind_errors.clone(),
+        );
         r.register(
             "datapath_packets",
             "Packets handled by the eBPF programs, by verdict or reason",

@@ -15,13 +15,13 @@ use anyhow::{ensure, Context as _, Result};
 use lb_common::{
     ct_state, ip4, port, CtValue, PortRange, Stat, CT_FORWARD, CT_F_SNAT, CT_REPLY, DEV_F_XDP_TX,
     PROTO_TCP, PROTO_UDP, SVC_FLAG_DROP_NO_LOCAL, SVC_FLAG_EXT_LOCAL, SVC_FLAG_LOAD_BALANCER,
-    SVC_FLAG_NODE_PORT,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 use lb_testkit::netns::NetNs;
 use lb_userspace::datapath::LoadOptions;
 use xlb_tests::packet::{
     build::{Tcp, TcpFlags, Udp},
-    harness::{ct_key, BackendSpec, NetHook, Outcome, ServiceSpec, TestDatapath},
+    harness::{ct_key, BackendSpec, Extras, NetHook, Outcome, ServiceSpec, TestDatapath},
     verify::decode_checked,
 };
 
@@ -126,13 +126,21 @@ fn nodeport(backend: Ipv4Addr, flags: u32) -> ServiceSpec {
 /// A datapath with `svc`, its backend marked local when it is LOCAL_POD, and eth0 registered
 /// as an external device (XDP may transmit on it when `xdp_tx`).
 fn datapath(node: &Node, opts: &LoadOptions, svc: &ServiceSpec, xdp_tx: bool) -> Result<TestDatapath> {
+    datapath_with(node, opts, svc, &Extras::default(), xdp_tx)
+}
+
+/// [`datapath`] with source ranges (and the local backends named too).
+fn datapath_with(
+    node: &Node,
+    opts: &LoadOptions,
+    svc: &ServiceSpec,
+    extras: &Extras,
+    xdp_tx: bool,
+) -> Result<TestDatapath> {
     let mut dp = TestDatapath::load_options(opts)?;
-    dp.set_service(svc)?;
-    for b in &svc.backends {
-        if *b.addr.ip() == LOCAL_POD {
-            dp.set_backend_local(b.id)?;
-        }
-    }
+    let mut extras = extras.clone();
+    extras.local.extend(svc.backends.iter().map(|b| b.addr).filter(|a| *a.ip() == LOCAL_POD));
+    dp.set_service_with(svc, &extras)?;
     dp.set_device(node.eth0, NODE_IP, if xdp_tx { DEV_F_XDP_TX } else { 0 })?;
     Ok(dp)
 }
@@ -401,6 +409,48 @@ fn packets_that_are_not_ours_pass_untouched() -> Result<()> {
         }
         ensure!(dp.conntrack()?.is_empty());
         ensure!(dp.nonzero_stats()?.is_empty(), "{hook:?}: {:?}", dp.nonzero_stats()?);
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root"]
+fn load_balancer_source_ranges_let_listed_clients_in_and_drop_the_rest() -> Result<()> {
+    let node = Node::new("ranges")?;
+    let lb = SocketAddrV4::new(LB_IP, 80);
+    let svc = ServiceSpec {
+        frontend: lb,
+        proto: PROTO_TCP,
+        rev_nat_id: REV_NAT_ID,
+        flags: SVC_FLAG_LOAD_BALANCER | SVC_FLAG_SOURCE_RANGES,
+        affinity_timeout: 0,
+        backends: vec![BackendSpec { id: 1, addr: pod(LOCAL_POD) }],
+    };
+    let extras = Extras {
+        src_ranges: vec![(Ipv4Addr::new(172, 31, 0, 192), 26), (Ipv4Addr::new(198, 51, 100, 7), 32)],
+        ..Extras::default()
+    };
+    for hook in NetHook::ALL {
+        let mut dp = datapath_with(&node, &LoadOptions::default(), &svc, &extras, true)?;
+        // 172.31.0.200 is in 172.31.0.192/26; 198.51.100.7/32 exactly; the others are not.
+        for (src, allowed) in [
+            (client(45000), true),
+            (SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 45001), true),
+            (SocketAddrV4::new(Ipv4Addr::new(172, 31, 0, 191), 45002), false),
+            (SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 8), 45003), false),
+        ] {
+            let out = node.from_net(&dp, hook, &from_client(src, lb, TcpFlags::SYN))?;
+            if allowed {
+                ensure!(out.verdict == hook.pass(), "{hook:?}: {src} is allowed: {}", out.verdict);
+                ensure!(tcp_ports(&out.frame)?.1 == pod(LOCAL_POD));
+            } else {
+                ensure!(out.verdict == hook.drop(), "{hook:?}: {src} is dropped: {}", out.verdict);
+            }
+        }
+        ensure!(dp.stat(Stat::DropSourceRange)? == 2, "{hook:?}: {:?}", dp.nonzero_stats()?);
+        // Pods are held to the ranges too.
+        let out = dp.from_pod(&Tcp::new(SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 45004), lb, TcpFlags::SYN).frame())?;
+        ensure!(out.verdict == 2, "a pod outside the ranges is dropped: {}", out.verdict);
     }
     Ok(())
 }

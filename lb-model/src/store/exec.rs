@@ -6,6 +6,7 @@ use super::{MapStore, MapWrite};
 use crate::applied::Applied;
 use crate::planner::{MapOp, Plan};
 use crate::Frontend;
+use lb_common::SCOPE_EXT;
 
 /// What executing a plan did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -13,7 +14,11 @@ pub struct ExecReport {
     /// Operations written (gc included).
     pub ops_ok: usize,
     /// Frontends whose ops stopped at an error, or were skipped because a backend they need
-    /// could not be written; their entries keep their previous, consistent state.
+    /// could not be written; their entries keep their previous, consistent state. Also the
+    /// frontends that use a backend whose state change (e.g. its locality) could not be
+    /// written although the frontend itself had nothing to write: planning them again queues
+    /// the backend write again. An entry names a plan entry, i.e. both scopes of an (address,
+    /// port, protocol) by their `SCOPE_EXT` frontend ([`Plan::frontends`]).
     pub failed: Vec<(Frontend, String)>,
     /// Failed prepare ops (backend writes); the frontends using them are in `failed`.
     pub prepare_failed: Vec<String>,
@@ -64,6 +69,30 @@ pub fn execute<S: MapStore + ?Sized>(
     }
     // A slot or member must never name a backend that was not written: skip those frontends.
     let blocked: BTreeSet<Frontend> = plan.blocked_by(&failed_prepare, applied);
+    // Frontends without ops that keep a backend whose rewrite failed: report them, so the
+    // retry of the failed frontends writes the backend again (nothing else would).
+    if !failed_prepare.is_empty() {
+        let planned: BTreeSet<Frontend> = plan.frontends.iter().map(|(fe, _)| *fe).collect();
+        // Named as a plan entry would be: by the SCOPE_EXT frontend of the two scopes.
+        let entries: BTreeSet<Frontend> = applied
+            .frontends_using(&failed_prepare)
+            .into_iter()
+            .map(|fe| {
+                let ext = fe.with_scope(SCOPE_EXT);
+                if applied.frontends.contains_key(&ext) {
+                    ext
+                } else {
+                    fe
+                }
+            })
+            .filter(|fe| !planned.contains(fe))
+            .collect();
+        for fe in entries {
+            report
+                .failed
+                .push((fe, "a backend it uses could not be updated".into()));
+        }
+    }
     for (fe, ops) in &plan.frontends {
         if blocked.contains(fe) {
             report.failed.push((

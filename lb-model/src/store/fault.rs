@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue};
+use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
 
 use super::{MapStore, MapWrite};
 
@@ -119,6 +119,18 @@ impl<S: MapStore> MapStore for FaultStore<S> {
         self.offer(MapWrite::DeleteMember(*key))?;
         self.inner.delete_member(key).map_err(FaultError::Store)
     }
+    fn put_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), Self::Error> {
+        self.offer(MapWrite::PutSrcRange(prefix_len, *key))?;
+        self.inner
+            .put_src_range(prefix_len, key)
+            .map_err(FaultError::Store)
+    }
+    fn delete_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), Self::Error> {
+        self.offer(MapWrite::DeleteSrcRange(prefix_len, *key))?;
+        self.inner
+            .delete_src_range(prefix_len, key)
+            .map_err(FaultError::Store)
+    }
     fn for_each_service(
         &self,
         f: &mut dyn FnMut(&ServiceKey, &ServiceValue),
@@ -133,5 +145,8 @@ impl<S: MapStore> MapStore for FaultStore<S> {
         f: &mut dyn FnMut(&MemberKey, &MemberValue),
     ) -> Result<(), Self::Error> {
         self.inner.for_each_member(f).map_err(FaultError::Store)
+    }
+    fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<(), Self::Error> {
+        self.inner.for_each_src_range(f).map_err(FaultError::Store)
     }
 }

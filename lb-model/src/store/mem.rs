@@ -1,19 +1,23 @@
 //! The in-memory [`MapStore`]: what the property tests, the simulator and unit tests run the
 //! shipped executor and read-back on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 
-use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue};
+use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
 
 use super::MapStore;
 
-/// The three maps as ordered maps. Never fails; wrap it in a [`super::FaultStore`] for failures.
+/// The four maps as ordered maps. Never fails; wrap it in a [`super::FaultStore`] for failures.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemStore {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub members: BTreeMap<MemberKey, MemberValue>,
+    /// SRC_RANGES keys `(prefix_len, data)` as written (the value is always 1). Unlike the
+    /// kernel's trie it does not fold keys that differ only after the prefix: xlb never
+    /// writes such keys.
+    pub src_ranges: BTreeSet<(u32, SrcRangeKey)>,
 }
 
 impl MapStore for MemStore {
@@ -43,6 +47,14 @@ impl MapStore for MemStore {
         self.members.remove(key);
         Ok(())
     }
+    fn put_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), Infallible> {
+        self.src_ranges.insert((prefix_len, *key));
+        Ok(())
+    }
+    fn delete_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), Infallible> {
+        self.src_ranges.remove(&(prefix_len, *key));
+        Ok(())
+    }
     fn for_each_service(
         &self,
         f: &mut dyn FnMut(&ServiceKey, &ServiceValue),
@@ -59,6 +71,10 @@ impl MapStore for MemStore {
         f: &mut dyn FnMut(&MemberKey, &MemberValue),
     ) -> Result<(), Infallible> {
         self.members.iter().for_each(|(k, v)| f(k, v));
+        Ok(())
+    }
+    fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<(), Infallible> {
+        self.src_ranges.iter().for_each(|(len, k)| f(*len, k));
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! The one contract between the control plane and the Service maps.
 //!
-//! - [`MapStore`]: put, delete and iterate the three maps the agent writes (SERVICES, BACKENDS,
-//!   MEMBERS) with the `lb-common` key and value types. Like Cilium's `LBMaps`
+//! - [`MapStore`]: put, delete and iterate the four maps the agent writes (SERVICES, BACKENDS,
+//!   MEMBERS, SRC_RANGES) with the `lb-common` key and value types. Like Cilium's `LBMaps`
 //!   (`pkg/loadbalancer/maps`) it has a real implementation (aya maps, in lb-userspace's
 //!   `datapath::maps`, over a loaded object or over the pins), an in-memory fake ([`MemStore`])
 //!   and a fault-injecting wrapper ([`FaultStore`]).
@@ -22,11 +22,19 @@ pub use mem::MemStore;
 
 use std::fmt;
 
-use lb_common::{map_names, Backend, MemberKey, MemberValue, ServiceKey, ServiceValue};
+use lb_common::{
+    map_names, Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey,
+};
 
 use crate::planner::MapOp;
 
-/// The SERVICES, BACKENDS and MEMBERS maps, as the agent writes and reads them back.
+/// The SERVICES, BACKENDS, MEMBERS and SRC_RANGES maps, as the agent writes and reads them back.
+///
+/// SRC_RANGES is an LPM trie whose key is `{prefix_len: u32, data: SrcRangeKey}` (aya's
+/// `lpm_trie::Key<SrcRangeKey>`); the methods take the two parts, so this crate needs no aya.
+/// The value is always 1. Only the first `prefix_len` bits of a key count (two keys that
+/// differ only after them are one entry): xlb always writes the client range's network
+/// address, so every entry has one key.
 pub trait MapStore {
     type Error: fmt::Display;
 
@@ -42,6 +50,11 @@ pub trait MapStore {
     fn put_member(&mut self, key: &MemberKey, value: &MemberValue) -> Result<(), Self::Error>;
     /// Delete a MEMBERS entry; a missing one is success.
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), Self::Error>;
+    /// Create (or keep) the SRC_RANGES entry `(prefix_len, key)`.
+    fn put_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), Self::Error>;
+    /// Delete the SRC_RANGES entry `(prefix_len, key)` (exact prefix, no longest-prefix
+    /// match); a missing one is success.
+    fn delete_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), Self::Error>;
 
     /// Every SERVICES entry, in the map's order.
     fn for_each_service(
@@ -55,6 +68,8 @@ pub trait MapStore {
         &self,
         f: &mut dyn FnMut(&MemberKey, &MemberValue),
     ) -> Result<(), Self::Error>;
+    /// Every SRC_RANGES entry `(prefix_len, key)`, in the map's order.
+    fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<(), Self::Error>;
 }
 
 impl<S: MapStore + ?Sized> MapStore for &mut S {
@@ -77,6 +92,12 @@ impl<S: MapStore + ?Sized> MapStore for &mut S {
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), S::Error> {
         (**self).delete_member(key)
     }
+    fn put_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), S::Error> {
+        (**self).put_src_range(prefix_len, key)
+    }
+    fn delete_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), S::Error> {
+        (**self).delete_src_range(prefix_len, key)
+    }
     fn for_each_service(
         &self,
         f: &mut dyn FnMut(&ServiceKey, &ServiceValue),
@@ -89,6 +110,9 @@ impl<S: MapStore + ?Sized> MapStore for &mut S {
     fn for_each_member(&self, f: &mut dyn FnMut(&MemberKey, &MemberValue)) -> Result<(), S::Error> {
         (**self).for_each_member(f)
     }
+    fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<(), S::Error> {
+        (**self).for_each_src_range(f)
+    }
 }
 
 /// One map write: a [`MapOp`] as the entry it puts or the key it deletes.
@@ -100,6 +124,9 @@ pub enum MapWrite {
     DeleteBackend(u32),
     PutMember(MemberKey, MemberValue),
     DeleteMember(MemberKey),
+    /// SRC_RANGES: (prefix length, key data).
+    PutSrcRange(u32, SrcRangeKey),
+    DeleteSrcRange(u32, SrcRangeKey),
 }
 
 impl MapWrite {
@@ -149,6 +176,14 @@ impl MapWrite {
                 },
             ),
             MapOp::DeleteMaster { frontend } => MapWrite::DeleteService(frontend.key(0)),
+            MapOp::PutSrcRange { frontend, range } => {
+                let (len, key) = frontend.src_range_key(range);
+                MapWrite::PutSrcRange(len, key)
+            }
+            MapOp::DeleteSrcRange { frontend, range } => {
+                let (len, key) = frontend.src_range_key(range);
+                MapWrite::DeleteSrcRange(len, key)
+            }
         }
     }
 
@@ -161,6 +196,8 @@ impl MapWrite {
             MapWrite::DeleteBackend(id) => store.delete_backend(*id),
             MapWrite::PutMember(k, v) => store.put_member(k, v),
             MapWrite::DeleteMember(k) => store.delete_member(k),
+            MapWrite::PutSrcRange(len, k) => store.put_src_range(*len, k),
+            MapWrite::DeleteSrcRange(len, k) => store.delete_src_range(*len, k),
         }
     }
 
@@ -170,6 +207,7 @@ impl MapWrite {
             MapWrite::PutService(..) | MapWrite::DeleteService(_) => map_names::SERVICES,
             MapWrite::PutBackend(..) | MapWrite::DeleteBackend(_) => map_names::BACKENDS,
             MapWrite::PutMember(..) | MapWrite::DeleteMember(_) => map_names::MEMBERS,
+            MapWrite::PutSrcRange(..) | MapWrite::DeleteSrcRange(..) => map_names::SRC_RANGES,
         }
     }
 
@@ -177,7 +215,10 @@ impl MapWrite {
     pub fn is_put(&self) -> bool {
         matches!(
             self,
-            MapWrite::PutService(..) | MapWrite::PutBackend(..) | MapWrite::PutMember(..)
+            MapWrite::PutService(..)
+                | MapWrite::PutBackend(..)
+                | MapWrite::PutMember(..)
+                | MapWrite::PutSrcRange(..)
         )
     }
 }

@@ -4,11 +4,19 @@
 //! backend that is not a member of the frontend. It also remembers every backend and frontend
 //! id the maps ever held, and fails when a new backend entry or master takes an id that was used
 //! before (ids are quarantined: conntrack and affinity entries may still hold them).
+//!
+//! Two more orderings are checked after every write: a `SCOPE_EXT` master with
+//! `SVC_FLAG_TWO_SCOPES` always has its `SCOPE_INT` master (pods are never sent to a missing
+//! entry), and a master with `SVC_FLAG_SOURCE_RANGES` never misses a source range the desired
+//! state wants ([`Sim::expect`]): the ranges go in before the flag and out after it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 
-use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue};
+use lb_common::{
+    Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey, SCOPE_EXT, SCOPE_INT,
+    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+};
 use lb_model::store::{execute, ExecReport, FaultStore, MapStore, MapWrite, MemStore};
 use lb_model::{Applied, BackendAddr, ClusterState, DesiredState, Frontend, Plan, ReadBack};
 
@@ -41,6 +49,12 @@ pub struct Sim {
     /// Every backend / frontend id the maps ever held.
     pub used_backend_ids: BTreeSet<u32>,
     pub used_rev_nat_ids: BTreeSet<u32>,
+    /// SRC_RANGES keys the desired state wants ([`Sim::expect`]).
+    pub want_ranges: BTreeSet<(u32, SrcRangeKey)>,
+    /// (address, port, protocol) of the desired masters with `SVC_FLAG_SOURCE_RANGES`.
+    pub want_flagged: BTreeSet<(u32, u16, u8)>,
+    /// Whether [`Sim::expect`] was called: the source-range order is checked only then.
+    pub expecting: bool,
 }
 
 /// Record `id` as used when `new` (its entry did not hold it); fail when it was used before.
@@ -50,7 +64,38 @@ fn first_use(used: &mut BTreeSet<u32>, id: u32, new: bool, what: &str) {
     }
 }
 
+/// The SRC_RANGES keys of `desired` (ranges of `SCOPE_EXT` frontends).
+pub fn range_keys(desired: &DesiredState) -> BTreeSet<(u32, SrcRangeKey)> {
+    desired
+        .frontends
+        .iter()
+        .filter(|(fe, _)| fe.scope == SCOPE_EXT)
+        .flat_map(|(fe, st)| st.src_ranges.iter().map(|r| fe.src_range_key(*r)))
+        .collect()
+}
+
+/// The SRC_RANGES key data of a frontend with client 0 (to compare the frontend part).
+fn range_frontend(k: &SrcRangeKey) -> (u32, u16, u8) {
+    (k.addr, k.port, k.proto)
+}
+
 impl Sim {
+    /// The desired state the next plans head for: a flagged master must never miss one of
+    /// its source ranges.
+    pub fn expect(&mut self, desired: &DesiredState) {
+        self.expecting = true;
+        self.want_ranges = range_keys(desired);
+        self.want_flagged = desired
+            .frontends
+            .iter()
+            .filter(|(_, st)| st.flags & SVC_FLAG_SOURCE_RANGES != 0)
+            .map(|(fe, _)| {
+                let k = fe.key(0);
+                (k.addr, k.port, k.proto)
+            })
+            .collect();
+    }
+
     /// Run `plan` with the shipped executor, checking after every write. `fail()` is asked
     /// before each write whether it fails (a failing write is not performed). Returns the
     /// executor's report and the number of failed writes.
@@ -101,6 +146,14 @@ impl Sim {
             if v.rev_nat_id == 0 {
                 return Err(format!("{fe}: master without a frontend id"));
             }
+            if k.scope == SCOPE_EXT
+                && v.flags & SVC_FLAG_TWO_SCOPES != 0
+                && !m.services.contains_key(&fe.with_scope(SCOPE_INT).key(0))
+            {
+                return Err(format!(
+                    "{fe}: TWO_SCOPES master without its SCOPE_INT master"
+                ));
+            }
             if let Some(other) = ids.insert(v.rev_nat_id, fe) {
                 return Err(format!("{fe} and {other} share id {}", v.rev_nat_id));
             }
@@ -108,8 +161,66 @@ impl Sim {
         Ok(())
     }
 
+    /// The source-range order, checked before a write: a master is written with
+    /// `SVC_FLAG_SOURCE_RANGES` only once the trie holds every range the desired state wants
+    /// for it; while a master is flagged, a range goes only when the master keeps the flag,
+    /// the range is not wanted and every wanted range is in already (new ranges in before old
+    /// ones out; the flag off before the last ranges go).
+    fn check_range_order(&self, w: &MapWrite) -> Result<(), String> {
+        let m = &self.maps;
+        let flagged = |triple: (u32, u16, u8)| {
+            m.services.iter().any(|(k, v)| {
+                k.slot == 0
+                    && (k.addr, k.port, k.proto) == triple
+                    && v.flags & SVC_FLAG_SOURCE_RANGES != 0
+            })
+        };
+        match w {
+            MapWrite::PutService(k, v) if k.slot == 0 && v.flags & SVC_FLAG_SOURCE_RANGES != 0 => {
+                let me = (k.addr, k.port, k.proto);
+                if let Some(missing) = self
+                    .want_ranges
+                    .iter()
+                    .find(|w| range_frontend(&w.1) == me && !m.src_ranges.contains(w))
+                {
+                    return Err(format!(
+                        "flagged master written before its range {missing:?}"
+                    ));
+                }
+            }
+            MapWrite::DeleteSrcRange(len, k) if flagged(range_frontend(k)) => {
+                let me = range_frontend(k);
+                if !self.want_flagged.contains(&me) {
+                    return Err("range deleted before its master lost the flag".into());
+                }
+                if self.want_ranges.contains(&(*len, *k)) {
+                    return Err("wanted range deleted under a flagged master".into());
+                }
+                if let Some(missing) = self
+                    .want_ranges
+                    .iter()
+                    .find(|w| range_frontend(&w.1) == me && !m.src_ranges.contains(w))
+                {
+                    return Err(format!(
+                        "old range deleted before new range {missing:?} is in"
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// After a write: the invariant holds, and no id was handed out twice.
     fn checked(&mut self, w: MapWrite) -> Result<(), Infallible> {
+        let order = if self.expecting {
+            self.check_range_order(&w)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = order {
+            panic!("source ranges out of order at {w:?}: {e}");
+        }
         match w {
             MapWrite::PutBackend(id, _) => {
                 let new = !self.maps.backends.contains_key(&id);
@@ -203,6 +314,13 @@ impl Sim {
         if want_members != m.members {
             return Err(format!("members {:?}, want {want_members:?}", m.members));
         }
+        let want_ranges = range_keys(desired);
+        if want_ranges != m.src_ranges {
+            return Err(format!(
+                "source ranges {:?}, want {want_ranges:?}",
+                m.src_ranges
+            ));
+        }
         if used.len() != m.backends.len() {
             return Err(format!(
                 "unused backends: {:?}",
@@ -245,6 +363,15 @@ impl MapStore for Sim {
     }
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), Infallible> {
         self.checked(MapWrite::DeleteMember(*key))
+    }
+    fn put_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), Infallible> {
+        self.checked(MapWrite::PutSrcRange(prefix_len, *key))
+    }
+    fn delete_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<(), Infallible> {
+        self.checked(MapWrite::DeleteSrcRange(prefix_len, *key))
+    }
+    fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<(), Infallible> {
+        self.maps.for_each_src_range(f)
     }
     fn for_each_service(
         &self,

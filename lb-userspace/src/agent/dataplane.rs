@@ -2,8 +2,9 @@
 //! counters from and sweeps conntrack through. [`BpfDataplane`] is the real one (root, bpffs);
 //! the agent's unit tests drive the agent through a fake.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -14,15 +15,29 @@ use lb_model::{Applied, Plan};
 use super::AgentConfig;
 use crate::ct_gc::{self, CtGc, SweepReport};
 use crate::datapath::{Datapath, LoadOptions, PinnedMaps};
+use crate::devices::{DeviceSelection, Interfaces, Selected};
+
+/// How many devices have their programs attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attached {
+    /// Pod devices (`from_pod` / `to_pod`).
+    pub pods: usize,
+    /// External devices (`from_net_xdp` / `from_net` / `to_net`).
+    pub external: usize,
+}
 
 /// What the agent needs of the kernel.
 pub trait Dataplane {
     /// Execute `plan` in order, recording each successful op in `applied` (a failure stops only
     /// its frontend; see [`Datapath::execute`]).
     fn execute(&mut self, plan: &Plan, applied: &mut Applied) -> ExecReport;
-    /// Attach the programs to every present device matching `globs` and forget vanished ones;
-    /// returns how many devices have them attached.
-    fn attach_devices(&mut self, globs: &[glob::Pattern]) -> usize;
+    /// The node's interfaces now (names, IPv4 addresses, the default route's device).
+    fn interfaces(&mut self) -> io::Result<Interfaces>;
+    /// Bring the attachments up to date with the interfaces `ifs`: forget vanished devices,
+    /// attach the pod programs to `pods` (ifindexes), the external programs to
+    /// `external.devices` (detaching devices no longer external when the selection is
+    /// authoritative) and keep the `DEVICES` map equal to the attached external devices.
+    fn attach(&mut self, ifs: &Interfaces, pods: &BTreeSet<u32>, external: &Selected) -> Attached;
     /// The datapath's packet counters, summed over CPUs (None when they cannot be read now).
     fn packet_stats(&self) -> Option<Vec<(Stat, u64)>>;
     /// When [`Dataplane::sweep_step`] has work next.
@@ -38,6 +53,16 @@ pub struct BpfDataplane {
     /// The pinned maps opened by path, for the STATS counters.
     maps: PinnedMaps,
     ct_gc: CtGc,
+    /// The external selection last acted on (None: none yet): stale external links are looked
+    /// for only when it changes, so bpffs is not read on every tick.
+    last_external: Option<BTreeMap<u32, String>>,
+    /// What `DEVICES` was last made to hold (None: not written yet, stale entries may be there).
+    devices_written: Option<BTreeMap<u32, Option<Ipv4Addr>>>,
+    /// The last `DEVICES` write error logged.
+    devices_error: Option<String>,
+    /// The last attach error logged per (ifindex, external), so a device that keeps failing is
+    /// logged once per distinct error, not on every tick.
+    attach_errors: BTreeMap<(u32, bool), String>,
 }
 
 impl BpfDataplane {
@@ -48,6 +73,15 @@ impl BpfDataplane {
             LoadOptions { sizes: cfg.map_sizes.clone(), service_cidr: cfg.service_cidr, ct_timeouts: cfg.ct_timeouts, snat_ports: cfg.snat_ports };
         let mut datapath = Datapath::open_with_options(&cfg.pin_path, &opts)
             .with_context(|| format!("opening the datapath at {}", cfg.pin_path.display()))?;
+        if !matches!(cfg.devices, DeviceSelection::None) {
+            datapath.load_external(cfg.xdp_mode).with_context(|| {
+                format!(
+                    "loading the programs of external devices (--xdp-mode {}); \
+                     `--devices none` runs without translating traffic from outside the node",
+                    cfg.xdp_mode.name()
+                )
+            })?;
+        }
         let applied = datapath.read_applied().context("reading the pinned maps back")?;
         tracing::info!(
             pin_path = %cfg.pin_path.display(),
@@ -58,7 +92,16 @@ impl BpfDataplane {
         let maps = PinnedMaps::open(&cfg.pin_path).context("opening pinned maps for stats")?;
         let ct_gc =
             CtGc::open(&cfg.pin_path, cfg.ct_gc.clone()).context("opening the conntrack maps for the sweeper")?;
-        Ok((BpfDataplane { datapath, maps, ct_gc }, applied))
+        let dp = BpfDataplane {
+            datapath,
+            maps,
+            ct_gc,
+            last_external: None,
+            devices_written: None,
+            devices_error: None,
+            attach_errors: BTreeMap::new(),
+        };
+        Ok((dp, applied))
     }
 }
 
@@ -67,27 +110,83 @@ impl Dataplane for BpfDataplane {
         self.datapath.execute(plan, applied)
     }
 
-    fn attach_devices(&mut self, globs: &[glob::Pattern]) -> usize {
+    fn interfaces(&mut self) -> io::Result<Interfaces> {
+        Interfaces::scan()
+    }
+
+    fn attach(&mut self, ifs: &Interfaces, pods: &BTreeSet<u32>, external: &Selected) -> Attached {
         let dp = &mut self.datapath;
-        let present: BTreeMap<u32, String> = match nix::net::if_::if_nameindex() {
-            Ok(ifs) => ifs.iter().map(|i| (i.index(), i.name().to_string_lossy().into_owned())).collect(),
+        let present = ifs.names();
+        dp.forget_missing(&present);
+        let errors = &mut self.attach_errors;
+        errors.retain(|(idx, _), _| present.contains_key(idx));
+        let mut report = |idx: u32, name: &str, is_external: bool, r: crate::datapath::Result<()>| match r {
+            Ok(()) => {
+                errors.remove(&(idx, is_external));
+                let what = if is_external { "external device" } else { "pod device" };
+                tracing::info!(device = %name, ifindex = idx, "programs attached to {what}");
+            }
+            // The device may vanish between listing and attaching; try again next tick.
             Err(e) => {
-                tracing::warn!(error = %e, "listing interfaces failed");
-                return dp.attached().len();
+                let msg = e.to_string();
+                if errors.get(&(idx, is_external)) != Some(&msg) {
+                    let what = if is_external { "external device" } else { "pod device" };
+                    tracing::warn!(device = %name, error = %msg, "attaching to {what} failed; retrying on every tick");
+                    errors.insert((idx, is_external), msg);
+                }
             }
         };
-        dp.forget_missing(&present);
-        for (idx, name) in &present {
-            if !globs.iter().any(|g| g.matches(name)) || dp.attached().contains_key(idx) {
-                continue;
+
+        // Devices that are no longer external (another --devices, or --devices none).
+        let selected: BTreeMap<u32, String> =
+            external.devices.iter().map(|(i, d)| (*i, d.name.clone())).collect();
+        if external.authoritative && self.last_external.as_ref() != Some(&selected) {
+            for (idx, name) in dp.pinned_external() {
+                if selected.get(&idx) != Some(&name) {
+                    tracing::info!(device = %name, ifindex = idx, "no longer an external device: detaching");
+                    dp.detach_external(idx, &name);
+                }
             }
-            match dp.attach(name) {
-                Ok(()) => tracing::info!(device = %name, ifindex = idx, "programs attached"),
-                // The device may vanish between listing and attaching; try again next tick.
-                Err(e) => tracing::warn!(device = %name, error = %e, "attach failed"),
+            self.last_external = Some(selected);
+        }
+        for (idx, dev) in &external.devices {
+            if !dp.external().contains_key(idx) {
+                let r = dp.attach_external(&dev.name);
+                report(*idx, &dev.name, true, r);
             }
         }
-        dp.attached().len()
+        for idx in pods {
+            let Some(name) = present.get(idx) else { continue };
+            if !dp.attached().contains_key(idx) {
+                let r = dp.attach(name);
+                report(*idx, name, false, r);
+            }
+        }
+
+        // DEVICES: the attached external devices and their addresses.
+        let want: BTreeMap<u32, Option<Ipv4Addr>> = external
+            .devices
+            .iter()
+            .filter(|(idx, _)| dp.external().contains_key(idx))
+            .map(|(idx, d)| (*idx, d.addr))
+            .collect();
+        if self.devices_written.as_ref() != Some(&want) {
+            match dp.sync_devices_map(&want) {
+                Ok(()) => {
+                    self.devices_written = Some(want);
+                    self.devices_error = None;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.devices_error.as_ref() != Some(&msg) {
+                        tracing::warn!(error = %msg, "writing the DEVICES map failed; retrying on every tick");
+                        self.devices_error = Some(msg);
+                    }
+                    self.devices_written = None;
+                }
+            }
+        }
+        Attached { pods: dp.attached().len(), external: dp.external().len() }
     }
 
     fn packet_stats(&self) -> Option<Vec<(Stat, u64)>> {

@@ -2,9 +2,15 @@
 //!
 //! ```text
 //! source::start ──AgentEvent──> Agent::on_events ── ClusterState::apply, then plan + execute
-//! tick (250 ms) ──────────────> Agent::on_tick   ── attach new pod devices, packet counters, retries
+//! tick (250 ms) ──────────────> Agent::on_tick   ── device scan (pod and external devices, node
+//!                                                   addresses), packet counters, retries
 //! sweep deadline ─────────────> Agent::on_sweep  ── one slice of the conntrack sweep
 //! ```
+//!
+//! The node's addresses (NodePort frontends) are the Node object's (Kubernetes source) merged with
+//! the IPv4 addresses of the external devices, found by the device scan; a change of either
+//! re-plans every frontend. After every change the healthCheckNodePort listeners
+//! ([`crate::healthcheck`]) are brought up to date with the local endpoint counts.
 //!
 //! One task owns the [`Agent`] (state and datapath), so there is no locking on the hot control
 //! path. Events are coalesced by draining whatever is already queued (no sleep), so a single
@@ -18,25 +24,38 @@ mod dataplane;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use lb_model::{
-    planner, Applied, Changes, ClusterState, Config as ModelConfig, DesiredState, Frontend, Problem, SvcKey,
+    planner, Applied, Changes, ClusterState, Config as ModelConfig, DesiredState, Frontend, NodeInfo, Problem,
+    SourceEvent, SvcKey,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-pub use self::dataplane::{BpfDataplane, Dataplane};
+pub use self::dataplane::{Attached, BpfDataplane, Dataplane};
 use crate::ct_gc::GcConfig;
 use crate::datapath::MapSizes;
+use crate::devices::{DeviceSelection, ExternalDevices, XdpMode};
+use crate::healthcheck::HealthServers;
 use crate::metrics::Metrics;
 pub use crate::source::AgentEvent;
 
 pub struct AgentConfig {
     pub pin_path: PathBuf,
     pub pod_devices: Vec<glob::Pattern>,
+    /// External devices (`--devices`): where traffic from outside the node is translated.
+    pub devices: DeviceSelection,
+    /// How `from_net` runs on the external devices (`--xdp-mode`).
+    pub xdp_mode: XdpMode,
+    /// This node's name (`--node-name`), for a source that does not name the node itself (the
+    /// manifests directory): local endpoints are those with this nodeName. The Kubernetes
+    /// source's Node object takes precedence.
+    pub node_name: Option<String>,
+    /// Where the healthCheckNodePort servers listen (the agent: 0.0.0.0); None: no servers.
+    pub health_check_bind: Option<IpAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub model: ModelConfig,
     pub map_sizes: MapSizes,
@@ -85,6 +104,14 @@ pub struct Agent<D = BpfDataplane> {
     retry: BTreeSet<Frontend>,
     /// The STATS values last seen, to turn them into counter increments.
     last_stats: BTreeMap<&'static str, u64>,
+    /// Which devices are external (with its memory of default-route devices).
+    external: ExternalDevices,
+    /// This node as the source described it (Kubernetes: its Node object), before merging.
+    source_node: NodeInfo,
+    /// The IPv4 addresses of the external devices, as of the last device scan (sorted).
+    device_addrs: Vec<Ipv4Addr>,
+    /// healthCheckNodePort listeners (None: disabled).
+    health: Option<HealthServers>,
 }
 
 impl Agent<BpfDataplane> {
@@ -98,7 +125,9 @@ impl Agent<BpfDataplane> {
 impl<D: Dataplane> Agent<D> {
     /// An agent over `dataplane`, whose maps hold `applied`.
     pub fn new(config: AgentConfig, metrics: Metrics, dataplane: D, applied: Applied) -> Self {
-        Agent {
+        let external = ExternalDevices::new(config.devices.clone());
+        let health = config.health_check_bind.map(HealthServers::new);
+        let mut agent = Agent {
             config,
             metrics,
             state: ClusterState::default(),
@@ -108,7 +137,34 @@ impl<D: Dataplane> Agent<D> {
             synced_once: false,
             retry: BTreeSet::new(),
             last_stats: BTreeMap::new(),
-        }
+            external,
+            source_node: NodeInfo::default(),
+            device_addrs: Vec::new(),
+            health,
+        };
+        // The node name of the flags, until a source says otherwise.
+        agent.state.apply(SourceEvent::Node(agent.merged_node()));
+        agent
+    }
+
+    /// This node as the model sees it: the source's name (else `--node-name`), and the source's
+    /// addresses together with the external devices' (sorted, deduplicated).
+    fn merged_node(&self) -> NodeInfo {
+        let name = if self.source_node.name.is_empty() {
+            self.config.node_name.clone().unwrap_or_default()
+        } else {
+            self.source_node.name.clone()
+        };
+        let mut addresses: Vec<Ipv4Addr> =
+            self.source_node.addresses.iter().chain(&self.device_addrs).copied().collect();
+        addresses.sort();
+        addresses.dedup();
+        NodeInfo { name, addresses }
+    }
+
+    /// This node as the model sees it now.
+    pub fn node(&self) -> &NodeInfo {
+        &self.state.node
     }
 
     /// What the maps hold.
@@ -132,7 +188,7 @@ impl<D: Dataplane> Agent<D> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
-        self.attach_devices();
+        self.scan_devices();
         loop {
             tokio::select! {
                 ev = events.recv() => {
@@ -162,6 +218,15 @@ impl<D: Dataplane> Agent<D> {
         let mut cluster_changed = false;
         for ev in events {
             match ev {
+                AgentEvent::Source(SourceEvent::Node(node)) => {
+                    // The Node object's addresses are merged with the devices' before the model
+                    // sees them.
+                    self.source_node = node;
+                    let merged = self.merged_node();
+                    self.metrics.source_events.inc();
+                    cluster_changed = true;
+                    changes.all |= self.state.apply(SourceEvent::Node(merged)).all;
+                }
                 AgentEvent::Source(ev) => {
                     self.metrics.source_events.inc();
                     cluster_changed = true;
@@ -189,11 +254,15 @@ impl<D: Dataplane> Agent<D> {
         self.on_events([ev]);
     }
 
-    /// The periodic work: liveness, new pod devices, packet counters, and the frontends whose
-    /// last plan failed.
+    /// The periodic work: liveness, the device scan (new pod and external devices, node
+    /// addresses), packet counters, the frontends whose last plan failed, and health check
+    /// ports that failed to bind.
     pub fn on_tick(&mut self) {
         self.metrics.beat();
-        self.attach_devices();
+        self.scan_devices();
+        if self.health.as_ref().is_some_and(|h| h.failing().next().is_some()) {
+            self.update_health();
+        }
         if let Some(stats) = self.dataplane.packet_stats() {
             self.metrics.observe_packet_stats(&stats, &mut self.last_stats);
         }
@@ -223,9 +292,69 @@ impl<D: Dataplane> Agent<D> {
         self.metrics.invalid_object(p.kind);
     }
 
-    fn attach_devices(&mut self) {
-        let n = self.dataplane.attach_devices(&self.config.pod_devices);
-        self.metrics.devices.set(n as i64);
+    /// Scan the interfaces: attach the programs to new pod and external devices, detach
+    /// devices that are no longer external, and follow the external devices' addresses (a change
+    /// re-plans every frontend, so NodePort frontends follow).
+    fn scan_devices(&mut self) {
+        let ifs = match self.dataplane.interfaces() {
+            Ok(ifs) => ifs,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing interfaces failed");
+                return;
+            }
+        };
+        let selected = self.external.select(&ifs);
+        // A device is a pod device or an external one, never both.
+        let pods: BTreeSet<u32> = ifs
+            .links
+            .iter()
+            .filter(|(idx, l)| {
+                !selected.devices.contains_key(idx) && self.config.pod_devices.iter().any(|g| g.matches(&l.name))
+            })
+            .map(|(idx, _)| *idx)
+            .collect();
+        let n = self.dataplane.attach(&ifs, &pods, &selected);
+        self.metrics.devices.set(n.pods as i64);
+        self.metrics.external_devices.set(n.external as i64);
+        if selected.addrs != self.device_addrs {
+            tracing::info!(addresses = ?selected.addrs, "addresses of the external devices changed");
+            self.device_addrs = selected.addrs;
+            self.node_changed();
+        }
+    }
+
+    /// The device addresses changed: give the model the merged node and re-plan if it differs.
+    fn node_changed(&mut self) {
+        let merged = self.merged_node();
+        if merged == self.state.node {
+            return;
+        }
+        tracing::info!(node = %merged.name, addresses = ?merged.addresses, "node addresses changed");
+        let started = Instant::now();
+        let changes = self.state.apply(SourceEvent::Node(merged));
+        if changes.all && self.synced_once {
+            self.reconcile(true, &BTreeSet::new(), started);
+        }
+    }
+
+    /// Bring the healthCheckNodePort listeners up to date with the cluster (after the first
+    /// full sync only: before it, endpoint counts are incomplete).
+    fn update_health(&mut self) {
+        let Some(health) = self.health.as_mut() else { return };
+        if !self.synced_once {
+            return;
+        }
+        let want = lb_model::health::health_checks_for(&self.state, &self.config.model);
+        for (port, e) in health.update(&want) {
+            tracing::warn!(port, error = %e, "cannot listen on a healthCheckNodePort; retrying on every tick");
+            self.metrics.health_check_bind_errors.inc();
+        }
+        self.metrics.health_check_servers.set(health.listening().count() as i64);
+    }
+
+    /// The healthCheckNodePort listeners (None: disabled).
+    pub fn health_servers(&self) -> Option<&HealthServers> {
+        self.health.as_ref()
     }
 
     /// Recompute the desired frontends (all of them, or those of `services`), then plan and
@@ -246,6 +375,7 @@ impl<D: Dataplane> Agent<D> {
         }
         let plan = planner::plan(&self.applied, &self.desired, &touched);
         self.execute(&plan, started);
+        self.update_health();
     }
 
     /// Write `plan`; frontends that failed are retried on the next tick.
@@ -282,6 +412,7 @@ impl<D: Dataplane> Agent<D> {
     /// The first full sync is in the maps: the agent is ready.
     fn first_sync_done(&mut self) {
         self.synced_once = true;
+        self.update_health();
         // The initial parse and plan peak far above the steady state; hand the freed pages back
         // to the OS (glibc keeps them otherwise).
         // SAFETY: malloc_trim only releases free heap memory.

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use lb_common::{CtTimeouts, ServiceKey, Stat};
@@ -11,6 +12,7 @@ use prometheus_client::registry::Registry;
 
 use super::*;
 use crate::ct_gc::SweepReport;
+use crate::devices::{Interface, Interfaces, Selected};
 use lb_model::store::ExecReport;
 
 /// Runs the shipped executor on in-memory maps, failing every master write of the frontends in
@@ -21,6 +23,11 @@ struct FakeDataplane {
     plans: Vec<Plan>,
     fail: BTreeSet<Frontend>,
     devices: usize,
+    /// What `interfaces` reports.
+    ifs: Interfaces,
+    /// The pod devices and external devices of the last `attach`.
+    last_pods: BTreeSet<u32>,
+    last_external: Selected,
     stats: Vec<(Stat, u64)>,
     sweep: Option<io::Result<SweepReport>>,
 }
@@ -32,8 +39,13 @@ impl Dataplane for FakeDataplane {
         let fail = move |w: &MapWrite| matches!(w, MapWrite::PutService(k, _) if masters.contains(k));
         lb_model::store::execute(&mut FaultStore::fail_matching(&mut self.maps, fail), plan, applied)
     }
-    fn attach_devices(&mut self, _globs: &[glob::Pattern]) -> usize {
-        self.devices
+    fn interfaces(&mut self) -> io::Result<Interfaces> {
+        Ok(self.ifs.clone())
+    }
+    fn attach(&mut self, _ifs: &Interfaces, pods: &BTreeSet<u32>, external: &Selected) -> Attached {
+        self.last_pods = pods.clone();
+        self.last_external = external.clone();
+        Attached { pods: self.devices, external: external.devices.len() }
     }
     fn packet_stats(&self) -> Option<Vec<(Stat, u64)>> {
         Some(self.stats.clone())
@@ -50,6 +62,10 @@ fn config() -> AgentConfig {
     AgentConfig {
         pin_path: "/nonexistent/xlb-agent-test".into(),
         pod_devices: Vec::new(),
+        devices: DeviceSelection::None,
+        xdp_mode: XdpMode::Native,
+        node_name: None,
+        health_check_bind: None,
         metrics_addr: None,
         model: lb_model::Config::default(),
         map_sizes: MapSizes::default(),
@@ -62,8 +78,56 @@ fn config() -> AgentConfig {
 }
 
 fn agent() -> (Agent<FakeDataplane>, Registry) {
+    agent_with(config(), Interfaces::default())
+}
+
+/// An agent configured by `cfg` over a fake dataplane whose node has the interfaces `ifs`.
+fn agent_with(cfg: AgentConfig, ifs: Interfaces) -> (Agent<FakeDataplane>, Registry) {
     let (metrics, registry) = Metrics::new();
-    (Agent::new(config(), metrics, FakeDataplane::default(), Applied::default()), registry)
+    let dp = FakeDataplane { ifs, ..FakeDataplane::default() };
+    (Agent::new(cfg, metrics, dp, Applied::default()), registry)
+}
+
+/// Interfaces (ifindex, name, IPv4 addresses), the default route via `default_route`.
+fn interfaces(default_route: Option<&str>, links: &[(u32, &str, &[&str])]) -> Interfaces {
+    Interfaces {
+        links: links
+            .iter()
+            .map(|(i, n, a)| {
+                let addrs = a.iter().map(|s| s.parse().unwrap()).collect();
+                (*i, Interface { name: n.to_string(), addrs })
+            })
+            .collect(),
+        default_route: default_route.map(str::to_string),
+    }
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// Parse manifests into events (no problems allowed).
+fn manifests(yaml: &str) -> Vec<AgentEvent> {
+    let parsed = lb_model::yaml_docs::parse("test.yaml", yaml);
+    assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+    let services = parsed.services.into_iter().map(SourceEvent::ServiceUpsert);
+    let slices = parsed.slices.into_iter().map(SourceEvent::SliceUpsert);
+    services.chain(slices).map(AgentEvent::Source).collect()
+}
+
+/// A NodePort Service `web` (ClusterIP 10.96.0.10, nodePort 30080) with one endpoint.
+const NODEPORT_WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+    spec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]\n---\n\
+    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+    metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\n\
+    addressType: IPv4\nports: [{port: 8080, protocol: TCP}]\n\
+    endpoints:\n- addresses: [10.244.1.5]\n  conditions: {ready: true}\n  nodeName: n1\n";
+
+/// The NodePort frontends (addresses) in the applied maps.
+fn nodeport_addrs(agent: &Agent<FakeDataplane>) -> Vec<Ipv4Addr> {
+    let addrs: BTreeSet<Ipv4Addr> =
+        agent.applied().frontends.keys().filter(|fe| fe.port == 30080).map(|fe| fe.addr).collect();
+    addrs.into_iter().collect()
 }
 
 /// The metrics text has exactly this line.
@@ -230,4 +294,165 @@ fn sweep_slices_report_completed_sweeps_and_errors() {
     agent.dataplane.sweep = Some(Ok(SweepReport { deleted: 4, ..Default::default() }));
     agent.on_sweep();
     assert_metric(&registry, "xlb_conntrack_gc_deleted_total 4");
+}
+
+#[test]
+fn the_default_route_device_is_external_and_its_addresses_serve_node_ports() {
+    let mut cfg = config();
+    cfg.devices = DeviceSelection::DefaultRoute;
+    cfg.pod_devices = vec![glob::Pattern::new("veth*").unwrap(), glob::Pattern::new("eth*").unwrap()];
+    let ifs = interfaces(Some("eth0"), &[(1, "lo", &["127.0.0.1"]), (2, "eth0", &["172.31.0.11"]), (3, "veth1", &[])]);
+    let (mut agent, registry) = agent_with(cfg, ifs);
+    agent.on_tick();
+    // eth0 matches a pod glob too, but an external device is never a pod device.
+    assert_eq!(agent.dataplane().last_pods, BTreeSet::from([3]));
+    assert_eq!(agent.dataplane().last_external.devices.keys().copied().collect::<Vec<_>>(), [2]);
+    assert_metric(&registry, "xlb_external_devices 1");
+    assert_eq!(agent.node().addresses, [ip("172.31.0.11")]);
+
+    let mut first = manifests(NODEPORT_WEB);
+    first.push(synced());
+    agent.on_events(first);
+    assert_eq!(nodeport_addrs(&agent), [ip("172.31.0.11")]);
+
+    // An address is added to eth0: one full re-plan adds the NodePort on it.
+    agent.dataplane.ifs = interfaces(Some("eth0"), &[(2, "eth0", &["172.31.0.11", "172.31.0.99"]), (3, "veth1", &[])]);
+    agent.on_tick();
+    assert_eq!(agent.dataplane().plans.len(), 2);
+    assert_eq!(nodeport_addrs(&agent), [ip("172.31.0.11"), ip("172.31.0.99")]);
+    // Nothing changed: no plan.
+    agent.on_tick();
+    assert_eq!(agent.dataplane().plans.len(), 2);
+    // The first address goes: its NodePort frontend goes with it.
+    agent.dataplane.ifs = interfaces(Some("eth0"), &[(2, "eth0", &["172.31.0.99"])]);
+    agent.on_tick();
+    assert_eq!(nodeport_addrs(&agent), [ip("172.31.0.99")]);
+}
+
+#[test]
+fn node_object_addresses_and_device_addresses_are_merged() {
+    let mut cfg = config();
+    cfg.devices = DeviceSelection::parse("eth0").unwrap();
+    let (mut agent, _registry) = agent_with(cfg, interfaces(None, &[(2, "eth0", &["10.0.0.1", "192.168.7.1"])]));
+    agent.on_tick();
+    let node = NodeInfo { name: "n1".into(), addresses: vec![ip("10.0.0.1"), ip("203.0.113.4")] };
+    let mut events = vec![AgentEvent::Source(SourceEvent::Node(node))];
+    events.extend(manifests(NODEPORT_WEB));
+    events.push(synced());
+    agent.on_events(events);
+    assert_eq!(agent.node().name, "n1");
+    assert_eq!(agent.node().addresses, [ip("10.0.0.1"), ip("192.168.7.1"), ip("203.0.113.4")]);
+    assert_eq!(nodeport_addrs(&agent), [ip("10.0.0.1"), ip("192.168.7.1"), ip("203.0.113.4")]);
+
+    // The Node object loses its ExternalIP: the devices' addresses stay.
+    let node = NodeInfo { name: "n1".into(), addresses: vec![ip("10.0.0.1")] };
+    agent.on_event(AgentEvent::Source(SourceEvent::Node(node)));
+    assert_eq!(nodeport_addrs(&agent), [ip("10.0.0.1"), ip("192.168.7.1")]);
+}
+
+#[test]
+fn nodeport_addresses_limit_the_node_addresses_that_serve_node_ports() {
+    let mut cfg = config();
+    cfg.devices = DeviceSelection::parse("eth*").unwrap();
+    cfg.model.nodeport_addresses = vec![(ip("10.0.0.0"), 8)];
+    let ifs = interfaces(None, &[(2, "eth0", &["10.0.0.1"]), (3, "eth1", &["192.168.7.1"])]);
+    let (mut agent, _registry) = agent_with(cfg, ifs);
+    agent.on_tick();
+    let mut events = manifests(NODEPORT_WEB);
+    events.push(synced());
+    agent.on_events(events);
+    assert_eq!(agent.node().addresses, [ip("10.0.0.1"), ip("192.168.7.1")]);
+    assert_eq!(nodeport_addrs(&agent), [ip("10.0.0.1")]);
+}
+
+#[test]
+fn the_node_name_flag_names_the_node_of_a_source_without_one() {
+    let mut cfg = config();
+    cfg.node_name = Some("n1".into());
+    let (agent, _registry) = agent_with(cfg, Interfaces::default());
+    assert_eq!(agent.node().name, "n1");
+}
+
+/// A LoadBalancer Service `lb` with externalTrafficPolicy Local and healthCheckNodePort `hc`,
+/// with endpoints (address, node).
+fn local_lb(hc: u16, eps: &[(&str, &str)]) -> Vec<AgentEvent> {
+    let eps: String = eps
+        .iter()
+        .map(|(a, n)| format!("- addresses: [\"{a}\"]\n  conditions: {{ready: true}}\n  nodeName: {n}\n"))
+        .collect();
+    manifests(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: default}}\n\
+         spec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n  \
+         clusterIP: 10.96.0.20\n  ports: [{{port: 80, targetPort: 8080, nodePort: 30081}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: lb-1, namespace: default, labels: {{kubernetes.io/service-name: lb}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080, protocol: TCP}}]\nendpoints:\n{eps}"
+    ))
+}
+
+/// GET / on 127.0.0.1:port: (status, localEndpoints).
+async fn health_get(port: u16) -> io::Result<(u16, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf)).await??;
+    let status = buf.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body).map_err(io::Error::other)?;
+    Ok((status, v["localEndpoints"].as_u64().unwrap_or(u64::MAX)))
+}
+
+#[tokio::test]
+async fn health_check_ports_follow_services_and_local_endpoints() {
+    let mut cfg = config();
+    cfg.node_name = Some("n1".into());
+    cfg.health_check_bind = Some(Ipv4Addr::LOCALHOST.into());
+    let (mut agent, registry) = agent_with(cfg, Interfaces::default());
+    let hc = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port();
+
+    // Nothing is served before the first full sync.
+    agent.on_events(local_lb(hc, &[("10.244.1.5", "n1"), ("10.244.2.5", "n2")]));
+    assert_eq!(agent.health_servers().unwrap().listening().count(), 0);
+    agent.on_event(synced());
+    assert_metric(&registry, "xlb_health_check_servers 1");
+    assert_eq!(health_get(hc).await.unwrap(), (200, 1));
+
+    // The local endpoint leaves: 503, without a restart of the listener.
+    agent.on_events(local_lb(hc, &[("10.244.2.5", "n2")]));
+    assert_eq!(health_get(hc).await.unwrap(), (503, 0));
+
+    // The Service goes: its port closes.
+    agent.on_event(AgentEvent::Source(SourceEvent::ServiceDelete { namespace: "default".into(), name: "lb".into() }));
+    assert_metric(&registry, "xlb_health_check_servers 0");
+    let mut closed = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, hc)).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(closed, "port {hc} still open after its Service was deleted");
+}
+
+#[tokio::test]
+async fn a_health_check_port_in_use_is_counted_and_retried_on_ticks() {
+    let mut cfg = config();
+    cfg.node_name = Some("n1".into());
+    cfg.health_check_bind = Some(Ipv4Addr::LOCALHOST.into());
+    let (mut agent, registry) = agent_with(cfg, Interfaces::default());
+    let squatter = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let hc = squatter.local_addr().unwrap().port();
+    let mut events = local_lb(hc, &[("10.244.1.5", "n1")]);
+    events.push(synced());
+    agent.on_events(events);
+    assert_metric(&registry, "xlb_health_check_bind_errors_total 1");
+    assert!(agent.is_ready(), "a bind failure is not fatal");
+    agent.on_tick();
+    assert_metric(&registry, "xlb_health_check_bind_errors_total 1");
+    drop(squatter);
+    agent.on_tick();
+    assert_metric(&registry, "xlb_health_check_servers 1");
+    assert_eq!(health_get(hc).await.unwrap(), (200, 1));
 }

@@ -1,28 +1,37 @@
 //! The Service maps as an `lb_model::store::MapStore` ([`AyaStore`]): over a loaded object's
 //! maps ([`ObjectMaps`], what the agent executes plans on and reads back at start) or over the
 //! pins ([`PinnedMaps`], for `xlb inspect`, metrics and tests).
+//!
+//! The Service maps are SERVICES, BACKENDS, MEMBERS (hashes) and SRC_RANGES (an LPM trie,
+//! created with `BPF_F_NO_PREALLOC` as the kernel requires, keyed by aya's
+//! `lpm_trie::Key<SrcRangeKey>`).
 
 use std::borrow::BorrowMut;
 use std::path::Path;
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use aya::Ebpf;
 use lb_common::{
     map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, MemberKey, MemberValue,
-    ServiceKey, ServiceValue, Stat, STAT_COUNT,
+    ServiceKey, ServiceValue, SrcRangeKey, Stat, STAT_COUNT,
 };
 use lb_model::store::MapStore;
 use lb_model::{Applied, ReadBack};
 
 use super::{Error, PinLayout, Result};
 
-/// SERVICES, BACKENDS and MEMBERS as a [`MapStore`], borrowed from an [`ObjectMaps`]
-/// (`T = &mut MapData`) or a [`PinnedMaps`] (`T = MapData`).
+/// SERVICES, BACKENDS, MEMBERS and SRC_RANGES as a [`MapStore`], borrowed from an
+/// [`ObjectMaps`] (`T = &mut MapData`) or a [`PinnedMaps`] (`T = MapData`).
 pub struct AyaStore<'m, T> {
     services: &'m mut HashMap<T, ServiceKey, ServiceValue>,
     backends: &'m mut HashMap<T, u32, Backend>,
     members: &'m mut HashMap<T, MemberKey, MemberValue>,
+    src_ranges: &'m mut LpmTrie<T, SrcRangeKey, u8>,
 }
+
+/// The SRC_RANGES value of every entry (the trie is a set: presence is the answer).
+const SRC_RANGE_PRESENT: u8 = 1;
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
     move |source| Error::Map { name, source }
@@ -71,6 +80,15 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
     fn delete_member(&mut self, key: &MemberKey) -> Result<()> {
         ignore_missing(self.members.remove(key), map_names::MEMBERS)
     }
+    fn put_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<()> {
+        self.src_ranges
+            .insert(&Key::new(prefix_len, *key), SRC_RANGE_PRESENT, 0)
+            .map_err(map_err(map_names::SRC_RANGES))
+    }
+    fn delete_src_range(&mut self, prefix_len: u32, key: &SrcRangeKey) -> Result<()> {
+        // An exact-prefix delete (the kernel's trie delete does no longest-prefix match).
+        ignore_missing(self.src_ranges.remove(&Key::new(prefix_len, *key)), map_names::SRC_RANGES)
+    }
     fn for_each_service(&self, f: &mut dyn FnMut(&ServiceKey, &ServiceValue)) -> Result<()> {
         for_each(self.services, map_names::SERVICES, |k, v| f(&k, &v))
     }
@@ -80,6 +98,15 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
     fn for_each_member(&self, f: &mut dyn FnMut(&MemberKey, &MemberValue)) -> Result<()> {
         for_each(self.members, map_names::MEMBERS, |k, v| f(&k, &v))
     }
+    fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<()> {
+        // Keys only: the value is always the same, and a value lookup on a trie is a
+        // longest-prefix match, not the entry the key came from.
+        for key in self.src_ranges.keys() {
+            let key = key.map_err(map_err(map_names::SRC_RANGES))?;
+            f(key.prefix_len(), &key.data());
+        }
+        Ok(())
+    }
 }
 
 /// The Service maps of a loaded object (pinned or not), typed.
@@ -87,6 +114,7 @@ pub struct ObjectMaps<'a> {
     pub services: HashMap<&'a mut MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<&'a mut MapData, u32, Backend>,
     pub members: HashMap<&'a mut MapData, MemberKey, MemberValue>,
+    pub src_ranges: LpmTrie<&'a mut MapData, SrcRangeKey, u8>,
 }
 
 impl<'a> ObjectMaps<'a> {
@@ -94,30 +122,41 @@ impl<'a> ObjectMaps<'a> {
         let mut services = None;
         let mut backends = None;
         let mut members = None;
+        let mut src_ranges = None;
         for (name, map) in ebpf.maps_mut() {
             match name {
                 n if n == map_names::SERVICES => services = Some(map),
                 n if n == map_names::BACKENDS => backends = Some(map),
                 n if n == map_names::MEMBERS => members = Some(map),
+                n if n == map_names::SRC_RANGES => src_ranges = Some(map),
                 _ => {}
             }
+        }
+        fn found<'m>(name: &'static str, m: Option<&'m mut Map>) -> Result<&'m mut Map> {
+            m.ok_or(Error::Map { name, source: MapError::InvalidName { name: name.into() } })
         }
         fn typed<'m, K: aya::Pod, V: aya::Pod>(
             name: &'static str,
             m: Option<&'m mut Map>,
         ) -> Result<HashMap<&'m mut MapData, K, V>> {
-            let m = m.ok_or(Error::Map { name, source: MapError::InvalidName { name: name.into() } })?;
-            HashMap::try_from(m).map_err(map_err(name))
+            HashMap::try_from(found(name, m)?).map_err(map_err(name))
         }
         Ok(ObjectMaps {
             services: typed(map_names::SERVICES, services)?,
             backends: typed(map_names::BACKENDS, backends)?,
             members: typed(map_names::MEMBERS, members)?,
+            src_ranges: LpmTrie::try_from(found(map_names::SRC_RANGES, src_ranges)?)
+                .map_err(map_err(map_names::SRC_RANGES))?,
         })
     }
 
     pub fn store(&mut self) -> AyaStore<'_, &'a mut MapData> {
-        AyaStore { services: &mut self.services, backends: &mut self.backends, members: &mut self.members }
+        AyaStore {
+            services: &mut self.services,
+            backends: &mut self.backends,
+            members: &mut self.members,
+            src_ranges: &mut self.src_ranges,
+        }
     }
 }
 
@@ -129,6 +168,7 @@ pub struct PinnedMaps {
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub members: HashMap<MapData, MemberKey, MemberValue>,
+    pub src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
     pub frags: HashMap<MapData, FragKey, FragValue>,
     pub stats: PerCpuArray<MapData, u64>,
 }
@@ -153,6 +193,7 @@ impl PinnedMaps {
             conntrack: typed!(map_names::CONNTRACK),
             affinity: typed!(map_names::AFFINITY),
             members: typed!(map_names::MEMBERS),
+            src_ranges: typed!(map_names::SRC_RANGES),
             frags: typed!(map_names::FRAGS),
             stats: typed!(map_names::STATS),
         })
@@ -160,7 +201,12 @@ impl PinnedMaps {
 
     /// The Service maps as a [`MapStore`].
     pub fn store(&mut self) -> AyaStore<'_, MapData> {
-        AyaStore { services: &mut self.services, backends: &mut self.backends, members: &mut self.members }
+        AyaStore {
+            services: &mut self.services,
+            backends: &mut self.backends,
+            members: &mut self.members,
+            src_ranges: &mut self.src_ranges,
+        }
     }
 
     /// The Service maps read back (`lb_model::ReadBack`).

@@ -1,15 +1,18 @@
 //! The BPF datapath: loads the eBPF object ([`load`]), keeps its maps and program links pinned
-//! under `--pin-path`, attaches programs to pod devices ([`attach`]), and executes planned map
-//! operations and reads the maps back ([`maps`], through `lb_model::store`). This is the only
-//! module that touches aya for programs and Service maps.
+//! under `--pin-path`, attaches programs to pod devices and external devices ([`attach`]), and
+//! executes planned map operations and reads the maps back ([`maps`], through `lb_model::store`).
+//! This is the only module that touches aya for programs and Service maps.
 //!
 //! Pin layout (all under the pin path, on bpffs):
 //! ```text
 //! maps/XLB_SVC_V1 ...          the maps, reused by every later agent (restart keeps state)
-//! links/<ifindex>-<ifname>-<hook>   TCX links: programs stay attached when the agent exits
+//! links/<ifindex>-<ifname>-<hook>   TCX and XDP links: programs stay attached when the agent exits
+//!     hook: from_pod, to_pod (pod devices); from_net, to_net, from_net_xdp_native or
+//!     from_net_xdp_generic (external devices)
 //! ```
 //! On restart the agent loads fresh program instances and swaps them into the pinned links with
-//! `bpf_link_update` (aya's `attach_to_link`): atomic, so no packet misses a program.
+//! `bpf_link_update` (aya's `attach_to_link`, TCX and XDP links alike): atomic, so no packet
+//! misses a program.
 
 mod attach;
 mod load;
@@ -40,7 +43,7 @@ pub enum Error {
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
     Program { name: &'static str, source: aya::programs::ProgramError },
-    #[error("program {0} is not in the eBPF object")]
+    #[error("program {0} is not in the eBPF object (built from an lb-ebpf without it?)")]
     MissingProgram(&'static str),
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
@@ -84,8 +87,15 @@ impl PinLayout {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
-    /// Interfaces with both hooks attached: ifindex -> name.
+    /// Pod devices with both pod hooks attached: ifindex -> name.
     attached: BTreeMap<u32, String>,
+    /// External devices with the external programs attached: ifindex -> name.
+    external: BTreeMap<u32, String>,
+    /// `DeviceValue::flags` of each attached external device (`DEV_F_XDP_TX`).
+    external_flags: BTreeMap<u32, u32>,
+    /// The mode the external programs were loaded for ([`Datapath::load_external`]); None: not
+    /// loaded, external devices cannot be attached.
+    xdp_mode: Option<crate::devices::XdpMode>,
     /// The interface set `forget_missing` last saw: unchanged means nothing to forget.
     last_present: BTreeMap<u32, String>,
 }
@@ -103,7 +113,8 @@ impl Datapath {
     }
 
     /// Load the eBPF object as `opts` says, with maps pinned under `pin_path` (reusing pins from an
-    /// earlier agent), and load its programs.
+    /// earlier agent), and load its pod programs (the programs of external devices are loaded by
+    /// [`Datapath::load_external`]).
     pub fn open_with_options(pin_path: &Path, opts: &LoadOptions) -> Result<Self> {
         if crate::ebpf_object().is_empty() {
             return Err(Error::EmptyObject);
@@ -114,15 +125,23 @@ impl Datapath {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
         let mut ebpf = opts.load_object(Some(&pins))?;
-        load_programs(&mut ebpf, &Hook::ALL.map(Hook::prog))?;
-        Ok(Datapath { ebpf, pins, attached: BTreeMap::new(), last_present: BTreeMap::new() })
+        load_programs(&mut ebpf, &Hook::POD.map(Hook::prog))?;
+        Ok(Datapath {
+            ebpf,
+            pins,
+            attached: BTreeMap::new(),
+            external: BTreeMap::new(),
+            external_flags: BTreeMap::new(),
+            xdp_mode: None,
+            last_present: BTreeMap::new(),
+        })
     }
 
     pub fn pins(&self) -> &PinLayout {
         &self.pins
     }
 
-    /// Interfaces currently attached (ifindex -> name).
+    /// Pod devices currently attached (ifindex -> name).
     pub fn attached(&self) -> &BTreeMap<u32, String> {
         &self.attached
     }

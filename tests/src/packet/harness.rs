@@ -23,8 +23,7 @@ use aya::{
 };
 use lb_common::{
     ip4, map_names, port, prog_names, AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts,
-    CtValue, DeviceValue, FragKey, FragValue, MemberKey, ServiceKey, Stat, BACKEND_F_LOCAL,
-    SCOPE_EXT,
+    CtValue, DeviceValue, FragKey, FragValue, MemberKey, ServiceKey, Stat, SCOPE_EXT,
 };
 use lb_model::planner::plan;
 use lb_model::{
@@ -173,6 +172,16 @@ impl ServiceSpec {
             ..Default::default()
         })
     }
+}
+
+/// What [`TestDatapath::set_service_with`] adds to a [`ServiceSpec`].
+#[derive(Clone, Debug, Default)]
+pub struct Extras {
+    /// Backends whose endpoint runs on this node (`BACKEND_F_LOCAL`).
+    pub local: Vec<SocketAddrV4>,
+    /// loadBalancerSourceRanges (network address, prefix length); the Service's flags must
+    /// carry `SVC_FLAG_SOURCE_RANGES`.
+    pub src_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 /// The conntrack key of the tuple `saddr -> daddr` of `proto`, direction `dir`.
@@ -347,16 +356,6 @@ impl TestDatapath {
         Ok(())
     }
 
-    /// Marks backend `id` as running on this node (`BACKEND_F_LOCAL`): a direct map write of
-    /// what the planner writes for an endpoint whose nodeName is this node.
-    pub fn set_backend_local(&mut self, id: u32) -> Result<()> {
-        let mut map = self.hash::<u32, Backend>(map_names::BACKENDS)?;
-        let mut b = map.get(&id, 0)?;
-        b.state |= BACKEND_F_LOCAL;
-        map.insert(id, b, 0)?;
-        Ok(())
-    }
-
     pub fn from_pod(&self, frame: &[u8]) -> Result<Outcome> {
         self.run(prog_names::FROM_POD, frame)
     }
@@ -372,6 +371,12 @@ impl TestDatapath {
     /// A new frontend gets `svc.rev_nat_id`, new backends the ids `svc` names (they must follow
     /// each other in the order given); an existing frontend or backend must keep its id.
     pub fn set_service(&mut self, svc: &ServiceSpec) -> Result<()> {
+        self.set_service_with(svc, &Extras::default())
+    }
+
+    /// [`TestDatapath::set_service`] with what the control plane adds for external traffic:
+    /// backends on this node and loadBalancerSourceRanges.
+    pub fn set_service_with(&mut self, svc: &ServiceSpec, extras: &Extras) -> Result<()> {
         let fe = svc.model_frontend()?;
         let has_master = self
             .applied
@@ -390,7 +395,12 @@ impl TestDatapath {
         if let Some(&first) = new_ids.iter().min() {
             self.applied.seek_backend_id(first);
         }
-        self.desired.set_frontend(fe, svc.desired()?);
+        let mut state = svc.desired()?;
+        for addr in &extras.local {
+            state.local.insert(svc.model_backend(&BackendSpec { id: 0, addr: *addr })?);
+        }
+        state.src_ranges.extend(extras.src_ranges.iter().copied());
+        self.desired.set_frontend(fe, state);
         let p = plan(&self.applied, &self.desired, &BTreeSet::from([fe]));
         self.check_ids(&p, svc)?;
         self.execute(&p)
