@@ -14,6 +14,8 @@
 //! (`XDP_PASS`, counted `xdp_deferred`): refusals (which resize the frame), next hops without a
 //! neighbour entry (tc resolves them with `bpf_redirect_neigh`), transmits on devices whose XDP
 //! cannot transmit (`DEV_F_XDP_TX`), ICMP errors. So in the XDP modes the agent attaches both.
+//! A new flow XDP hands on is set up first (backend, SNAT port, conntrack pair), so tc continues
+//! it as an established flow and the backend is chosen once.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, bpf_redir_neigh, xdp_action},
@@ -183,34 +185,48 @@ fn next_hop<C: Frame>(ctx: &C, pkt: &Packet, saddr: u32, daddr: u32) -> Option<N
     })
 }
 
-/// How a translated packet leaves: up the stack (a local backend) or out to a next hop.
+/// How a translated packet leaves: up the stack (a local backend) or out to a next hop; or it
+/// cannot leave from here: this hook cannot send it (XDP hands it to tc), or there is no route.
 enum Exit {
     Stack,
     Out(NextHop),
+    Defer,
+    NoRoute,
 }
 
-/// The route of a packet about to be rewritten to `saddr -> daddr` (SNATed when `snat`):
-/// `Err(verdict)` when it must not be rewritten here (XDP defers, no route drops).
+/// The way out of a packet about to be rewritten to `saddr -> daddr` (SNATed when `snat`).
 #[inline(always)]
-fn exit<C: Hook>(ctx: &C, pkt: &Packet, snat: bool, saddr: u32, daddr: u32) -> Result<Exit, i32> {
+fn exit<C: Hook>(ctx: &C, pkt: &Packet, snat: bool, saddr: u32, daddr: u32) -> Exit {
     if !snat {
-        return Ok(Exit::Stack);
+        return Exit::Stack;
     }
     let Some(hop) = next_hop(ctx, pkt, saddr, daddr) else {
-        bump(Stat::DropNoRoute);
-        return Err(C::DROP);
+        return Exit::NoRoute;
     };
     if !ctx.can_send(&hop) {
-        return Err(defer());
+        return Exit::Defer;
     }
-    Ok(Exit::Out(hop))
+    Exit::Out(hop)
+}
+
+/// The verdict of a packet that cannot leave from here (left untouched), or `None`.
+#[inline(always)]
+fn stay<C: Hook>(exit: &Exit) -> Option<i32> {
+    match exit {
+        Exit::Defer => Some(defer()),
+        Exit::NoRoute => {
+            bump(Stat::DropNoRoute);
+            Some(C::DROP)
+        }
+        Exit::Stack | Exit::Out(_) => None,
+    }
 }
 
 #[inline(always)]
 fn leave<C: Hook>(ctx: &C, exit: &Exit) -> Result<i32, Fault> {
     match exit {
-        Exit::Stack => Ok(C::PASS),
         Exit::Out(hop) => ctx.send(hop),
+        _ => Ok(C::PASS),
     }
 }
 
@@ -290,10 +306,10 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
         target.flags = CT_F_SNAT;
     }
     let snat = target.flags & CT_F_SNAT != 0;
-    let exit = match exit(ctx, &pkt, snat, target.snat_addr, target.addr) {
-        Ok(exit) => exit,
-        Err(verdict) => return Ok(verdict),
-    };
+    let exit = exit(ctx, &pkt, snat, target.snat_addr, target.addr);
+    if matches!(exit, Exit::NoRoute) {
+        return Ok(stay::<C>(&exit).unwrap_or(C::DROP));
+    }
     if snat {
         let Some(port) = snat_port(&pkt, &target, now) else {
             bump(Stat::DropSnatPortsExhausted);
@@ -305,6 +321,11 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
         bump(Stat::CtInsertFailed);
     }
     bump(Stat::NewFlow);
+    if let Some(verdict) = stay::<C>(&exit) {
+        // XDP cannot send it: the flow is set up (so the backend stays the one chosen here and
+        // the choice stays uniform), and tc sends this packet as the flow's first.
+        return Ok(verdict);
+    }
     nat::dnat(ctx, &pkt, target.addr, target.port)?;
     if snat {
         nat::snat(ctx, &pkt, target.snat_addr, target.snat_port)?;
@@ -324,10 +345,10 @@ fn established<C: Hook>(
     now: u64,
 ) -> Result<i32, Fault> {
     let snat = ct.flags & CT_F_SNAT != 0;
-    let exit = match exit(ctx, pkt, snat, ct.snat_addr, ct.nat_addr) {
-        Ok(exit) => exit,
-        Err(verdict) => return Ok(verdict),
-    };
+    let exit = exit(ctx, pkt, snat, ct.snat_addr, ct.nat_addr);
+    if let Some(verdict) = stay::<C>(&exit) {
+        return Ok(verdict);
+    }
     if pkt.has_l4 {
         conntrack::update(key, entry, pkt, Dir::Forward, now, pkt.is_syn_only());
     } else {
@@ -355,10 +376,10 @@ fn snat_reply<C: Hook>(ctx: &C, pkt: &Packet) -> Result<Option<i32>, Fault> {
     if ct.flags & CT_F_SNAT == 0 || !alive(&ct, now) {
         return Ok(None);
     }
-    let exit = match exit(ctx, pkt, true, ct.nat_addr, ct.snat_addr) {
-        Ok(exit) => exit,
-        Err(verdict) => return Ok(Some(verdict)),
-    };
+    let exit = exit(ctx, pkt, true, ct.nat_addr, ct.snat_addr);
+    if let Some(verdict) = stay::<C>(&exit) {
+        return Ok(Some(verdict));
+    }
     if pkt.has_l4 {
         conntrack::update(&key, entry, pkt, Dir::Reply, now, false);
     } else {

@@ -104,6 +104,54 @@ pub struct AgentSpec {
     pub log_filter: Option<String>,
     /// Asked while waiting for the agent: true gives up (e.g. the benchmark was interrupted).
     pub abandon: Option<fn() -> bool>,
+    /// `--node-name`: which EndpointSlice endpoints are local (nodeName), hence which flows
+    /// from outside are not SNATed and what externalTrafficPolicy Local serves. None: not passed.
+    pub node_name: Option<String>,
+    /// `--devices` (external devices, e.g. "eth0"). None: the agent's default (the device of
+    /// the default route).
+    pub devices: Option<String>,
+    /// `--xdp-mode`. None: the agent's default (native).
+    pub xdp_mode: Option<XdpMode>,
+}
+
+/// How the agent runs `from_net` on its external devices (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum XdpMode {
+    /// Native (driver) XDP, tc ingress behind it.
+    Native,
+    /// Generic (skb) XDP, tc ingress behind it.
+    Generic,
+    /// tc ingress only.
+    Off,
+}
+
+impl XdpMode {
+    pub const ALL: [XdpMode; 3] = [XdpMode::Native, XdpMode::Generic, XdpMode::Off];
+
+    /// The flag's value.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Off => "off",
+        }
+    }
+
+    /// The attach mode `ip link show` prints after the MTU for a device with this mode's XDP
+    /// program ("xdp", "xdpgeneric"); None for `Off` (no XDP program).
+    pub fn ip_link_word(self) -> Option<&'static str> {
+        match self {
+            XdpMode::Native => Some("xdp"),
+            XdpMode::Generic => Some("xdpgeneric"),
+            XdpMode::Off => None,
+        }
+    }
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_arg())
+    }
 }
 
 impl AgentSpec {
@@ -121,6 +169,9 @@ impl AgentSpec {
             ready_timeout: READY_TIMEOUT,
             log_filter: None,
             abandon: None,
+            node_name: None,
+            devices: None,
+            xdp_mode: None,
         }
     }
 }
@@ -180,15 +231,22 @@ impl Agent {
             .spec
             .metrics_addr
             .map_or_else(|| "none".to_string(), |a| a.to_string());
-        cmd.arg("--pin-path")
-            .arg(&self.spec.pin_path)
-            .args([
-                "--pod-devices",
-                &self.spec.pod_devices,
-                "--metrics-addr",
-                &metrics,
-            ])
-            .args(&self.spec.extra_args)
+        cmd.arg("--pin-path").arg(&self.spec.pin_path).args([
+            "--pod-devices",
+            &self.spec.pod_devices,
+            "--metrics-addr",
+            &metrics,
+        ]);
+        if let Some(n) = &self.spec.node_name {
+            cmd.args(["--node-name", n]);
+        }
+        if let Some(d) = &self.spec.devices {
+            cmd.args(["--devices", d]);
+        }
+        if let Some(m) = self.spec.xdp_mode {
+            cmd.args(["--xdp-mode", m.as_arg()]);
+        }
+        cmd.args(&self.spec.extra_args)
             // The log is a file that is read back: no colour sequences in it.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -510,6 +568,15 @@ pub struct InspectCt {
     pub daddr: std::net::Ipv4Addr,
     pub dport: u16,
     pub proto: String,
+    /// Forward: the backend the flow is translated to. Reply: the frontend restored.
+    #[serde(default)]
+    pub nat_addr: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub nat_port: u16,
+    /// A flow from outside SNATed to the node: forward, the node address and port the backend
+    /// sees; reply, the client the answer is restored to.
+    #[serde(default)]
+    pub snat: Option<(std::net::Ipv4Addr, u16)>,
     #[serde(default)]
     pub backend_id: u32,
     /// The conntrack state name (`lb_common::ct_state::name`), when the binary prints one.
@@ -533,8 +600,27 @@ pub fn inspect_conntrack(pin_path: &Path) -> Result<Vec<InspectCt>> {
     serde_json::from_str(&out).map_err(|e| Error::Inspect(format!("{e}: {out}")))
 }
 
-/// `GET path` over HTTP/1.0 to `addr` from inside the network namespace `netns`: the body.
-pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<String> {
+/// An HTTP answer: status code, header fields (names lower-cased) and body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` over HTTP/1.0 to `addr` from inside the network namespace `netns`: the whole
+/// answer, whatever its status (e.g. a healthCheckNodePort's 503).
+pub fn http_request(netns: &str, addr: SocketAddr, path: &str) -> Result<HttpResponse> {
     let what = format!("GET http://{addr}{path} in {netns}");
     let raw = crate::netns::run_in(netns, || -> std::io::Result<Vec<u8>> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -546,14 +632,48 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<String> {
         Ok(buf)
     })?
     .map_err(io_err(what.clone()))?;
-    let text = String::from_utf8_lossy(&raw);
+    parse_http(&String::from_utf8_lossy(&raw)).map_err(|e| Error::Agent(format!("{what}: {e}")))
+}
+
+fn parse_http(text: &str) -> std::result::Result<HttpResponse, String> {
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| Error::Agent(format!("{what}: no HTTP header in {text:?}")))?;
-    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1) != Some("200") {
-        return Err(Error::Agent(format!("{what}: {head}")));
+        .ok_or_else(|| format!("no HTTP header in {text:?}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// `GET path` over HTTP/1.0 to `addr` from inside the network namespace `netns`: the body of a
+/// 200 answer (any other status is an error).
+pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<String> {
+    let r = http_request(netns, addr, path)?;
+    if r.status != 200 {
+        return Err(Error::Agent(format!(
+            "GET http://{addr}{path} in {netns}: status {}",
+            r.status
+        )));
     }
-    Ok(body.to_string())
+    Ok(r.body)
+}
+
+/// Run `xlb inspect stats -o json --pin-path PIN`: datapath counter name -> packets.
+pub fn inspect_stats(pin_path: &Path) -> Result<std::collections::BTreeMap<String, u64>> {
+    let out = inspect_raw(pin_path, "stats")?;
+    serde_json::from_str(&out).map_err(|e| Error::Inspect(format!("{e}: {out}")))
 }
 
 /// The sum of every sample of metric `name` (any labels) in a Prometheus text page; None when
@@ -609,13 +729,34 @@ mod tests {
         let json = r#"[{"dir":"forward","saddr":"10.244.1.100","sport":40000,"daddr":"10.96.0.80","dport":80,
             "proto":"TCP","nat_addr":"10.244.1.10","nat_port":9376,"backend_id":3,"rev_nat_id":1,"age_ms":5},
             {"dir":"reply","saddr":"10.244.1.10","sport":9376,"daddr":"10.244.1.100","dport":40000,
-            "proto":"TCP","backend_id":3,"state":"closed","flags":[],"expires_in_s":-0.5,"expired":true}]"#;
+            "proto":"TCP","backend_id":3,"state":"closed","flags":[],"expires_in_s":-0.5,"expired":true},
+            {"dir":"forward","saddr":"172.31.0.200","sport":50000,"daddr":"172.31.0.11","dport":30080,
+            "proto":"TCP","nat_addr":"10.244.2.40","nat_port":443,"snat":["172.31.0.11",61234],
+            "backend_id":5,"rev_nat_id":2,"state":"established","flags":["snat"],"expires_in_s":86399.0,"expired":false}]"#;
         let ct: Vec<InspectCt> = serde_json::from_str(json).unwrap();
         assert_eq!(ct[0].state, None);
+        assert_eq!(ct[0].nat_addr, Some("10.244.1.10".parse().unwrap()));
+        assert_eq!(ct[0].nat_port, 9376);
+        assert_eq!(ct[0].snat, None);
         assert_eq!(ct[1].state.as_deref(), Some("closed"));
         assert!(ct[1].expired && !ct[0].expired);
         assert!(ct[1].involves("10.244.1.100".parse().unwrap()));
         assert!(!ct[1].involves("10.244.1.11".parse().unwrap()));
+        assert_eq!(ct[2].snat, Some(("172.31.0.11".parse().unwrap(), 61234)));
+    }
+
+    #[test]
+    fn parses_an_http_answer_of_any_status() {
+        let r = parse_http(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+             X-Content-Type-Options: nosniff\r\n\r\n{\"localEndpoints\":0}",
+        )
+        .unwrap();
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("X-Content-Type-Options"), Some("nosniff"));
+        assert_eq!(r.body, "{\"localEndpoints\":0}");
+        assert!(parse_http("garbage").is_err());
     }
 
     #[test]

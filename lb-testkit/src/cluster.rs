@@ -5,7 +5,8 @@
 //!   fabric netns: bridge br0 (172.31.0.1/24, the nodes' default gateway)
 //!      |- n1 <-> node1 netns eth0 172.31.0.11/24, pod CIDR 10.244.1.0/24
 //!      |- n2 <-> node2 netns eth0 172.31.0.12/24, pod CIDR 10.244.2.0/24
-//!      `- ext <-> external client netns eth0 172.31.0.200/24
+//!      |- ext <-> external client netns eth0 172.31.0.200/24 (`Cluster::external`)
+//!      `- xNNN <-> more external clients 172.31.0.NNN/24 (`Cluster::add_external`)
 //!   pod netns: eth0 POD_IP/32, default via 169.254.1.1 <-> node netns "xpN" (169.254.1.1/32,
 //!      route POD_IP/32 dev xpN): Calico-style routed veths, so traffic crosses the host veth
 //!      where the agent attaches from_pod / to_pod.
@@ -149,6 +150,84 @@ impl Drop for Pod {
     }
 }
 
+/// A client outside the cluster: a namespace on the fabric (no agent, no xlb), reaching
+/// NodePorts on the node addresses, and LoadBalancer IPs and externalIPs through routes to a
+/// node ([`External::route_via`]), as a router in front of the nodes would. Dereferences to its
+/// [`NetNs`].
+#[derive(Debug)]
+pub struct External {
+    pub name: String,
+    /// Its address on the fabric.
+    pub addr: Ipv4Addr,
+    pub ns: NetNs,
+}
+
+impl std::ops::Deref for External {
+    type Target = NetNs;
+    fn deref(&self) -> &NetNs {
+        &self.ns
+    }
+}
+
+impl External {
+    /// Route `dst`/32 (an address no node holds: a LoadBalancer IP, an externalIP) via node
+    /// address `via`, replacing an earlier route for it.
+    pub fn route_via(&self, dst: Ipv4Addr, via: Ipv4Addr) -> Result<()> {
+        self.ns
+            .ip(&[
+                "route",
+                "replace",
+                &format!("{dst}/32"),
+                "via",
+                &via.to_string(),
+            ])
+            .map(|_| ())
+    }
+    /// Restrict the ephemeral ports of this client (`net.ipv4.ip_local_port_range`, "MIN MAX"),
+    /// e.g. so they never collide with source ports a test binds explicitly.
+    pub fn set_ephemeral_ports(&self, range: &str) -> Result<()> {
+        self.ns.sysctl("net.ipv4.ip_local_port_range", range)
+    }
+    /// One TCP request: the first line the server sends.
+    pub fn tcp_request(
+        &self,
+        addr: impl Into<std::net::SocketAddr>,
+    ) -> Result<String, ClientError> {
+        client::tcp_request(&self.ns, addr.into())
+    }
+    /// One UDP request (connected socket, so a port unreachable is [`ClientError::Refused`]).
+    pub fn udp_request(
+        &self,
+        addr: impl Into<std::net::SocketAddr>,
+    ) -> Result<String, ClientError> {
+        client::udp_request(&self.ns, addr.into())
+    }
+    /// A long-lived TCP connection.
+    pub fn tcp_connect(
+        &self,
+        addr: impl Into<std::net::SocketAddr>,
+    ) -> Result<TcpConn, ClientError> {
+        TcpConn::open(&self.ns, addr.into())
+    }
+    /// A UDP flow: a socket bound to `src_port` (None: any) connected to `addr`.
+    pub fn udp_conn(
+        &self,
+        src_port: Option<u16>,
+        addr: impl Into<std::net::SocketAddr>,
+    ) -> Result<UdpConn, ClientError> {
+        UdpConn::open(&self.ns, src_port, addr.into())
+    }
+    /// Short TCP connections one after the other (see [`client::tcp_burst`]).
+    pub fn tcp_burst(
+        &self,
+        dials: &[Dial],
+        timeout: std::time::Duration,
+        max_errors: usize,
+    ) -> Result<Vec<Result<String, ClientError>>, ClientError> {
+        client::tcp_burst(&self.ns, dials, timeout, max_errors)
+    }
+}
+
 /// The whole cluster; dropping it removes every namespace it created (pods are owned by the
 /// caller and removed when they drop).
 #[derive(Debug)]
@@ -156,7 +235,7 @@ pub struct Cluster {
     prefix: String,
     next_veth: AtomicU32,
     // Drop order: the external client and nodes before the fabric they are attached to.
-    pub external: NetNs,
+    pub external: External,
     pub nodes: Vec<Node>,
     pub fabric: NetNs,
 }
@@ -189,8 +268,13 @@ impl Cluster {
                 ])?;
             }
         }
-        let external = NetNs::create(&format!("{prefix}ext"))?;
-        attach_uplink(&fabric, "ext", &external, EXTERNAL_IP)?;
+        let ns = NetNs::create(&format!("{prefix}ext"))?;
+        attach_uplink(&fabric, "ext", &ns, EXTERNAL_IP)?;
+        let external = External {
+            name: "ext".into(),
+            addr: EXTERNAL_IP,
+            ns,
+        };
         Ok(Cluster {
             prefix: prefix.to_string(),
             next_veth: AtomicU32::new(0),
@@ -226,6 +310,27 @@ impl Cluster {
             ip,
             ns,
             pin_path,
+        })
+    }
+
+    /// Another client outside the cluster, at `addr` (172.31.0.NNN, NNN not a node's or the
+    /// gateway's) on the fabric; its namespace is "<prefix>ext-<name>". Removed when dropped.
+    pub fn add_external(&self, name: &str, addr: Ipv4Addr) -> Result<External> {
+        let [a, b, c, d] = addr.octets();
+        let taken = addr == FABRIC_GATEWAY
+            || addr == EXTERNAL_IP
+            || self.nodes.iter().any(|n| n.ip == addr);
+        if [a, b, c] != [172, 31, 0] || taken || d == 0 || d == 255 {
+            return Err(Error::Invalid(format!(
+                "external address {addr} is not a free 172.31.0.0/24 address"
+            )));
+        }
+        let ns = NetNs::create(&format!("{}ext-{name}", self.prefix))?;
+        attach_uplink(&self.fabric, &format!("x{d}"), &ns, addr)?;
+        Ok(External {
+            name: name.to_string(),
+            addr,
+            ns,
         })
     }
 

@@ -11,22 +11,24 @@ pub mod client;
 pub mod cluster;
 pub mod error;
 pub mod logwatch;
-pub mod service_yaml;
 pub mod netns;
 pub mod server;
+pub mod service_yaml;
 pub mod wait;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use agent::{
-    inspect_conntrack, inspect_services, metric_sum, use_xlb_bin, xlb_bin, Agent, AgentSpec,
-    InspectCt, InspectService,
+    http_request, inspect_conntrack, inspect_services, inspect_stats, metric_sum, use_xlb_bin,
+    xlb_bin, Agent, AgentSpec, HttpResponse, InspectCt, InspectService, XdpMode,
 };
 pub use client::{ClientError, Close, Dial, TcpConn, UdpConn};
-pub use cluster::{Cluster, Node, Pod};
+pub use cluster::{Cluster, External, Node, Pod};
 pub use error::{Error, Result};
 pub use netns::NetNs;
+/// Re-exported for tests that read the JSON of `xlb inspect` or of the agent's HTTP servers.
+pub use serde_json;
 pub use server::{ServeHostname, ServeSpec, TcpMode};
 pub use wait::{wait_for, wait_until};
 

@@ -51,6 +51,8 @@ pub struct SvcPort {
     pub proto: String,
     pub port: u16,
     pub target_port: u16,
+    /// `nodePort` (written for NodePort and LoadBalancer Services only, see [`SvcOptions`]).
+    pub node_port: Option<u16>,
 }
 
 impl SvcPort {
@@ -60,6 +62,7 @@ impl SvcPort {
             proto: "TCP".into(),
             port,
             target_port,
+            node_port: None,
         }
     }
     pub fn udp(name: &str, port: u16, target_port: u16) -> Self {
@@ -68,7 +71,110 @@ impl SvcPort {
             proto: "UDP".into(),
             port,
             target_port,
+            node_port: None,
         }
+    }
+    /// With `nodePort: port`.
+    pub fn node_port(mut self, port: u16) -> Self {
+        self.node_port = Some(port);
+        self
+    }
+}
+
+/// `spec.type` of a generated Service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SvcType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl SvcType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SvcType::ClusterIP => "ClusterIP",
+            SvcType::NodePort => "NodePort",
+            SvcType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// What a Service exposes besides its ClusterIP: its type (NodePort / LoadBalancer, whose ports'
+/// `nodePort`s are written), the LoadBalancer's `status.loadBalancer.ingress` IPs (written by the
+/// cloud controller in a real cluster), externalIPs, the traffic policies, the
+/// healthCheckNodePort and loadBalancerSourceRanges. `Default`: a plain ClusterIP Service.
+#[derive(Clone, Debug, Default)]
+pub struct SvcOptions {
+    pub type_: SvcType,
+    pub ingress_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `externalTrafficPolicy: Local` (else Cluster, the default, not written).
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local` (else Cluster, the default, not written).
+    pub internal_local: bool,
+    pub health_check_node_port: Option<u16>,
+    /// `loadBalancerSourceRanges`, CIDRs as written.
+    pub source_ranges: Vec<String>,
+}
+
+impl SvcOptions {
+    /// `type: NodePort`.
+    pub fn node_port() -> Self {
+        SvcOptions {
+            type_: SvcType::NodePort,
+            ..Self::default()
+        }
+    }
+    /// `type: LoadBalancer` with these ingress IPs in its status.
+    pub fn load_balancer(ingress: &[Ipv4Addr]) -> Self {
+        SvcOptions {
+            type_: SvcType::LoadBalancer,
+            ingress_ips: ingress.to_vec(),
+            ..Self::default()
+        }
+    }
+    pub fn external_ips(mut self, ips: &[Ipv4Addr]) -> Self {
+        self.external_ips = ips.to_vec();
+        self
+    }
+    /// `externalTrafficPolicy: Local`, with `healthCheckNodePort: hc` when given.
+    pub fn external_local(mut self, hc: Option<u16>) -> Self {
+        self.external_local = true;
+        self.health_check_node_port = hc;
+        self
+    }
+    /// `internalTrafficPolicy: Local`.
+    pub fn internal_local(mut self) -> Self {
+        self.internal_local = true;
+        self
+    }
+    pub fn source_ranges(mut self, cidrs: &[&str]) -> Self {
+        self.source_ranges = cidrs.iter().map(|c| c.to_string()).collect();
+        self
+    }
+}
+
+/// A Service with [`SvcOptions`] (NodePort, LoadBalancer, externalIPs, policies) and its
+/// EndpointSlice.
+#[derive(Clone, Debug)]
+pub struct ExtSvcManifest {
+    pub svc: SvcManifest,
+    pub opts: SvcOptions,
+}
+
+impl ExtSvcManifest {
+    pub fn new(svc: SvcManifest, opts: SvcOptions) -> Self {
+        ExtSvcManifest { svc, opts }
+    }
+    pub fn to_yaml(&self) -> String {
+        self.svc.yaml(&self.opts)
+    }
+    /// Write it as `dir/<name>.yaml` (atomically).
+    pub fn write_to(&self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join(format!("{}.yaml", self.svc.name));
+        write_atomic(&path, &self.to_yaml())?;
+        Ok(path)
     }
 }
 
@@ -105,17 +211,54 @@ impl SvcManifest {
     /// Multi-document YAML: Service, then its EndpointSlice (omitted without endpoints, as the
     /// controller writes none for a selector matching no pod).
     pub fn to_yaml(&self) -> String {
+        self.yaml(&SvcOptions::default())
+    }
+
+    fn yaml(&self, o: &SvcOptions) -> String {
         let mut y = format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  \
-             clusterIP: {ip}\n  selector:\n    app: {name}\n  ports:\n",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: {ty}\n  \
+             clusterIP: {ip}\n  selector:\n    app: {name}\n",
             name = self.name,
+            ty = o.type_.as_str(),
             ip = self.cluster_ip
         );
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !o.external_ips.is_empty() {
+            let ips: Vec<String> = o.external_ips.iter().map(|i| i.to_string()).collect();
+            y += &format!("  externalIPs: [{}]\n", list(&ips));
+        }
+        if o.external_local {
+            y += "  externalTrafficPolicy: Local\n";
+        }
+        if o.internal_local {
+            y += "  internalTrafficPolicy: Local\n";
+        }
+        if let Some(hc) = o.health_check_node_port {
+            y += &format!("  healthCheckNodePort: {hc}\n");
+        }
+        if !o.source_ranges.is_empty() {
+            y += &format!("  loadBalancerSourceRanges: [{}]\n", list(&o.source_ranges));
+        }
+        y += "  ports:\n";
         for p in &self.ports {
             y += &format!(
                 "  - name: \"{}\"\n    protocol: {}\n    port: {}\n    targetPort: {}\n",
                 p.name, p.proto, p.port, p.target_port
             );
+            if let (Some(np), SvcType::NodePort | SvcType::LoadBalancer) = (p.node_port, o.type_) {
+                y += &format!("    nodePort: {np}\n");
+            }
+        }
+        if o.type_ == SvcType::LoadBalancer && !o.ingress_ips.is_empty() {
+            y += "status:\n  loadBalancer:\n    ingress:\n";
+            for ip in &o.ingress_ips {
+                y += &format!("    - ip: {ip}\n");
+            }
         }
         if self.endpoints.is_empty() {
             return y;
@@ -374,6 +517,53 @@ mod tests {
         assert_eq!(ex[0].pods[1].node, 2);
         assert_eq!(ex[0].pods[0].tcp_ports, vec![9376]);
         assert_eq!(ex[0].pods[0].udp_ports, vec![9376]);
+    }
+
+    #[test]
+    fn external_options_are_written_as_kubernetes_fields() {
+        let mut s = svc();
+        s.ports = vec![
+            SvcPort::tcp("dns-tcp", 53, 5353).node_port(30053),
+            SvcPort::udp("dns-udp", 53, 5353).node_port(30053),
+        ];
+        let lb = ExtSvcManifest::new(
+            s.clone(),
+            SvcOptions::load_balancer(&[Ipv4Addr::new(192, 168, 100, 1)])
+                .external_ips(&[Ipv4Addr::new(192, 168, 200, 1)])
+                .external_local(Some(31000))
+                .internal_local()
+                .source_ranges(&["172.31.0.200/32"]),
+        );
+        let docs = parse_docs(&lb.to_yaml()).unwrap();
+        let spec = &docs[0]["spec"];
+        assert_eq!(spec["type"].as_str(), Some("LoadBalancer"));
+        assert_eq!(spec["externalIPs"][0].as_str(), Some("192.168.200.1"));
+        assert_eq!(spec["externalTrafficPolicy"].as_str(), Some("Local"));
+        assert_eq!(spec["internalTrafficPolicy"].as_str(), Some("Local"));
+        assert_eq!(spec["healthCheckNodePort"].as_u64(), Some(31000));
+        assert_eq!(
+            spec["loadBalancerSourceRanges"][0].as_str(),
+            Some("172.31.0.200/32")
+        );
+        assert_eq!(spec["ports"][1]["nodePort"].as_u64(), Some(30053));
+        assert_eq!(spec["ports"][1]["protocol"].as_str(), Some("UDP"));
+        assert_eq!(
+            docs[0]["status"]["loadBalancer"]["ingress"][0]["ip"].as_str(),
+            Some("192.168.100.1")
+        );
+        assert_eq!(docs[1]["endpoints"][1]["nodeName"].as_str(), Some("node2"));
+        // The reader sees the node ports.
+        let dir = tempfile::tempdir().unwrap();
+        lb.write_to(dir.path()).unwrap();
+        assert_eq!(
+            load_examples(dir.path()).unwrap()[0].node_ports,
+            vec![30053, 30053]
+        );
+        // A ClusterIP Service never gets node ports or a status.
+        let plain = parse_docs(&s.to_yaml()).unwrap();
+        assert_eq!(plain[0]["spec"]["type"].as_str(), Some("ClusterIP"));
+        assert!(plain[0]["spec"]["ports"][0].get("nodePort").is_none());
+        assert!(plain[0].get("status").is_none());
     }
 
     #[test]

@@ -56,7 +56,9 @@ pub fn cluster_up() -> Result<()> {
     crate::build::build_xlb()?;
     let demo = up()?;
     for s in &demo.services {
-        println!("{:<28} {}", s.name, frontends(s).join(" "));
+        let mut fes = frontends(s);
+        fes.extend(node_port_frontends(s, &demo.cluster));
+        println!("{:<28} {}", s.name, fes.join(" "));
     }
     demo.keep();
     print_poke_help();
@@ -154,6 +156,10 @@ fn up() -> Result<Demo> {
         let log = Path::new(STATE_DIR).join(format!("{}.log", node.name));
         let mut spec = AgentSpec::new(&node.ns, &manifests, &node.pin_path(), &log);
         spec.detach = true;
+        // As on a real node: its name (which endpoints are local: no SNAT to them from
+        // outside) and the uplink where the external client's traffic arrives.
+        spec.node_name = Some(node.name.clone());
+        spec.devices = Some("eth0".into());
         // The examples' ClusterIPs are in kubeadm's default Service CIDR: an unused one is refused.
         spec.extra_args = vec!["--service-cidr".into(), "10.96.0.0/12".into()];
         agents.push(Agent::start(spec).with_context(|| format!("agent on {}", node.name))?);
@@ -207,6 +213,17 @@ fn frontends(s: &ExampleService) -> Vec<String> {
         .collect()
 }
 
+/// The NodePorts of `s` on every node address, as the external client reaches them.
+fn node_port_frontends(s: &ExampleService, cluster: &Cluster) -> Vec<String> {
+    let mut out = Vec::new();
+    for np in &s.node_ports {
+        for node in &cluster.nodes {
+            out.push(format!("{}:{np}/TCP", node.ip));
+        }
+    }
+    out
+}
+
 impl Demo {
     fn node1_pin(&self) -> PathBuf {
         self.cluster.node(1).pin_path()
@@ -233,6 +250,10 @@ impl Demo {
 fn show(demo: &Demo) -> Result<()> {
     for s in &demo.services {
         print_tally(demo, s)?;
+    }
+    // From outside the cluster: the NodePort tutorial's service-web through both nodes.
+    for s in demo.services.iter().filter(|s| !s.node_ports.is_empty()) {
+        print_node_port_tally(demo, s)?;
     }
 
     // Readiness: the endpoint controller would mark a failing pod not ready; do it by hand.
@@ -332,12 +353,104 @@ fn print_tally(demo: &Demo, s: &ExampleService) -> Result<()> {
     Ok(())
 }
 
+/// Call each NodePort of `s` through each node [`REQUESTS`] times from the external client's
+/// namespace; print hits per pod and whether the pod was on the entry node (the flow is only
+/// DNATed: the pod sees the client) or on the other node (DNATed and SNATed to the entry node,
+/// whose answer comes back through it).
+fn print_node_port_tally(demo: &Demo, s: &ExampleService) -> Result<()> {
+    let ext = &demo.cluster.external;
+    for np in &s.node_ports {
+        for node in &demo.cluster.nodes {
+            let target = SocketAddr::from((node.ip, *np));
+            // The agents attach to eth0 and program the NodePort right after start; give the
+            // first request a moment rather than failing the demo on a race.
+            wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+                ext.tcp_request(target).is_ok()
+            });
+            let mut hits: BTreeMap<String, usize> =
+                s.pods.iter().map(|p| (p.name.clone(), 0)).collect();
+            for _ in 0..REQUESTS {
+                let r = ext.tcp_request(target);
+                *hits
+                    .entry(r.unwrap_or_else(|e| format!("<error: {e}>")))
+                    .or_default() += 1;
+            }
+            println!(
+                "\n{} NodePort {target}/TCP: {REQUESTS} requests from the external client {} \
+                 (netns {}) through {}",
+                s.name,
+                ext.addr,
+                ext.ns.name(),
+                node.name
+            );
+            println!(
+                "  {:<40} {:<6} {:<34} {:>4}",
+                "answered by", "node", "path", "hits"
+            );
+            for (who, n) in &hits {
+                let pod = s.pods.iter().find(|p| &p.name == who);
+                let (pod_node, path) = match pod {
+                    Some(p) if p.node == node.index => {
+                        (format!("node{}", p.node), "local: DNAT".to_string())
+                    }
+                    Some(p) => (
+                        format!("node{}", p.node),
+                        format!("remote: DNAT, SNAT to {}", node.ip),
+                    ),
+                    None => (String::new(), String::new()),
+                };
+                println!(
+                    "  {who:<40} {pod_node:<6} {path:<34} {n:>4}  {}",
+                    "#".repeat(*n)
+                );
+            }
+            print_external_flows(node, ext.addr, target);
+        }
+    }
+    Ok(())
+}
+
+/// Two of the external client's flows to `frontend` in `node`'s conntrack: one to a backend
+/// on the node (DNAT only) and one SNATed to the node, as `xlb inspect conntrack` shows them.
+fn print_external_flows(node: &lb_testkit::Node, client: Ipv4Addr, frontend: SocketAddr) {
+    let Ok(ct) = agent::inspect_conntrack(&node.pin_path()) else {
+        return;
+    };
+    let mine = |snat: bool| {
+        ct.iter().find(|e| {
+            e.dir == "forward"
+                && e.saddr == client
+                && SocketAddr::from((e.daddr, e.dport)) == frontend
+                && e.snat.is_some() == snat
+        })
+    };
+    println!(
+        "  xlb inspect conntrack --pin-path {} (forward entries):",
+        node.pin_path().display()
+    );
+    for e in [mine(false), mine(true)].into_iter().flatten() {
+        let backend = e
+            .nat_addr
+            .map(|a| format!("{a}:{}", e.nat_port))
+            .unwrap_or_default();
+        let seen_as = match e.snat {
+            Some((a, p)) => format!("the backend sees {a}:{p}"),
+            None => format!("the backend sees {}:{}", e.saddr, e.sport),
+        };
+        println!(
+            "    {}:{} -> {frontend}/{} => {backend:<16} {seen_as}",
+            e.saddr, e.sport, e.proto
+        );
+    }
+}
+
 fn print_poke_help() {
     println!(
         "\nThe demo cluster is running (namespaces {PREFIX}*, pins /sys/fs/bpf/xlbdemo, logs {STATE_DIR}).\n\
          Try:\n  \
          ip netns exec {PREFIX}pod-client bash -c 'exec 3<>/dev/tcp/10.96.0.80/80; head -1 <&3'\n  \
          ip netns exec {PREFIX}pod-client bash -c 'for i in $(seq 6); do exec 3<>/dev/tcp/10.96.0.30/3000; head -1 <&3; done'\n  \
+         ip netns exec {PREFIX}ext bash -c 'for i in $(seq 6); do exec 3<>/dev/tcp/172.31.0.12/30080; head -1 <&3; done'   (NodePort from outside)\n  \
          xlb inspect services --pin-path /sys/fs/bpf/xlbdemo/node1   (target/debug/xlb)\n  \
          edit {STATE_DIR}/manifests/*.yaml: the agents apply changes at once\n  \
          tail -f {STATE_DIR}/node1.log\n\

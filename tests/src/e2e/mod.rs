@@ -9,6 +9,8 @@
 //! of the agent, the maps' state through `xlb inspect -o json`), and the deadlines of those
 //! waits only bound a failure.
 
+pub mod external;
+
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use lb_testkit::agent::{find_frontend, inspect_services};
 use lb_testkit::service_yaml::{self, SvcManifest};
 use lb_testkit::{
     inspect_conntrack, unique_prefix, wait_until, Agent, AgentSpec, ClientError, Close, Cluster,
-    Dial, InspectCt, InspectService, Pod,
+    Dial, InspectCt, InspectService, NetNs, Node, Pod,
 };
 
 /// How long the datapath may take to reflect a manifest change.
@@ -77,7 +79,8 @@ impl Env {
     /// Copy the repository's examples/ into the manifests directory and create (and serve) the
     /// pods their EndpointSlices name.
     pub fn with_examples(&mut self) -> Vec<service_yaml::ExampleService> {
-        service_yaml::copy_dir(&service_yaml::examples_dir(), &self.manifests).expect("copying examples");
+        service_yaml::copy_dir(&service_yaml::examples_dir(), &self.manifests)
+            .expect("copying examples");
         let services = service_yaml::load_examples(&self.manifests).expect("reading examples");
         for s in &services {
             for p in &s.pods {
@@ -137,11 +140,17 @@ impl Env {
 
     /// [`Env::start_agents`], with `configure` applied to each node's spec (after the defaults).
     pub fn start_agents_with(&mut self, configure: impl Fn(&mut AgentSpec)) {
+        self.start_agents_per_node(|_, spec| configure(spec));
+    }
+
+    /// [`Env::start_agents`], with `configure` applied to each node's spec (after the
+    /// defaults), knowing the node (e.g. for `--node-name`).
+    pub fn start_agents_per_node(&mut self, configure: impl Fn(&Node, &mut AgentSpec)) {
         for node in &self.cluster.nodes {
             let log = self.dir.0.join(format!("{}.log", node.name));
             let mut spec = AgentSpec::new(&node.ns, &self.manifests, &node.pin_path(), &log);
             spec.extra_args = MAP_SIZE_ARGS.iter().map(|s| s.to_string()).collect();
-            configure(&mut spec);
+            configure(node, &mut spec);
             let agent =
                 Agent::start(spec).unwrap_or_else(|e| panic!("agent on {}: {e}", node.name));
             self.agents.push(agent);
@@ -290,9 +299,18 @@ pub fn assert_burst(
     dials: &[Dial],
     ok: impl Fn(usize, &str) -> bool,
 ) -> BTreeMap<String, usize> {
-    let results = client
-        .tcp_burst(dials, BURST_TIMEOUT, BURST_MAX_ERRORS)
-        .unwrap_or_else(|e| panic!("{what}: burst from {}: {e}", client.name));
+    assert_burst_in(what, &client.ns, dials, ok)
+}
+
+/// [`assert_burst`] from any namespace (e.g. an external client's).
+pub fn assert_burst_in(
+    what: &str,
+    client: &NetNs,
+    dials: &[Dial],
+    ok: impl Fn(usize, &str) -> bool,
+) -> BTreeMap<String, usize> {
+    let results = lb_testkit::client::tcp_burst(client, dials, BURST_TIMEOUT, BURST_MAX_ERRORS)
+        .unwrap_or_else(|e| panic!("{what}: burst from {}: {e}", client.name()));
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let mut first = Vec::new();
