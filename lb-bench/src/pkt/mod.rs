@@ -144,6 +144,7 @@ impl Loaded {
                 backends,
                 flags: SVC_FLAG_CLUSTER_IP,
                 affinity_timeout: 0,
+                ..FrontendState::default()
             };
             self.desired.set_frontend(fe, st);
             touched.insert(fe);
