@@ -33,7 +33,7 @@ use crate::{
     conntrack::{self, alive, forward_key, now_ns, reply_key_of, Dir, Target},
     fault::Fault,
     frame::Frame,
-    from_pod::stale_reason,
+    from_pod::{forget_stale_reply, stale_reason},
     icmp,
     lb::{self, Client},
     maps::{CONNTRACK, DEVICES},
@@ -270,6 +270,11 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
         return Ok(Skip::Fragment.pass::<C>());
     }
     let Some((master_key, master)) = lb::frontend(&pkt, Client::Outside) else {
+        // Not a frontend. A direct connection to a pod must not have its answers rewritten by
+        // an old Service flow that used the same tuple (to_net would restore the frontend).
+        if pkt.is_syn_only() {
+            forget_stale_reply(&pkt);
+        }
         return Ok(C::PASS);
     };
     if let Some(stat) = reason {

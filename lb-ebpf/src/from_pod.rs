@@ -219,9 +219,10 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
     forward(ctx, pkt, &ct)
 }
 
-/// Removes the Service flow whose reply tuple is the answer tuple of the direct SYN `pkt`.
+/// Removes the Service flow whose reply tuple is the answer tuple of the direct SYN `pkt`
+/// (also used by `from_net` for clients outside the node).
 #[inline(always)]
-fn forget_stale_reply(pkt: &Packet) {
+pub fn forget_stale_reply(pkt: &Packet) {
     let key: CtKey = answer_key_of(pkt);
     // SAFETY: copied out at once.
     if let Some(stale) = unsafe { CONNTRACK.get(&key) }.copied() {

@@ -461,3 +461,29 @@ fn load_balancer_source_ranges_let_listed_clients_in_and_drop_the_rest() -> Resu
     }
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_direct_connection_on_the_tuple_of_an_old_nodeport_flow_is_not_rewritten() -> Result<()> {
+    let node = Node::new("direct")?;
+    for hook in NetHook::ALL {
+        let mut dp = datapath(&node, &LoadOptions::default(), &nodeport(LOCAL_POD, 0), true)?;
+        // A NodePort flow to the local pod, closed by the client (FIN): its entries live on.
+        node.from_net(&dp, hook, &from_client(client(46000), node_port(), TcpFlags::SYN))?;
+        node.from_net(&dp, hook, &from_client(client(46000), node_port(), TcpFlags::FIN_ACK))?;
+        let answer_key = ct_key(pod(LOCAL_POD), client(46000), PROTO_TCP, CT_REPLY);
+        ensure!(dp.ct_get(&answer_key)?.is_some(), "{hook:?}: the old reply entry is there");
+        // The same client port now connects to the pod directly (routed to the pod network).
+        let syn = from_client(client(46000), pod(LOCAL_POD), TcpFlags::SYN);
+        let out = node.from_net(&dp, hook, &syn)?;
+        ensure!(out.verdict == hook.pass() && out.frame == syn, "{hook:?}: untouched");
+        ensure!(dp.ct_get(&answer_key)?.is_none(), "{hook:?}: the stale reply entry is gone");
+        // So the pod's answer leaves as it is.
+        let mut answer = Tcp::new(pod(LOCAL_POD), client(46000), TcpFlags::SYN_ACK);
+        answer.macs = (NODE_MAC, CLIENT_MAC);
+        let out = node.to_net(&dp, &answer.frame())?;
+        ensure!(out.frame == answer.frame(), "{hook:?}: the direct answer is not rewritten");
+        ensure!(dp.stat(Stat::CtStaleReplyRemoved)? == 1);
+    }
+    Ok(())
+}
