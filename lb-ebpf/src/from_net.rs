@@ -238,6 +238,13 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
             if C::XDP {
                 return Ok(defer());
             }
+            if let Some((src, dst)) = icmp::snat_flow(ctx, &outer, &quoted)? {
+                let Some(hop) = next_hop(ctx, &outer, src, dst) else {
+                    bump(Stat::DropNoRoute);
+                    return Ok(C::DROP);
+                };
+                return ctx.send(&hop);
+            }
             return icmp::from_client(ctx, &outer, &quoted);
         }
         Err(skip) => return Ok(skip.pass::<C>()),

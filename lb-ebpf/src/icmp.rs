@@ -106,6 +106,77 @@ fn translate<C: Frame>(ctx: &C, outer: &Packet, q: &Quoted, dir: u8) -> Result<i
     Ok(C::PASS)
 }
 
+/// `from_net` (tc): an ICMP error about a flow this node SNATed to a backend on another node,
+/// arriving at the node. Either it quotes what the node sent the backend (node:port ->
+/// backend), and goes to the client, quoting client -> frontend; or it quotes what the node sent
+/// the client (frontend -> client), and goes to the backend, quoting backend -> node:port. The
+/// outer source, when it is the quoted destination itself, becomes what that peer was to the
+/// other side. Returns the new outer (source, destination) for the caller to send it on (its
+/// source may be a local address, so it cannot go up the stack), or `None`: not such an error.
+#[inline(always)]
+pub fn snat_flow<C: Frame>(ctx: &C, outer: &Packet, q: &Quoted) -> Result<Option<(u32, u32)>, Fault> {
+    let key = CtKey {
+        saddr: q.daddr,
+        daddr: q.saddr,
+        sport: q.dport,
+        dport: q.sport,
+        proto: q.proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    let now = now_ns();
+    // SAFETY: copied out at once.
+    let towards_backend = unsafe { CONNTRACK.get(&key) }.copied();
+    let (src, dst) = match towards_backend {
+        // The reply entry of the flow: nat = frontend, snat = client.
+        Some(ct) if ct.flags & CT_F_SNAT != 0 && alive(&ct, now) => {
+            ((ct.snat_addr, ct.snat_port), (ct.nat_addr, ct.nat_port))
+        }
+        _ => {
+            let fwd = CtKey { dir: CT_FORWARD, ..key };
+            // SAFETY: copied out at once.
+            match unsafe { CONNTRACK.get(&fwd) }.copied() {
+                // The forward entry: nat = backend, snat = the node's address and port.
+                Some(ct) if ct.flags & CT_F_SNAT != 0 && alive(&ct, now) => {
+                    ((ct.nat_addr, ct.nat_port), (ct.snat_addr, ct.snat_port))
+                }
+                _ => return Ok(None),
+            }
+        }
+    };
+    rewrite_quote(
+        ctx,
+        outer,
+        q,
+        &Change {
+            addr_off: q.ip_off + 12,
+            old_addr: q.saddr,
+            new_addr: src.0,
+            port_off: q.l4_off,
+            old_port: q.sport,
+            new_port: src.1,
+        },
+    )?;
+    rewrite_quote(
+        ctx,
+        outer,
+        q,
+        &Change {
+            addr_off: q.ip_off + 16,
+            old_addr: q.daddr,
+            new_addr: dst.0,
+            port_off: q.l4_off + 2,
+            old_port: q.dport,
+            new_port: dst.1,
+        },
+    )?;
+    set_outer_addr(ctx, IP_DST_OFF, outer.daddr, src.0)?;
+    let outer_src = if outer.saddr == q.daddr { dst.0 } else { outer.saddr };
+    set_outer_addr(ctx, IP_SRC_OFF, outer.saddr, outer_src)?;
+    bump(Stat::IcmpErrorTranslated);
+    Ok(Some((outer_src, src.0)))
+}
+
 /// Replaces one address and port of the quoted packet, with the quoted IP and L4 checksums and
 /// the ICMP checksum.
 #[inline(always)]

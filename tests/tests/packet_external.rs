@@ -20,7 +20,7 @@ use lb_common::{
 use lb_testkit::netns::NetNs;
 use lb_userspace::datapath::LoadOptions;
 use xlb_tests::packet::{
-    build::{Tcp, TcpFlags, Udp},
+    build::{ip_packet, IcmpError, IcmpErrorKind, Tcp, TcpFlags, Udp},
     harness::{ct_key, BackendSpec, Extras, NetHook, Outcome, ServiceSpec, TestDatapath},
     verify::decode_checked,
 };
@@ -485,5 +485,58 @@ fn a_direct_connection_on_the_tuple_of_an_old_nodeport_flow_is_not_rewritten() -
         ensure!(out.frame == answer.frame(), "{hook:?}: the direct answer is not rewritten");
         ensure!(dp.stat(Stat::CtStaleReplyRemoved)? == 1);
     }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root"]
+fn icmp_errors_about_snated_flows_reach_the_client_and_the_backend() -> Result<()> {
+    let node = Node::new("icmp")?;
+    let mut dp = datapath(&node, &LoadOptions::default(), &nodeport(REMOTE_POD, 0), true)?;
+    let cl = client(47000);
+    let out = node.from_net(&dp, NetHook::Tc, &from_client(cl, node_port(), TcpFlags::SYN))?;
+    let (snat, _) = tcp_ports(&out.frame)?;
+    let data = |src, dst| {
+        let mut t = Tcp::new(src, dst, TcpFlags::PSH_ACK);
+        t.payload = b"0123456789".to_vec();
+        t
+    };
+    let frag_needed = IcmpErrorKind::FragNeeded { mtu: 1_200 };
+
+    // A router on the way to the backend (the other node) cannot forward what the node sent:
+    // the client gets the error, about what it sent (client -> NodePort).
+    for (sender, want_src) in [(OTHER_NODE_IP, OTHER_NODE_IP), (REMOTE_POD, NODE_IP)] {
+        let mut err = IcmpError::new(sender, NODE_IP, frag_needed, &ip_packet(&data(snat, pod(REMOTE_POD)).frame()));
+        err.macs = (OTHER_NODE_MAC, NODE_MAC);
+        let out = node.from_net(&dp, NetHook::Tc, &err.frame())?;
+        ensure!(out.verdict == NetHook::Tc.sent(node.eth0, node.eth0), "sent on: {}", out.verdict);
+        let want = IcmpError {
+            src: want_src,
+            dst: CLIENT_IP,
+            quote: ip_packet(&data(cl, node_port()).frame()),
+            macs: (NODE_MAC, CLIENT_MAC),
+            ..err.clone()
+        };
+        decode_checked(&out.frame)?;
+        ensure!(out.frame == want.frame(), "error from {sender} to the client:\n got  {:02x?}\n want {:02x?}", out.frame, want.frame());
+    }
+    // The client cannot take the answer: the backend gets the error, about what it sent
+    // (backend -> node:port), from the node.
+    let mut err = IcmpError::new(CLIENT_IP, NODE_IP, IcmpErrorKind::PortUnreachable, &ip_packet(&data(node_port(), cl).frame()));
+    err.macs = (CLIENT_MAC, NODE_MAC);
+    let out = node.from_net(&dp, NetHook::Tc, &err.frame())?;
+    ensure!(out.verdict == NetHook::Tc.sent(node.eth0, node.eth0), "sent on: {}", out.verdict);
+    let want = IcmpError {
+        src: NODE_IP,
+        dst: REMOTE_POD,
+        quote: ip_packet(&data(pod(REMOTE_POD), snat).frame()),
+        macs: (NODE_MAC, OTHER_NODE_MAC),
+        ..err.clone()
+    };
+    ensure!(out.frame == want.frame(), "error from the client to the backend:\n got  {:02x?}\n want {:02x?}", out.frame, want.frame());
+    ensure!(dp.stat(Stat::IcmpErrorTranslated)? == 3);
+    // XDP hands ICMP errors to tc.
+    let out = node.from_net(&dp, NetHook::Xdp, &err.frame())?;
+    ensure!(out.verdict == NetHook::Xdp.pass() && out.frame == err.frame());
     Ok(())
 }
