@@ -39,8 +39,17 @@ pub mod map_names {
     pub const SRC_RANGES: &str = "XLB_SRCRANGE_V1";
     /// ifindex of an external device -> its node address (the SNAT source).
     pub const DEVICES: &str = "XLB_DEV_V1";
-    pub const ALL: [&str; 9] = [
+    /// Array of `u32` backend ids: the Maglev tables, `XLB_MAGLEV_M` entries each; table `t`
+    /// is entries `t * M .. (t + 1) * M`. A master with `SVC_FLAG_MAGLEV` names its table.
+    pub const MAGLEV: &str = "XLB_MAGLEV_V1";
+    /// Per-CPU LRU hash: rev-NAT id -> `u32` round-robin counter of that frontend.
+    pub const RR: &str = "XLB_RR_V1";
+    /// LRU hash: (socket cookie, backend) -> frontend, written by the connect / sendmsg socket
+    /// hooks so recvmsg and getpeername show the Service address.
+    pub const SOCK_REV: &str = "XLB_SOCKREV_V1";
+    pub const ALL: [&str; 12] = [
         SERVICES, BACKENDS, CONNTRACK, STATS, AFFINITY, MEMBERS, FRAGS, SRC_RANGES, DEVICES,
+        MAGLEV, RR, SOCK_REV,
     ];
 }
 
@@ -55,6 +64,12 @@ pub mod prog_names {
     pub const FROM_NET: &str = "from_net";
     /// tc egress on the external devices: answers of local backends to clients outside.
     pub const TO_NET: &str = "to_net";
+    /// Socket load balancing (cgroup sock_addr hooks): clients in the node's own network
+    /// namespace (and with `--socket-lb all`, pods) get the backend at connect / sendmsg time.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
     /// Do-nothing programs, for benchmark floors only.
     pub const NOOP_TC: &str = "noop_tc";
     pub const NOOP_XDP: &str = "noop_xdp";
@@ -72,6 +87,11 @@ pub mod global_names {
     /// SNAT source ports for flows from outside to a backend on another node, a
     /// [`crate::PortRange`] (host order, inclusive).
     pub const SNAT_PORTS: &str = "XLB_SNAT_PORTS";
+    /// Entries per Maglev table (`u32`, a prime; default [`crate::DEFAULT_MAGLEV_M`]).
+    pub const MAGLEV_M: &str = "XLB_MAGLEV_M";
+    /// `--socket-lb host`: the network-namespace cookie of the node's own namespace (`u64`);
+    /// the socket hooks translate only sockets of that namespace. 0 (`all`): every socket.
+    pub const HOST_NETNS_COOKIE: &str = "XLB_HOST_NETNS_COOKIE";
 }
 
 /// An inclusive range of ports, host byte order (a load-time global).
@@ -106,6 +126,12 @@ pub const DEFAULT_MEMBERS_MAX: u32 = 262_144;
 pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
 pub const DEFAULT_SRC_RANGES_MAX: u32 = 16_384;
 pub const DEFAULT_DEVICES_MAX: u32 = 64;
+/// Maglev table size: a prime (Maglev's M); 65537 suits Services with hundreds of backends.
+pub const DEFAULT_MAGLEV_M: u32 = 16_381;
+/// Maglev tables the MAGLEV array has room for (each `M * 4` bytes).
+pub const DEFAULT_MAGLEV_TABLES: u32 = 128;
+pub const DEFAULT_RR_MAX: u32 = 65_536;
+pub const DEFAULT_SOCK_REV_MAX: u32 = 262_144;
 
 /// Scope of a frontend entry. `SCOPE_EXT` holds every frontend. An external frontend (NodePort,
 /// LoadBalancer, externalIP) of an externalTrafficPolicy Local Service has a second entry with
@@ -159,6 +185,12 @@ pub const SVC_FLAG_SOURCE_RANGES: u32 = 1 << 9;
 /// drops new flows (kube-proxy does, so a load balancer's health check moves traffic away)
 /// instead of refusing them, which is only right when the Service has no endpoint at all.
 pub const SVC_FLAG_DROP_NO_LOCAL: u32 = 1 << 10;
+/// Backend selection (`--lb-algorithm`, annotation `xlb.io/lb-algorithm`): round-robin over
+/// the slots (a per-CPU counter per frontend). Without either algorithm flag: random.
+pub const SVC_FLAG_ALG_RR: u32 = 1 << 11;
+/// Backend selection: Maglev consistent hashing of the client (address, port, protocol); the
+/// master's `backend_id` field holds the index of the frontend's table in `MAGLEV`.
+pub const SVC_FLAG_ALG_MAGLEV: u32 = 1 << 12;
 
 /// Value of `SERVICES`. For the master (slot 0): `count`, `rev_nat_id`, `flags`,
 /// `affinity_timeout`; `backend_id` is 0. For a slot: only `backend_id`.
@@ -166,6 +198,8 @@ pub const SVC_FLAG_DROP_NO_LOCAL: u32 = 1 << 10;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
 pub struct ServiceValue {
+    /// A slot: the backend id. A master with `SVC_FLAG_ALG_MAGLEV`: its Maglev table index
+    /// (a new table is written whole into a free index before the master names it).
     pub backend_id: u32,
     pub count: u32,
     /// Master only: the identity of this incarnation of the frontend, >= 1. It stays while the
@@ -512,6 +546,27 @@ impl SrcRangeKey {
     pub const FRONTEND_BITS: u32 = 64;
 }
 
+/// Key of `SOCK_REV`: a socket the socket hooks translated, and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `SOCK_REV`: the frontend the socket asked for, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
+pub struct SockRevValue {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 /// Value of `DEVICES` (key: ifindex, `u32`): an external device the agent attached to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
@@ -711,6 +766,8 @@ mod user {
         SrcRangeKey,
         DeviceValue,
         PortRange,
+        SockRevKey,
+        SockRevValue,
     );
 }
 
@@ -729,6 +786,8 @@ const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragValue>() == 4);
 const _: () = assert!(core::mem::size_of::<SrcRangeKey>() == 12);
 const _: () = assert!(core::mem::size_of::<DeviceValue>() == 8);
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
 
 #[cfg(test)]
 mod tests {

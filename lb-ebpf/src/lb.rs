@@ -67,6 +67,10 @@ pub fn source_allowed(pkt: &Packet, master: &ServiceValue) -> bool {
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// Entries per Maglev table (see `lb_common::global_names::MAGLEV_M`), set at load time.
+#[unsafe(no_mangle)]
+static XLB_MAGLEV_M: u32 = lb_common::DEFAULT_MAGLEV_M;
+
 /// A chosen backend: its id, address and port (network order).
 pub struct Selected {
     pub id: u32,

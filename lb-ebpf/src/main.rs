@@ -45,6 +45,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod refuse;
 #[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
 mod stats;
 #[cfg(target_arch = "bpf")]
 mod to_pod;

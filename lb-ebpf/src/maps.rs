@@ -4,14 +4,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
     map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, DeviceValue, FragKey,
-    FragValue, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey,
-    DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX,
-    DEFAULT_FRAGS_MAX, DEFAULT_MEMBERS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SRC_RANGES_MAX,
-    STATS_SLOTS,
+    FragValue, MemberKey, MemberValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    SrcRangeKey, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
+    DEFAULT_DEVICES_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MAGLEV_M, DEFAULT_MAGLEV_TABLES,
+    DEFAULT_MEMBERS_MAX, DEFAULT_RR_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_MAX,
+    DEFAULT_SRC_RANGES_MAX, STATS_SLOTS,
 };
 
 /// Frontends: master entries (slot 0) and backend slots `1..=count`. A reply is restored from
@@ -61,6 +62,20 @@ pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> =
 #[map(name = "XLB_DEV_V1")]
 pub static DEVICES: HashMap<u32, DeviceValue> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
 
+/// The Maglev tables (see `lb_common::map_names::MAGLEV`); the agent sizes it at load time to
+/// `--maglev-tables * M`.
+#[map(name = "XLB_MAGLEV_V1")]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_TABLES * DEFAULT_MAGLEV_M, 0);
+
+/// Round-robin counters, per CPU, by rev-NAT id.
+#[map(name = "XLB_RR_V1")]
+pub static RR: LruPerCpuHashMap<u32, u32> = LruPerCpuHashMap::with_max_entries(DEFAULT_RR_MAX, 0);
+
+/// (socket cookie, backend) -> frontend, for recvmsg / getpeername of translated sockets.
+#[map(name = "XLB_SOCKREV_V1")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(DEFAULT_SOCK_REV_MAX, 0);
+
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
@@ -82,6 +97,9 @@ const _: () = assert!(same("XLB_BE_V1", map_names::BACKENDS));
 const _: () = assert!(same("XLB_CT_V3", map_names::CONNTRACK));
 const _: () = assert!(same("XLB_SRCRANGE_V1", map_names::SRC_RANGES));
 const _: () = assert!(same("XLB_DEV_V1", map_names::DEVICES));
+const _: () = assert!(same("XLB_MAGLEV_V1", map_names::MAGLEV));
+const _: () = assert!(same("XLB_RR_V1", map_names::RR));
+const _: () = assert!(same("XLB_SOCKREV_V1", map_names::SOCK_REV));
 const _: () = assert!(same("XLB_MEMBER_V1", map_names::MEMBERS));
 const _: () = assert!(same("XLB_FRAG_V1", map_names::FRAGS));
 const _: () = assert!(same("XLB_AFF_V1", map_names::AFFINITY));

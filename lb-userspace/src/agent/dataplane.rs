@@ -70,7 +70,7 @@ impl BpfDataplane {
     /// and read back what the maps hold (never flushed: a restart only writes what differs).
     pub fn open(cfg: &AgentConfig) -> anyhow::Result<(Self, Applied)> {
         let opts =
-            LoadOptions { sizes: cfg.map_sizes.clone(), service_cidr: cfg.service_cidr, ct_timeouts: cfg.ct_timeouts, snat_ports: cfg.snat_ports };
+            LoadOptions { sizes: cfg.map_sizes.clone(), service_cidr: cfg.service_cidr, ct_timeouts: cfg.ct_timeouts, snat_ports: cfg.snat_ports, ..LoadOptions::default() };
         let mut datapath = Datapath::open_with_options(&cfg.pin_path, &opts)
             .with_context(|| format!("opening the datapath at {}", cfg.pin_path.display()))?;
         if !matches!(cfg.devices, DeviceSelection::None) {

@@ -22,6 +22,8 @@ pub struct MapSizes {
     pub affinity: u32,
     pub members: u32,
     pub frags: u32,
+    /// Maglev tables the MAGLEV array has room for (`--maglev-tables`).
+    pub maglev_tables: u32,
 }
 
 impl Default for MapSizes {
@@ -33,6 +35,7 @@ impl Default for MapSizes {
             affinity: lb_common::DEFAULT_AFFINITY_MAX,
             members: lb_common::DEFAULT_MEMBERS_MAX,
             frags: lb_common::DEFAULT_FRAGS_MAX,
+            maglev_tables: lb_common::DEFAULT_MAGLEV_TABLES,
         }
     }
 }
@@ -52,7 +55,7 @@ impl MapSizes {
 }
 
 /// Everything fixed when the eBPF object is loaded.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Map capacities (only effective when the maps are created, not when pinned ones are reused).
     pub sizes: MapSizes,
@@ -62,6 +65,25 @@ pub struct LoadOptions {
     pub ct_timeouts: CtTimeouts,
     /// SNAT source ports of flows from outside to backends on other nodes (the `SNAT_PORTS` global).
     pub snat_ports: PortRange,
+    /// Entries per Maglev table, a prime (the `MAGLEV_M` global; the MAGLEV array holds
+    /// `sizes.maglev_tables` tables of this size).
+    pub maglev_m: u32,
+    /// `--socket-lb host`: the cookie of the node's network namespace; 0: every namespace
+    /// (the `HOST_NETNS_COOKIE` global).
+    pub host_netns_cookie: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            sizes: MapSizes::default(),
+            service_cidr: None,
+            ct_timeouts: CtTimeouts::default(),
+            snat_ports: PortRange::default(),
+            maglev_m: lb_common::DEFAULT_MAGLEV_M,
+            host_netns_cookie: 0,
+        }
+    }
 }
 
 impl LoadOptions {
@@ -82,6 +104,10 @@ impl LoadOptions {
         for (name, size) in self.sizes.by_name() {
             loader.map_max_entries(name, size);
         }
+        loader.map_max_entries(
+            map_names::MAGLEV,
+            self.sizes.maglev_tables.max(1).saturating_mul(self.maglev_m),
+        );
         let map_paths: Vec<(&'static str, PathBuf)> = match pins {
             Some(pins) => map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect(),
             None => Vec::new(),
@@ -94,7 +120,9 @@ impl LoadOptions {
             .override_global(global_names::SERVICE_CIDR_ADDR, &cidr_addr, true)
             .override_global(global_names::SERVICE_CIDR_MASK, &cidr_mask, true)
             .override_global(global_names::CT_TIMEOUTS, &self.ct_timeouts, true)
-            .override_global(global_names::SNAT_PORTS, &self.snat_ports, true);
+            .override_global(global_names::SNAT_PORTS, &self.snat_ports, true)
+            .override_global(global_names::MAGLEV_M, &self.maglev_m, true)
+            .override_global(global_names::HOST_NETNS_COOKIE, &self.host_netns_cookie, true);
         Ok(loader.load(obj)?)
     }
 }
