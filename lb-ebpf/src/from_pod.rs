@@ -28,7 +28,7 @@ static XLB_SERVICE_CIDR_MASK: u32 = 0;
 
 /// Whether `daddr` is in the configured Service CIDR (never, when none is configured).
 #[inline(always)]
-fn in_service_cidr(daddr: u32) -> bool {
+pub(crate) fn in_service_cidr(daddr: u32) -> bool {
     // SAFETY: plain reads of load-time constants; volatile so the compiler keeps the loads
     // (the loader patches the values after compilation).
     let (addr, mask) = unsafe {
@@ -219,10 +219,9 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
     forward(ctx, pkt, &ct)
 }
 
-/// Removes the Service flow whose reply tuple is the answer tuple of the direct SYN `pkt`
-/// (also used by `from_net` for clients outside the node).
+/// Removes the Service flow whose reply tuple is the answer tuple of the direct SYN `pkt`.
 #[inline(always)]
-pub fn forget_stale_reply(pkt: &Packet) {
+fn forget_stale_reply(pkt: &Packet) {
     let key: CtKey = answer_key_of(pkt);
     // SAFETY: copied out at once.
     if let Some(stale) = unsafe { CONNTRACK.get(&key) }.copied() {

@@ -74,6 +74,12 @@ impl Packet {
         self.tcp_flags & flag != 0
     }
 
+    /// A SYN with ACK: the answer to a new TCP connection.
+    #[inline(always)]
+    pub fn is_syn_ack(&self) -> bool {
+        self.is_tcp() && self.has_tcp_flag(TCP_SYN) && self.has_tcp_flag(TCP_ACK)
+    }
+
     /// A SYN without ACK: the first packet of a new TCP connection.
     #[inline(always)]
     pub fn is_syn_only(&self) -> bool {

@@ -6,7 +6,7 @@
 //! which clients' answers pass there (pods' there, outside clients' here).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use lb_common::{Stat, CT_F_SNAT, PROTO_SCTP};
+use lb_common::{ct_state, Stat, CT_F_SNAT, PROTO_SCTP};
 
 use crate::{
     conntrack::{self, alive, now_ns, reply_key_of, Dir},
@@ -50,9 +50,11 @@ fn to_client<C: Frame>(ctx: &C) -> Result<i32, Fault> {
         bump(Stat::CtExpired);
         return Ok(C::PASS);
     }
-    if pkt.is_syn_only() {
+    if pkt.is_syn_only() || (pkt.is_syn_ack() && ct_state::is_closing(ct.state)) {
         // An answer is never a bare SYN: this is a new connection towards the pod on a tuple
-        // a Service flow used before. The stale flow must not rewrite it.
+        // a Service flow used before. A SYN-ACK answering on the tuple of a closed Service
+        // flow answers a new (direct) connection that re-used it. The stale flow must not
+        // rewrite either.
         conntrack::remove_flow(&key, &ct);
         bump(Stat::CtStaleReplyRemoved);
         return Ok(C::PASS);

@@ -164,6 +164,14 @@ fn nodeport_to_a_local_backend_is_dnated_without_snat_and_its_answer_restored() 
         let syn = from_client(client(40001), node_port(), TcpFlags::SYN);
         let out = node.from_net(&dp, hook, &syn)?;
         ensure!(out.verdict == hook.pass(), "{hook:?}: SYN verdict {}", out.verdict);
+        if hook == NetHook::Xdp {
+            // Behind XDP the tc program sees what XDP passed on: it must leave it (and the
+            // flow XDP set up) alone.
+            let behind = node.from_net(&dp, NetHook::Tc, &out.frame)?;
+            ensure!(behind.verdict == NetHook::Tc.pass() && behind.frame == out.frame, "tc behind XDP");
+            let rep_key = ct_key(pod(LOCAL_POD), client(40001), PROTO_TCP, CT_REPLY);
+            ensure!(dp.ct_get(&rep_key)?.is_some(), "tc behind XDP kept the new flow's reply entry");
+        }
         let (src, dst) = tcp_ports(&out.frame)?;
         ensure!(src == client(40001), "{hook:?}: the client address is kept, got {src}");
         ensure!(dst == pod(LOCAL_POD), "{hook:?}: DNAT to the local pod, got {dst}");
@@ -477,12 +485,12 @@ fn a_direct_connection_on_the_tuple_of_an_old_nodeport_flow_is_not_rewritten() -
         let syn = from_client(client(46000), pod(LOCAL_POD), TcpFlags::SYN);
         let out = node.from_net(&dp, hook, &syn)?;
         ensure!(out.verdict == hook.pass() && out.frame == syn, "{hook:?}: untouched");
-        ensure!(dp.ct_get(&answer_key)?.is_none(), "{hook:?}: the stale reply entry is gone");
-        // So the pod's answer leaves as it is.
+        // The pod's answer leaves as it is, and the closed flow's entries go.
         let mut answer = Tcp::new(pod(LOCAL_POD), client(46000), TcpFlags::SYN_ACK);
         answer.macs = (NODE_MAC, CLIENT_MAC);
         let out = node.to_net(&dp, &answer.frame())?;
         ensure!(out.frame == answer.frame(), "{hook:?}: the direct answer is not rewritten");
+        ensure!(dp.ct_get(&answer_key)?.is_none(), "{hook:?}: the stale reply entry is gone");
         ensure!(dp.stat(Stat::CtStaleReplyRemoved)? == 1);
     }
     Ok(())
