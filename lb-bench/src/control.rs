@@ -57,6 +57,7 @@ pub fn cold(
             .map(|k| Ipv4Addr::new(10, 244, 1, 10 + k as u8))
             .collect(),
         probe_extra_ports: vec![],
+        external: None,
     };
     let set = ServiceSet::generate(&spec);
     let mut res = ColdResults {
@@ -98,6 +99,8 @@ pub fn cold(
             &pin_root.join("cold"),
             &scratch.path().join("agent.log"),
             Duration::from_secs(600),
+            // A bare namespace: no default route, so no external device to look for.
+            &["--devices".to_string(), "none".to_string()],
         );
         let agent = match agent {
             Ok(a) => a,
@@ -181,7 +184,7 @@ pub fn endpoint_changes(
     for i in 0..count {
         let next = if i % 2 == 0 { &b } else { &a };
         let want: BTreeSet<Ipv4Addr> = next.iter().copied().collect();
-        let text = xlb_dir::manifest(probe, next).to_yaml();
+        let text = xlb_dir::manifest(probe, next);
         let started = Instant::now();
         lb_testkit::service_yaml::write_atomic(probe_file, &text)?;
         loop {
@@ -200,7 +203,7 @@ pub fn endpoint_changes(
     }
     // Leave the set with the fourth pod in it and show a client reaches that pod.
     if count.is_multiple_of(2) {
-        lb_testkit::service_yaml::write_atomic(probe_file, &xlb_dir::manifest(probe, &b).to_yaml())?;
+        lb_testkit::service_yaml::write_atomic(probe_file, &xlb_dir::manifest(probe, &b))?;
         let want: BTreeSet<Ipv4Addr> = b.iter().copied().collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         while probe_backends(&maps, probe.cluster_ip)? != want && Instant::now() < deadline {

@@ -2,6 +2,14 @@
 //! for each mode on its own fresh bed: no translation (straight to a pod), xlb, and the three
 //! kube-proxy shapes. While xlb runs at the largest size, the endpoint-change latency is measured
 //! on the same agent (see [`crate::control::endpoint_changes`]).
+//!
+//! The external path is measured on the same bed, rules and agent, right after each ClusterIP
+//! point: connection rate from the external client to node1's NodePort, for a Service whose pods
+//! run on node1 (local backend) and one whose pods run on node2 (remote backend; xlb and
+//! netfilter SNAT those flows to node1's address), next to the external client connecting to
+//! the pod itself through node1 (no translation). xlb runs from_net as native XDP (the agent's
+//! default), and in further agent runs at the same size in the other `--xdp-mode`s of the plan
+//! (generic XDP; `off`: tc ingress only).
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -9,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 
-use crate::bed::Bed;
+use crate::bed::{Backend, Bed};
 use crate::control::{endpoint_changes, ChangeResults};
 use crate::netfilter::{Installed, NfMode};
 use crate::rules::{xlb_dir, ServiceSet, SERVICE_PORT};
@@ -39,6 +47,42 @@ impl Mode {
     }
 }
 
+/// How xlb's agent runs from_net on the node's uplink (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    Native,
+    Generic,
+    /// tc ingress only.
+    Off,
+}
+
+impl XdpMode {
+    pub const ALL: [XdpMode; 3] = [XdpMode::Native, XdpMode::Generic, XdpMode::Off];
+    pub fn arg(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Off => "off",
+        }
+    }
+    /// The mode label of external rows: plain "xlb" is the agent's default (native XDP).
+    pub fn label(self) -> &'static str {
+        match self {
+            XdpMode::Native => "xlb",
+            XdpMode::Generic => "xlb-generic",
+            XdpMode::Off => "xlb-tc",
+        }
+    }
+}
+
+/// Every mode label of the external rows, in table order.
+pub fn external_labels() -> Vec<&'static str> {
+    let mut v = vec![Mode::Direct.label()];
+    v.extend(XdpMode::ALL.map(XdpMode::label));
+    v.extend(NfMode::ALL.map(NfMode::label));
+    v
+}
+
 /// What to measure and for how long.
 #[derive(Clone, Copy, Debug)]
 pub struct DpPlan {
@@ -47,6 +91,19 @@ pub struct DpPlan {
     pub max_requests: usize,
     pub stream: Duration,
     pub endpoint_changes: usize,
+    /// The xlb agent's `--xdp-mode`s measured on the external path; the first one is the
+    /// agent of the ClusterIP rows too.
+    pub xdp_modes: &'static [XdpMode],
+}
+
+impl DpPlan {
+    /// Progress steps of [`run`].
+    pub fn steps(&self) -> usize {
+        let modes = Mode::all().len();
+        // A ClusterIP point and an external point per mode and size, the extra xlb agents'
+        // external points, the endpoint changes.
+        self.sizes.len() * (2 * modes + self.xdp_modes.len().saturating_sub(1)) + 1
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -68,9 +125,23 @@ pub struct StreamRow {
     pub gbit_s: f64,
 }
 
+/// Connections from the external client to node1's NodePort (or, for "direct", to the pod).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExtRow {
+    pub mode: String,
+    /// "local" (the pod runs on node1) or "remote" (on node2).
+    pub backend: String,
+    pub services: usize,
+    #[serde(flatten)]
+    pub conn: ConnResult,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DpResults {
     pub rows: Vec<DpRow>,
+    /// The external path (absent in results from before it existed).
+    #[serde(default)]
+    pub external: Vec<ExtRow>,
     pub streams: Vec<StreamRow>,
     pub endpoint_change: Option<ChangeResults>,
     /// Modes that failed, with the reason (the run goes on with the others).
@@ -118,7 +189,11 @@ fn run_mode(
             }
             conn_rate(&bed.client.ns, target, plan.point, plan.max_requests)
         };
-        let mut row = |conn: ConnResult, setup_s: f64, rss: Option<f64>| {
+        let row = |res: &mut DpResults,
+                   progress: &mut dyn FnMut(&str),
+                   conn: ConnResult,
+                   setup_s: f64,
+                   rss: Option<f64>| {
             res.rows.push(DpRow {
                 mode: mode.label().into(),
                 services: n,
@@ -128,10 +203,38 @@ fn run_mode(
             });
             progress(&format!("{} at {n} Services", mode.label()));
         };
+        // The external rows of `label`: `target(backend)` is what the external client dials.
+        // A failure is recorded and the run goes on (the ClusterIP rows do not depend on it).
+        let external = |res: &mut DpResults,
+                        label: &str,
+                        progress: &mut dyn FnMut(&str),
+                        target: &dyn Fn(Backend) -> SocketAddr| {
+            for backend in Backend::ALL {
+                match measure_external(&bed, plan, backend, target(backend)) {
+                    Ok(conn) => res.external.push(ExtRow {
+                        mode: label.into(),
+                        backend: backend.label().into(),
+                        services: n,
+                        conn,
+                    }),
+                    Err(e) => {
+                        let msg = format!(
+                            "{label} NodePort, {} backend, at {n} Services: {e:#}",
+                            backend.label()
+                        );
+                        eprintln!("datapath benchmark failed for {msg}");
+                        res.errors.push(msg);
+                    }
+                }
+            }
+            progress(&format!("{label} NodePort at {n} Services"));
+        };
+        let nodeport = |b| bed.nodeport(b);
         match mode {
             Mode::Direct => {
                 let conn = measure(bed.direct(0))?;
-                row(conn, 0.0, None);
+                row(res, progress, conn, 0.0, None);
+                external(res, mode.label(), progress, &|b| bed.direct_external(b));
                 if n == largest {
                     let direct = SocketAddrV4::new(bed.backends[0].ip, SINK_PORT).into();
                     stream_row(&bed, plan, mode, n, direct, res)?;
@@ -140,9 +243,17 @@ fn run_mode(
             Mode::Xlb => {
                 let dir = bed.scratch().join(format!("manifests-{n}"));
                 let probe_file = xlb_dir::write_all(&set, &dir)?;
-                let agent = bed.start_agent(&dir, Duration::from_secs(300))?;
+                let first = plan.xdp_modes.first().copied().unwrap_or(XdpMode::Native);
+                let agent = bed.start_agent(&dir, Duration::from_secs(300), first.arg())?;
                 let conn = measure(svc)?;
-                row(conn, agent.ready_after.as_secs_f64(), agent.rss_mib());
+                row(
+                    res,
+                    progress,
+                    conn,
+                    agent.ready_after.as_secs_f64(),
+                    agent.rss_mib(),
+                );
+                external(res, first.label(), progress, &nodeport);
                 if n == largest {
                     stream_row(&bed, plan, mode, n, svc_stream, res)?;
                     if plan.endpoint_changes > 0 {
@@ -152,13 +263,29 @@ fn run_mode(
                     }
                 }
                 drop(agent);
+                // The other XDP modes: a fresh agent each (cleanup detaches the previous one).
+                for &xdp in plan.xdp_modes.iter().skip(1) {
+                    match bed.start_agent(&dir, Duration::from_secs(300), xdp.arg()) {
+                        Ok(agent) => {
+                            external(res, xdp.label(), progress, &nodeport);
+                            drop(agent);
+                        }
+                        Err(e) => {
+                            crate::interrupt::check()?;
+                            res.errors
+                                .push(format!("{} at {n} Services: {e:#}", xdp.label()));
+                            progress(&format!("{} at {n} Services", xdp.label()));
+                        }
+                    }
+                }
                 let _ = std::fs::remove_dir_all(&dir);
             }
             Mode::Netfilter(m) => {
                 let rules = Installed::apply(bed.node().name(), m, &m.render(&set))?;
                 conntrack_friendly(&bed);
                 let conn = measure(svc)?;
-                row(conn, rules.took.as_secs_f64(), None);
+                row(res, progress, conn, rules.took.as_secs_f64(), None);
+                external(res, mode.label(), progress, &nodeport);
                 if n == largest {
                     stream_row(&bed, plan, mode, n, svc_stream, res)?;
                 }
@@ -168,6 +295,30 @@ fn run_mode(
         crate::interrupt::check()?;
     }
     Ok(())
+}
+
+/// Connection rate from the external client to `target`, which must first answer with the name
+/// of one of the pods behind `backend`'s NodePort Service.
+fn measure_external(
+    bed: &Bed,
+    plan: &DpPlan,
+    backend: Backend,
+    target: SocketAddr,
+) -> anyhow::Result<ConnResult> {
+    let names: Vec<&str> = bed
+        .external_pods(backend)
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    let greeting = bed
+        .external()
+        .run(|| request(target))?
+        .with_context(|| format!("first request from the external client to {target}"))?;
+    if !names.contains(&greeting.as_str()) {
+        bail!("{target} answered {greeting:?}, not one of {names:?}");
+    }
+    conn_rate(bed.external(), target, plan.point, plan.max_requests)
+        .with_context(|| format!("{} backend via {target}", backend.label()))
 }
 
 /// One long TCP stream from the client to `target`, recorded for `mode` at `n` Services.
@@ -198,6 +349,65 @@ fn conntrack_friendly(bed: &Bed) {
     ] {
         if let Err(e) = bed.node().sysctl(key, value) {
             tracing::debug!(key, error = %e, "conntrack sysctl");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The external bed end to end with xlb, from_net in native XDP and in tc: both NodePort
+    /// Services answer the external client (remote flows SNATed by node1), and a burst of
+    /// connections costs no datapath drop. Prints the datapath counters (cumulative per agent).
+    #[test]
+    #[ignore = "needs root"]
+    fn external_bed_with_xlb_serves_both_nodeports_without_drops() {
+        let plan = DpPlan {
+            sizes: &[1],
+            point: Duration::from_millis(500),
+            // Few enough that the SNAT ports of a backend stay mostly free (a run of taken
+            // ports longer than the datapath's tries is dropped as drop_snat_ports_exhausted).
+            max_requests: 2_000,
+            stream: Duration::ZERO,
+            endpoint_changes: 0,
+            xdp_modes: &[XdpMode::Native],
+        };
+        let bed = Bed::new().unwrap();
+        let set = ServiceSet::generate(&bed.set_spec(1));
+        let dir = bed.scratch().join("manifests");
+        xlb_dir::write_all(&set, &dir).unwrap();
+        for xdp in [XdpMode::Native, XdpMode::Off] {
+            let agent = bed
+                .start_agent(&dir, Duration::from_secs(30), xdp.arg())
+                .unwrap();
+            for backend in Backend::ALL {
+                let r = measure_external(&bed, &plan, backend, bed.nodeport(backend)).unwrap();
+                let maps = lb_userspace::datapath::PinnedMaps::open(&bed.pin_path()).unwrap();
+                let stats: Vec<String> = maps
+                    .stats()
+                    .unwrap()
+                    .into_iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(s, v)| format!("{s:?}={v}"))
+                    .collect();
+                eprintln!(
+                    "{} {}: {:.0} conn/s, {} errors, p50 {:.0} µs, p99 {:.0} µs; {}",
+                    xdp.label(),
+                    backend.label(),
+                    r.conns_per_s,
+                    r.errors,
+                    r.latency.p50_us,
+                    r.latency.p99_us,
+                    stats.join(" ")
+                );
+                assert!(r.requests > 100, "{r:?}");
+                assert!(
+                    !stats.iter().any(|s| s.starts_with("Drop")),
+                    "drops: {stats:?}"
+                );
+            }
+            drop(agent);
         }
     }
 }

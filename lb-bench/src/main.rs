@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::datapath::DpPlan;
+use crate::datapath::{DpPlan, XdpMode};
 use crate::pkt::PktPlan;
 use crate::results::{Machine, Results};
 
@@ -46,6 +46,22 @@ struct Cli {
     /// Only redraw results.md and the plots from an existing results.json in --out.
     #[arg(long)]
     report_only: bool,
+    /// Run only these phases (comma-separated); default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Phase>,
+}
+
+/// The phases of a run, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    /// Per-packet cost (BPF_PROG_TEST_RUN).
+    Pkt,
+    /// Conntrack sweep.
+    Sweep,
+    /// Connections through the netns cluster (ClusterIP and NodePort).
+    Datapath,
+    /// Programming from cold.
+    Cold,
 }
 
 /// What one run measures.
@@ -74,6 +90,7 @@ impl Plan {
                     max_requests: 200_000,
                     stream: Duration::from_secs(1),
                     endpoint_changes: 20,
+                    xdp_modes: &[XdpMode::Native, XdpMode::Off],
                 },
                 cold_services: 1_000,
                 cold_endpoints_per_service: 10,
@@ -92,6 +109,7 @@ impl Plan {
                     max_requests: 1_000_000,
                     stream: Duration::from_secs(3),
                     endpoint_changes: 100,
+                    xdp_modes: &XdpMode::ALL,
                 },
                 cold_services: 10_000,
                 cold_endpoints_per_service: 10,
@@ -100,11 +118,19 @@ impl Plan {
         }
     }
 
-    /// Progress steps: floor + sizes, conntrack sweep, modes x sizes + endpoint changes,
-    /// 3 netfilter + xlb.
-    fn steps(&self) -> u64 {
-        let modes = datapath::Mode::all().len();
-        (1 + self.pkt_sizes.len() + 1 + modes * self.dp.sizes.len() + 1 + 4) as u64
+    /// Progress steps of the phases that run: floors + sizes, conntrack sweep, the datapath
+    /// points, 3 netfilter + xlb.
+    fn steps(&self, runs: impl Fn(Phase) -> bool) -> u64 {
+        [
+            (Phase::Pkt, 1 + self.pkt_sizes.len()),
+            (Phase::Sweep, 1),
+            (Phase::Datapath, self.dp.steps()),
+            (Phase::Cold, 4),
+        ]
+        .into_iter()
+        .filter(|(p, _)| runs(*p))
+        .map(|(_, n)| n as u64)
+        .sum()
     }
 }
 
@@ -134,7 +160,8 @@ fn main() -> anyhow::Result<()> {
     }
 
     let plan = Plan::new(cli.quick);
-    let bar = ProgressBar::new(plan.steps());
+    let runs = |p: Phase| cli.only.is_empty() || cli.only.contains(&p);
+    let bar = ProgressBar::new(plan.steps(runs));
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .expect("valid template")
@@ -155,31 +182,39 @@ fn main() -> anyhow::Result<()> {
         bar.set_message(msg.to_string());
     };
 
-    bar.set_message("per-packet cost");
-    match pkt::run(plan.pkt_sizes, plan.pkt, step) {
-        Ok(p) => r.per_packet = Some(p),
-        Err(e) => r.errors.push(format!("per-packet: {e:#}")),
+    if runs(Phase::Pkt) {
+        bar.set_message("per-packet cost");
+        match pkt::run(plan.pkt_sizes, plan.pkt, step) {
+            Ok(p) => r.per_packet = Some(p),
+            Err(e) => r.errors.push(format!("per-packet: {e:#}")),
+        }
+        interrupt::check()?;
     }
-    interrupt::check()?;
-    bar.set_message("conntrack sweep");
-    match sweep::run(plan.sweep_entries, !cli.quick) {
-        Ok(s) => r.sweep = Some(s),
-        Err(e) => r.errors.push(format!("conntrack sweep: {e:#}")),
+    if runs(Phase::Sweep) {
+        bar.set_message("conntrack sweep");
+        match sweep::run(plan.sweep_entries, !cli.quick) {
+            Ok(s) => r.sweep = Some(s),
+            Err(e) => r.errors.push(format!("conntrack sweep: {e:#}")),
+        }
+        step("conntrack sweep");
+        interrupt::check()?;
     }
-    step("conntrack sweep");
-    interrupt::check()?;
-    bar.set_message("connections through the netns cluster");
-    match datapath::run(&plan.dp, step) {
-        Ok(d) => r.datapath = Some(d),
-        Err(e) => r.errors.push(format!("datapath: {e:#}")),
+    if runs(Phase::Datapath) {
+        bar.set_message("connections through the netns cluster");
+        match datapath::run(&plan.dp, step) {
+            Ok(d) => r.datapath = Some(d),
+            Err(e) => r.errors.push(format!("datapath: {e:#}")),
+        }
+        interrupt::check()?;
     }
-    interrupt::check()?;
-    bar.set_message("cold programming");
-    match control::cold(plan.cold_services, plan.cold_endpoints_per_service, step) {
-        Ok(c) => r.cold = Some(c),
-        Err(e) => r.errors.push(format!("cold programming: {e:#}")),
+    if runs(Phase::Cold) {
+        bar.set_message("cold programming");
+        match control::cold(plan.cold_services, plan.cold_endpoints_per_service, step) {
+            Ok(c) => r.cold = Some(c),
+            Err(e) => r.errors.push(format!("cold programming: {e:#}")),
+        }
+        interrupt::check()?;
     }
-    interrupt::check()?;
     bar.finish_with_message("done");
 
     r.elapsed_s = started.elapsed().as_secs_f64();

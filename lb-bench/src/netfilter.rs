@@ -164,6 +164,12 @@ mod tests {
                 name: "stream",
                 port: 5001,
             }],
+            external: Some(crate::rules::ExternalSpec {
+                local_node_port: 30080,
+                local_endpoints: vec![std::net::Ipv4Addr::new(10, 244, 1, 10)],
+                remote_node_port: 30081,
+                remote_endpoints: vec![std::net::Ipv4Addr::new(10, 244, 2, 10)],
+            }),
         })
     }
 
@@ -204,6 +210,12 @@ mod tests {
                     "{}: {}",
                     mode.label(),
                     &now[..now.len().min(400)]
+                );
+                // The NodePort rules are in too.
+                assert!(
+                    now.contains("30081") && now.contains("10.244.2.10:8080"),
+                    "{}: no NodePort rules",
+                    mode.label()
                 );
             }
             let after = listing(ns.name());

@@ -47,6 +47,35 @@ pub fn draw_all(r: &Results, out: &Path) -> Vec<(String, anyhow::Error)> {
             "µs",
             per_mode(&|row| row.conn.latency.p99_us),
         ));
+        for (backend, file, title) in [
+            (
+                "local",
+                "conn_rate_nodeport_local.svg",
+                "New TCP connections per second from outside to a NodePort, local backend",
+            ),
+            (
+                "remote",
+                "conn_rate_nodeport_remote.svg",
+                "New TCP connections per second from outside to a NodePort, remote backend",
+            ),
+        ] {
+            let series: Series = crate::datapath::external_labels()
+                .into_iter()
+                .map(|mode| {
+                    let pts = d
+                        .external
+                        .iter()
+                        .filter(|row| row.mode == mode && row.backend == backend)
+                        .map(|row| (row.services as f64, row.conn.conns_per_s))
+                        .collect();
+                    (mode.to_string(), pts)
+                })
+                .filter(|(_, pts): &(String, Vec<(f64, f64)>)| !pts.is_empty())
+                .collect();
+            if !series.is_empty() {
+                charts.push((file, title, "conn/s", series));
+            }
+        }
     }
     if let Some(p) = r.per_packet.as_ref().filter(|p| !p.rows.is_empty()) {
         let kind = |name: &str, f: &dyn Fn(&crate::pkt::PktRow) -> f64| {
@@ -71,6 +100,46 @@ pub fn draw_all(r: &Results, out: &Path) -> Vec<(String, anyhow::Error)> {
             "ns per packet",
             series,
         ));
+        for (hook, file, title, floor) in [
+            (
+                "xdp",
+                "per_packet_xdp.svg",
+                "Per-packet cost of from_net_xdp (XDP), NodePort from outside",
+                p.noop_xdp_ns,
+            ),
+            (
+                "tc",
+                "per_packet_from_net_tc.svg",
+                "Per-packet cost of from_net (tc ingress), NodePort from outside",
+                Some(p.noop_ns),
+            ),
+        ] {
+            let rows: Vec<&crate::pkt::ExtPktRow> =
+                p.external.iter().filter(|r| r.hook == hook).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let kind = |name: &str, f: &dyn Fn(&crate::pkt::ExtPktRow) -> f64| {
+                (
+                    name.to_string(),
+                    rows.iter()
+                        .map(|row| (row.services as f64, f(row)))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let mut series = vec![
+                kind("established, local", &|r| r.established_local_ns),
+                kind("SYN, local", &|r| r.new_flow_local_ns),
+                kind("established, remote (SNAT)", &|r| r.established_remote_ns),
+                kind("SYN, remote (SNAT)", &|r| r.new_flow_remote_ns),
+                kind("reply, remote", &|r| r.reply_remote_ns),
+                kind("non-Service", &|r| r.non_service_ns),
+            ];
+            if let Some(floor) = floor {
+                series.push(kind("no-op floor", &|_| floor));
+            }
+            charts.push((file, title, "ns per packet", series));
+        }
     }
     charts
         .into_iter()

@@ -47,8 +47,13 @@ pub fn render(r: &Results) -> String {
         let _ = writeln!(md, "## Per-packet cost (ns, BPF_PROG_TEST_RUN)\n");
         let _ = writeln!(
             md,
-            "No-op floor: {:.0} ns ({}). Method: {}.\n",
-            p.noop_ns, p.noop_source, p.method
+            "No-op floor: {:.0} ns ({}){}. Method: {}.\n",
+            p.noop_ns,
+            p.noop_source,
+            p.noop_xdp_ns
+                .map(|x| format!("; XDP no-op floor (noop_xdp): {x:.0} ns"))
+                .unwrap_or_default(),
+            p.method
         );
         let _ = writeln!(md, "| Services | established | new flow (SYN) | reply | non-Service | established / no-op | SYN / no-op | established vs 1st size |");
         let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -68,6 +73,48 @@ pub fn render(r: &Results) -> String {
             );
         }
         md.push('\n');
+        if !p.external.is_empty() {
+            let _ = writeln!(
+                md,
+                "### External path: NodePort packets from outside the node (ns)\n\n\
+                 `from_net_xdp` (hook xdp) and `from_net` (hook tc, tc ingress) on TCP packets from an external client to a \
+                 NodePort on the node's address. Local: the backend runs on this node (DNAT, pass to the stack). Remote: \
+                 it runs on another node (DNAT + SNAT to the node's address, FIB lookup, redirect); reply: its answer to the \
+                 node's SNAT port (restored, FIB lookup, redirect). A new-flow SYN's conntrack pair is removed after its run, \
+                 outside the timing. Ratios are to the no-op of the same hook.\n"
+            );
+            let _ = writeln!(md, "| Services | hook | established, local | SYN, local | established, remote | SYN, remote | reply, remote | non-Service | no-op | established local / no-op | SYN local / no-op | established remote / no-op | SYN remote / no-op |");
+            let _ = writeln!(
+                md,
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for row in &p.external {
+                let floor = if row.hook == "xdp" {
+                    p.noop_xdp_ns
+                } else {
+                    Some(p.noop_ns)
+                };
+                let x = |v: f64| opt(ratio(Some(v), floor), 2, "x");
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+                    row.services,
+                    row.hook,
+                    row.established_local_ns,
+                    row.new_flow_local_ns,
+                    row.established_remote_ns,
+                    row.new_flow_remote_ns,
+                    row.reply_remote_ns,
+                    row.non_service_ns,
+                    opt(floor, 0, ""),
+                    x(row.established_local_ns),
+                    x(row.new_flow_local_ns),
+                    x(row.established_remote_ns),
+                    x(row.new_flow_remote_ns),
+                );
+            }
+            md.push('\n');
+        }
     }
 
     if let Some(s) = &r.sweep {
@@ -157,6 +204,60 @@ pub fn render(r: &Results) -> String {
             }
         }
         md.push('\n');
+        if !d.external.is_empty() {
+            let _ = writeln!(
+                md,
+                "## New connections from outside the node to a NodePort (external client, same client loop)\n\n\
+                 To node1's address and nodePort; local: the Service's pods run on node1, remote: on node2 (node1 SNATs). \
+                 direct: the external client connects to the pod itself, routed through node1 (no translation; a pod on node2 \
+                 answers it straight from node2). \
+                 xlb: from_net in native XDP (the agent's default); xlb-generic: generic XDP; xlb-tc: `--xdp-mode off`, \
+                 tc ingress only. The netfilter modes masquerade NodePort traffic (externalTrafficPolicy Cluster), \
+                 local backends included; xlb SNATs only flows to remote backends.\n"
+            );
+            let _ = writeln!(
+                md,
+                "| Services | backend | mode | conn/s | vs direct | p50 µs | p99 µs | errors |"
+            );
+            let _ = writeln!(md, "|---:|---|---|---:|---:|---:|---:|---:|");
+            let mut keys: Vec<(usize, &str)> = d
+                .external
+                .iter()
+                .map(|r| (r.services, r.backend.as_str()))
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            for (n, backend) in keys {
+                let here = || {
+                    d.external
+                        .iter()
+                        .filter(move |r| r.services == n && r.backend == backend)
+                };
+                let direct = here()
+                    .find(|r| r.mode == "direct")
+                    .map(|r| r.conn.conns_per_s);
+                let mut rows: Vec<_> = here().collect();
+                rows.sort_by_key(|r| {
+                    crate::datapath::external_labels()
+                        .iter()
+                        .position(|l| *l == r.mode)
+                        .unwrap_or(usize::MAX)
+                });
+                for row in rows {
+                    let _ = writeln!(
+                        md,
+                        "| {n} | {backend} | {} | {:.0} | {} | {:.0} | {:.0} | {} |",
+                        row.mode,
+                        row.conn.conns_per_s,
+                        opt(ratio(Some(row.conn.conns_per_s), direct), 2, "x"),
+                        row.conn.latency.p50_us,
+                        row.conn.latency.p99_us,
+                        row.conn.errors,
+                    );
+                }
+            }
+            md.push('\n');
+        }
         if !d.streams.is_empty() {
             let _ = writeln!(md, "## One long TCP stream\n");
             let _ = writeln!(md, "| mode | Services | Gbit/s | vs direct |");
@@ -242,9 +343,15 @@ pub fn render(r: &Results) -> String {
         );
     }
 
+    let pkt_external_error = r
+        .per_packet
+        .as_ref()
+        .and_then(|p| p.external_error.as_ref())
+        .map(|e| format!("per-packet, external path: {e}"));
     let errors: Vec<&String> = r
         .errors
         .iter()
+        .chain(pkt_external_error.iter())
         .chain(r.datapath.iter().flat_map(|d| d.errors.iter()))
         .chain(r.cold.iter().flat_map(|c| c.errors.iter()))
         .collect();
@@ -290,6 +397,94 @@ mod tests {
         assert!(md.contains("➖ **not measured**"));
         assert!(!md.contains("## Errors"));
         assert!(!md.contains("## Conntrack sweep"));
+        assert!(!md.contains("External path") && !md.contains("NodePort"));
+    }
+
+    #[test]
+    fn report_has_the_external_rows_with_ratios_to_their_floor_and_to_direct() {
+        use crate::datapath::{DpResults, ExtRow};
+        use crate::traffic::ConnResult;
+        let ext = |mode: &str, backend: &str, rate: f64| ExtRow {
+            mode: mode.into(),
+            backend: backend.into(),
+            services: 1000,
+            conn: ConnResult {
+                conns_per_s: rate,
+                ..Default::default()
+            },
+        };
+        let r = Results {
+            per_packet: Some(crate::pkt::PktResults {
+                noop_ns: 40.0,
+                noop_xdp_ns: Some(20.0),
+                external: vec![
+                    crate::pkt::ExtPktRow {
+                        services: 1,
+                        hook: "xdp".into(),
+                        established_local_ns: 100.0,
+                        new_flow_local_ns: 300.0,
+                        established_remote_ns: 150.0,
+                        new_flow_remote_ns: 400.0,
+                        reply_remote_ns: 120.0,
+                        non_service_ns: 60.0,
+                    },
+                    crate::pkt::ExtPktRow {
+                        services: 1,
+                        hook: "tc".into(),
+                        established_local_ns: 100.0,
+                        new_flow_local_ns: 300.0,
+                        established_remote_ns: 160.0,
+                        new_flow_remote_ns: 400.0,
+                        reply_remote_ns: 130.0,
+                        non_service_ns: 70.0,
+                    },
+                ],
+                external_error: Some("tc at 10 Services: boom".into()),
+                ..Default::default()
+            }),
+            datapath: Some(DpResults {
+                external: vec![
+                    ext("nftables", "remote", 500.0),
+                    ext("xlb", "remote", 900.0),
+                    ext("direct", "remote", 1000.0),
+                    ext("direct", "local", 2000.0),
+                    ext("xlb", "local", 1900.0),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let md = render(&r);
+        assert!(md.contains("XDP no-op floor (noop_xdp): 20 ns"), "{md}");
+        assert!(
+            md.contains("| 1 | xdp | 100 | 300 | 150 | 400 | 120 | 60 | 20 | 5.00x | 15.00x | 7.50x | 20.00x |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 | tc | 100 | 300 | 160 | 400 | 130 | 70 | 40 | 2.50x | 7.50x | 4.00x | 10.00x |"),
+            "{md}"
+        );
+        // Local rows first, direct first within a backend, ratios to that backend's direct.
+        let local = md
+            .find("| 1000 | local | direct | 2000 | 1.00x")
+            .expect("local direct row");
+        let xlb_local = md
+            .find("| 1000 | local | xlb | 1900 | 0.95x")
+            .expect("local xlb row");
+        let remote = md
+            .find("| 1000 | remote | direct | 1000 | 1.00x")
+            .expect("remote direct");
+        let xlb_remote = md
+            .find("| 1000 | remote | xlb | 900 | 0.90x")
+            .expect("remote xlb");
+        let nft = md
+            .find("| 1000 | remote | nftables | 500 | 0.50x")
+            .expect("remote nft");
+        assert!(local < xlb_local && xlb_local < remote && remote < xlb_remote && xlb_remote < nft);
+        assert!(
+            md.contains("- per-packet, external path: tc at 10 Services: boom"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -76,6 +76,13 @@ pub fn dst_of(frame: &[u8]) -> Option<([u8; 4], u16)> {
     Some((ip.try_into().ok()?, u16::from_be_bytes([port[0], port[1]])))
 }
 
+/// Source address and port of a frame built by [`tcp`] (after the program rewrote it).
+pub fn src_of(frame: &[u8]) -> Option<([u8; 4], u16)> {
+    let ip = frame.get(ETH_LEN + 12..ETH_LEN + 16)?;
+    let port = frame.get(ETH_LEN + IP_LEN..ETH_LEN + IP_LEN + 2)?;
+    Some((ip.try_into().ok()?, u16::from_be_bytes([port[0], port[1]])))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +109,7 @@ mod tests {
         assert_eq!(ack.len(), 54 + PAYLOAD.len());
         assert!(verify(&ack));
         assert_eq!(dst_of(&ack), Some(([10, 96, 0, 10], 80)));
+        assert_eq!(src_of(&ack), Some(([10, 244, 1, 2], 40000)));
         let mut bad = ack.clone();
         bad[60] ^= 1;
         assert!(!verify(&bad));

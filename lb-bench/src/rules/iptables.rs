@@ -3,9 +3,16 @@
 //! Shape (pkg/proxy/iptables/proxier.go): PREROUTING/OUTPUT -> KUBE-SERVICES, one rule per
 //! Service port matching ClusterIP + port and jumping to KUBE-SVC-*, which masquerades off-cluster
 //! sources and picks an endpoint with `statistic --mode random` (probability 1/(n-i)), each
-//! endpoint a KUBE-SEP-* chain (hairpin mark, DNAT). KUBE-SERVICES ends with the NodePort rule,
-//! and POSTROUTING masquerades marked packets. A packet to the last Service walks every
-//! KUBE-SERVICES rule first: the linear cost iptables mode is known for.
+//! endpoint a KUBE-SEP-* chain (hairpin mark, DNAT). KUBE-SERVICES ends with the NodePort rule
+//! (`-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`, kube-proxy's default without
+//! --nodeport-addresses), and POSTROUTING masquerades marked packets. A packet to the last
+//! Service walks every KUBE-SERVICES rule first: the linear cost iptables mode is known for; a
+//! packet to a NodePort walks all of them and then KUBE-NODEPORTS.
+//!
+//! NodePort (externalTrafficPolicy Cluster): KUBE-NODEPORTS matches the protocol and nodePort
+//! and jumps to the Service port's KUBE-EXT-* chain, which marks the packet for masquerade
+//! (KUBE-MARK-MASQ: the flow may cross nodes) and jumps to the same KUBE-SVC-* chain as the
+//! ClusterIP; KUBE-POSTROUTING masquerades it (SNAT to the node's address on the way out).
 
 use std::fmt::Write as _;
 
@@ -16,6 +23,13 @@ const NS: &str = "default";
 fn svc_chain(svc: &Svc, port_name: &str) -> String {
     format!(
         "KUBE-SVC-{}",
+        chain_hash(&[NS, &svc.name, port_name, "tcp"])
+    )
+}
+
+fn ext_chain(svc: &Svc, port_name: &str) -> String {
+    format!(
+        "KUBE-EXT-{}",
         chain_hash(&[NS, &svc.name, port_name, "tcp"])
     )
 }
@@ -32,6 +46,7 @@ pub fn render(set: &ServiceSet) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
     let mut sep_rules = String::new();
+    let mut nodeport_rules = String::new();
     chains.push_str(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
          :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
@@ -60,6 +75,22 @@ pub fn render(set: &ServiceSet) -> String {
                 "-A {svc_c} -m comment --comment \"{id} cluster IP\" -m tcp -p tcp -d {}/32 --dport {port} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
                 svc.cluster_ip
             );
+            // The nodePort belongs to the first port (see `Svc::node_port`).
+            if let Some(np) = svc.node_port.filter(|_| port_name == &svc.ports[0].0) {
+                let ext_c = ext_chain(svc, port_name);
+                let _ = writeln!(chains, ":{ext_c} - [0:0]");
+                if !svc.endpoints.is_empty() {
+                    let _ = writeln!(
+                        nodeport_rules,
+                        "-A KUBE-NODEPORTS -m comment --comment {id} -m tcp -p tcp --dport {np} -j {ext_c}"
+                    );
+                }
+                let _ = writeln!(
+                    nodeport_rules,
+                    "-A {ext_c} -m comment --comment \"masquerade traffic for {id} external destinations\" -j KUBE-MARK-MASQ"
+                );
+                let _ = writeln!(nodeport_rules, "-A {ext_c} -j {svc_c}");
+            }
             let n = svc.endpoints.len();
             for (i, ep) in svc.endpoints.iter().enumerate() {
                 let ep_s = format!("{ep}:{target}");
@@ -91,6 +122,7 @@ pub fn render(set: &ServiceSet) -> String {
     );
     let mut out = chains;
     out.push_str(&rules);
+    out.push_str(&nodeport_rules);
     out.push_str(&sep_rules);
     out.push_str("COMMIT\n");
     out
@@ -154,5 +186,55 @@ mod tests {
         assert!(text.contains("-j DNAT --to-destination 10.244.1.10:8080"));
         assert!(text.contains("-j DNAT --to-destination 10.244.1.11:5001"));
         assert_eq!(text.matches("-j DNAT").count(), set.endpoint_count());
+        // No NodePort Service, no KUBE-NODEPORTS rule (the chain and the jump to it stay).
+        assert!(!text.contains("-A KUBE-NODEPORTS"));
+        assert!(!text.contains("KUBE-EXT-"));
+    }
+
+    #[test]
+    fn nodeports_jump_to_an_external_chain_that_masquerades() {
+        let set = ServiceSet::generate(&super::super::tests::spec_ext(3));
+        let text = render(&set);
+        let lines: Vec<&str> = text.lines().collect();
+        let np: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with("-A KUBE-NODEPORTS"))
+            .collect();
+        assert_eq!(np.len(), 2);
+        assert!(
+            np[0].contains("-m tcp -p tcp --dport 30080 -j KUBE-EXT-"),
+            "{}",
+            np[0]
+        );
+        assert!(np[1].contains("--dport 30081"), "{}", np[1]);
+        let local = set.nodeport_local().unwrap();
+        let (ext_c, svc_c) = (ext_chain(local, "http"), svc_chain(local, "http"));
+        let ext_rules: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with(&format!("-A {ext_c} ")))
+            .collect();
+        assert_eq!(ext_rules.len(), 2);
+        assert!(
+            ext_rules[0].ends_with("-j KUBE-MARK-MASQ"),
+            "{}",
+            ext_rules[0]
+        );
+        assert!(
+            ext_rules[1].ends_with(&format!("-j {svc_c}")),
+            "{}",
+            ext_rules[1]
+        );
+        assert!(lines.contains(&format!(":{ext_c} - [0:0]").as_str()));
+        // The NodePort Services' ClusterIP rules are in KUBE-SERVICES too, before the
+        // KUBE-NODEPORTS jump, which stays last.
+        let svc_rules: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .collect();
+        assert_eq!(svc_rules.len(), 2 + 1 + 1 + 2 + 1);
+        assert!(svc_rules.last().unwrap().contains("KUBE-NODEPORTS"));
+        assert!(text.contains("-j DNAT --to-destination 10.244.2.11:8080"));
+        // Masquerade happens in POSTROUTING for marked packets.
+        assert!(text.contains("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"));
     }
 }

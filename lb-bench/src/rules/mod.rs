@@ -5,11 +5,13 @@
 //!
 //! Every Service but the last points at made-up endpoint addresses (10.128.0.0/10, never
 //! contacted); the last one, the probed one (last in iptables' linear chain, the worst case),
-//! points at the real pods.
+//! points at the real pods. With [`ExternalSpec`], two NodePort Services (externalTrafficPolicy
+//! Cluster) come just before the probe: one whose pods run on the node the external client
+//! connects to (a local backend), one whose pods run on the other node (a remote backend).
 
 pub mod iptables;
-pub mod xlb_dir;
 pub mod nft;
+pub mod xlb_dir;
 
 use std::net::Ipv4Addr;
 
@@ -21,6 +23,11 @@ const FAKE_ENDPOINT_BASE: u32 = u32::from_be_bytes([10, 128, 0, 0]);
 const CLUSTER_IP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 10]);
 /// Pod CIDR (kube-proxy's --cluster-cidr): traffic from outside it to a ClusterIP is masqueraded.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The node the made-up endpoints and the ClusterIP probe's pods claim to run on (the node
+/// whose rules / agent are measured).
+pub const NODE: &str = "node1";
+/// The other node (remote backends of the NodePort probe).
+pub const OTHER_NODE: &str = "node2";
 
 /// One extra port of the probed Service (e.g. the throughput sink), translated port-for-port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +44,21 @@ pub struct Svc {
     /// (port name, service port, target port).
     pub ports: Vec<(String, u16, u16)>,
     pub endpoints: Vec<Ipv4Addr>,
+    /// type NodePort (externalTrafficPolicy Cluster) with this nodePort on its first port.
+    pub node_port: Option<u16>,
+    /// The node every endpoint runs on (EndpointSlice `nodeName`).
+    pub endpoint_node: &'static str,
+}
+
+/// The two NodePort Services of a set (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalSpec {
+    /// nodePort of the Service backed by pods on [`NODE`].
+    pub local_node_port: u16,
+    pub local_endpoints: Vec<Ipv4Addr>,
+    /// nodePort of the Service backed by pods on [`OTHER_NODE`].
+    pub remote_node_port: u16,
+    pub remote_endpoints: Vec<Ipv4Addr>,
 }
 
 /// N Services in a fixed order; the last one is the probed one.
@@ -56,14 +78,42 @@ pub struct SetSpec {
     /// The real pods behind the last Service.
     pub probe_endpoints: Vec<Ipv4Addr>,
     pub probe_extra_ports: Vec<ExtraPort>,
+    /// The NodePort Services (inserted before the probe, so a set of `services` has
+    /// `services + 2` Services).
+    pub external: Option<ExternalSpec>,
 }
 
 impl ServiceSet {
     pub fn generate(spec: &SetSpec) -> Self {
         let n = spec.services.max(1);
-        let mut services = Vec::with_capacity(n);
+        let mut services = Vec::with_capacity(n + 2);
         for i in 0..n {
             let last = i + 1 == n;
+            if last {
+                if let Some(ext) = &spec.external {
+                    for (k, (role, node_port, eps, node)) in [
+                        ("local", ext.local_node_port, &ext.local_endpoints, NODE),
+                        (
+                            "remote",
+                            ext.remote_node_port,
+                            &ext.remote_endpoints,
+                            OTHER_NODE,
+                        ),
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        services.push(Svc {
+                            name: format!("nodeport-{role}"),
+                            cluster_ip: cluster_ip(n + k),
+                            ports: vec![("http".to_string(), SERVICE_PORT, spec.target_port)],
+                            endpoints: eps.clone(),
+                            node_port: Some(node_port),
+                            endpoint_node: node,
+                        });
+                    }
+                }
+            }
             let mut ports = vec![("http".to_string(), SERVICE_PORT, spec.target_port)];
             let endpoints = if last {
                 ports.extend(
@@ -86,6 +136,8 @@ impl ServiceSet {
                 cluster_ip: cluster_ip(i),
                 ports,
                 endpoints,
+                node_port: None,
+                endpoint_node: NODE,
             });
         }
         ServiceSet { services }
@@ -95,6 +147,18 @@ impl ServiceSet {
         self.services
             .last()
             .expect("a set has at least one Service")
+    }
+
+    /// The NodePort Service backed by pods on the measured node (None without [`ExternalSpec`]).
+    #[cfg(test)]
+    pub fn nodeport_local(&self) -> Option<&Svc> {
+        self.services.iter().find(|s| s.name == "nodeport-local")
+    }
+
+    /// The NodePort Service backed by pods on the other node.
+    #[cfg(test)]
+    pub fn nodeport_remote(&self) -> Option<&Svc> {
+        self.services.iter().find(|s| s.name == "nodeport-remote")
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -152,6 +216,23 @@ mod tests {
                 name: "stream",
                 port: 5001,
             }],
+            external: None,
+        }
+    }
+
+    /// [`spec`] with the two NodePort Services.
+    pub(crate) fn spec_ext(n: usize) -> SetSpec {
+        SetSpec {
+            external: Some(ExternalSpec {
+                local_node_port: 30080,
+                local_endpoints: vec![Ipv4Addr::new(10, 244, 1, 10)],
+                remote_node_port: 30081,
+                remote_endpoints: vec![
+                    Ipv4Addr::new(10, 244, 2, 10),
+                    Ipv4Addr::new(10, 244, 2, 11),
+                ],
+            }),
+            ..spec(n)
         }
     }
 
@@ -175,6 +256,29 @@ mod tests {
         assert_eq!(set.endpoint_count(), 999 * 3 + 2 * 2);
         // At least one Service even when asked for none.
         assert_eq!(ServiceSet::generate(&spec(0)).services.len(), 1);
+        assert!(set.nodeport_local().is_none());
+    }
+
+    #[test]
+    fn nodeport_services_come_just_before_the_probe() {
+        let set = ServiceSet::generate(&spec_ext(10));
+        assert_eq!(set.services.len(), 12);
+        let local = set.nodeport_local().unwrap();
+        let remote = set.nodeport_remote().unwrap();
+        assert_eq!(set.services[9].name, "nodeport-local");
+        assert_eq!(set.services[10].name, "nodeport-remote");
+        assert_eq!(set.probe().name, "svc-000009");
+        assert_eq!((local.node_port, local.endpoint_node), (Some(30080), NODE));
+        assert_eq!(
+            (remote.node_port, remote.endpoint_node),
+            (Some(30081), OTHER_NODE)
+        );
+        assert_eq!(remote.endpoints.len(), 2);
+        let ips: std::collections::BTreeSet<_> =
+            set.services.iter().map(|s| s.cluster_ip).collect();
+        assert_eq!(ips.len(), 12);
+        assert_eq!(set.probe().node_port, None);
+        assert_eq!(set.endpoint_count(), 9 * 3 + 2 * 2 + 1 + 2);
     }
 
     #[test]

@@ -5,6 +5,12 @@
 //! (daddr . l4proto . dport) — one hash lookup whatever the number of Services — and goes to a
 //! per-Service-port chain that masquerades off-cluster sources and picks an endpoint with
 //! `numgen random mod N vmap`; each endpoint chain marks hairpin traffic and DNATs.
+//!
+//! NodePort (externalTrafficPolicy Cluster): `services` then matches destinations that are local
+//! addresses (`fib daddr type local`, kube-proxy's rule without --nodeport-addresses) in the
+//! `service-nodeports` verdict map (l4proto . dport), which goes to the Service port's
+//! `external-*` chain: jump to mark-for-masquerade (the flow may cross nodes), then goto the same
+//! `service-*` chain as the ClusterIP; `masquerading` (postrouting) SNATs it.
 
 use std::fmt::Write as _;
 
@@ -17,6 +23,11 @@ const NS: &str = "default";
 fn svc_chain(svc: &Svc, port_name: &str) -> String {
     let id = format!("{NS}/{}/tcp/{port_name}", svc.name);
     format!("service-{}-{id}", &chain_hash(&[&id])[..8])
+}
+
+fn ext_chain(svc: &Svc, port_name: &str) -> String {
+    let id = format!("{NS}/{}/tcp/{port_name}", svc.name);
+    format!("external-{}-{id}", &chain_hash(&[&id])[..8])
 }
 
 fn ep_chain(svc: &Svc, port_name: &str, ep: &str, target: u16) -> String {
@@ -58,6 +69,11 @@ pub fn render(set: &ServiceSet) -> String {
         out,
         "add rule ip {TABLE} services ip daddr . meta l4proto . th dport vmap @service-ips"
     );
+    let _ = writeln!(out, "add map ip {TABLE} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}");
+    let _ = writeln!(
+        out,
+        "add rule ip {TABLE} services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
+    );
     let _ = writeln!(
         out,
         "add chain ip {TABLE} nat-prerouting {{ type nat hook prerouting priority dstnat ; }}"
@@ -69,6 +85,7 @@ pub fn render(set: &ServiceSet) -> String {
     );
     let _ = writeln!(out, "add rule ip {TABLE} nat-output jump services");
     let mut elements = Vec::new();
+    let mut nodeport_elements = Vec::new();
     for svc in &set.services {
         for (port_name, port, target) in &svc.ports {
             let sc = svc_chain(svc, port_name);
@@ -101,7 +118,24 @@ pub fn render(set: &ServiceSet) -> String {
                 );
             }
             elements.push(format!("{} . tcp . {port} : goto {sc}", svc.cluster_ip));
+            // The nodePort belongs to the first port (see `Svc::node_port`).
+            if let Some(np) = svc.node_port.filter(|_| port_name == &svc.ports[0].0) {
+                let ec = ext_chain(svc, port_name);
+                let _ = writeln!(out, "add chain ip {TABLE} {ec}");
+                let _ = writeln!(out, "add rule ip {TABLE} {ec} jump mark-for-masquerade");
+                let _ = writeln!(out, "add rule ip {TABLE} {ec} goto {sc}");
+                if !svc.endpoints.is_empty() {
+                    nodeport_elements.push(format!("tcp . {np} : goto {ec}"));
+                }
+            }
         }
+    }
+    for chunk in nodeport_elements.chunks(ELEMENT_CHUNK) {
+        let _ = writeln!(
+            out,
+            "add element ip {TABLE} service-nodeports {{ {} }}",
+            chunk.join(" , ")
+        );
     }
     for chunk in elements.chunks(ELEMENT_CHUNK) {
         let _ = writeln!(
@@ -156,9 +190,39 @@ mod tests {
                 assert!(created.contains(name), "{name}");
             }
         }
+        assert!(!text.contains("add element ip kube-proxy service-nodeports"));
         // Chain names stay under nft's limit and use only identifier characters.
         assert!(created.iter().all(|c| c.len() < 256
             && c.chars()
                 .all(|ch| ch.is_ascii_alphanumeric() || "-_./".contains(ch))));
+    }
+
+    #[test]
+    fn nodeports_go_through_a_masquerading_external_chain() {
+        let set = ServiceSet::generate(&super::super::tests::spec_ext(3));
+        let text = render(&set);
+        assert!(text.contains(
+            "add rule ip kube-proxy services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
+        ));
+        let local = set.nodeport_local().unwrap();
+        let (ec, sc) = (ext_chain(local, "http"), svc_chain(local, "http"));
+        assert!(text.contains(&format!("add rule ip kube-proxy {ec} jump mark-for-masquerade\nadd rule ip kube-proxy {ec} goto {sc}\n")));
+        let np: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("add element ip kube-proxy service-nodeports"))
+            .collect();
+        assert_eq!(np.len(), 1);
+        assert!(
+            np[0].contains(&format!("tcp . 30080 : goto {ec}")),
+            "{}",
+            np[0]
+        );
+        assert!(np[0].contains("tcp . 30081 : goto external-"), "{}", np[0]);
+        // The ClusterIPs of the NodePort Services are in service-ips as well.
+        assert!(text.contains(&format!("{} . tcp . 80 : goto {sc}", local.cluster_ip)));
+        assert!(text.contains("dnat to 10.244.2.11:8080"));
+        // The nodeports rule follows the service-ips lookup in `services`.
+        let vmap = text.find("vmap @service-ips").unwrap();
+        assert!(text.find("vmap @service-nodeports").unwrap() > vmap);
     }
 }
