@@ -189,7 +189,8 @@ pub const SVC_FLAG_DROP_NO_LOCAL: u32 = 1 << 10;
 /// the slots (a per-CPU counter per frontend). Without either algorithm flag: random.
 pub const SVC_FLAG_ALG_RR: u32 = 1 << 11;
 /// Backend selection: Maglev consistent hashing of the client (address, port, protocol); the
-/// master's `backend_id` field holds the index of the frontend's table in `MAGLEV`.
+/// master's `backend_id` field holds the index of the frontend's table in `MAGLEV` (only when
+/// `count > 0`: a master without endpoints names no table and refuses before selecting).
 pub const SVC_FLAG_ALG_MAGLEV: u32 = 1 << 12;
 
 /// Value of `SERVICES`. For the master (slot 0): `count`, `rev_nat_id`, `flags`,
@@ -642,9 +643,20 @@ pub enum Stat {
     DropNoRoute = 24,
     /// A flow from outside to a backend on another node was SNATed to the node.
     Snat = 25,
+    /// Socket LB: a connect() or an unconnected sendmsg() to a frontend got a backend (the
+    /// socket's destination was rewritten; counted per call, not per packet).
+    SockTranslated = 26,
+    /// Socket LB: recvmsg() / getpeername() of a translated socket showed the frontend again.
+    SockRevTranslated = 27,
+    /// Socket LB: a connect() / sendmsg() to a frontend without endpoints (or to an address of
+    /// the Service CIDR no Service uses) failed with ECONNREFUSED.
+    SockRefused = 28,
+    /// Socket LB: the (socket, backend) -> frontend record could not be written, so
+    /// recvmsg() / getpeername() of that socket show the backend.
+    SockRevInsertFailed = 29,
 }
 
-pub const STAT_COUNT: u32 = 26;
+pub const STAT_COUNT: u32 = 30;
 /// Capacity of the `STATS` array: counters can be added up to it without a new map.
 pub const STATS_SLOTS: u32 = 64;
 const _: () = assert!(STAT_COUNT <= STATS_SLOTS);
@@ -677,6 +689,10 @@ impl Stat {
         Stat::XdpDeferred,
         Stat::DropNoRoute,
         Stat::Snat,
+        Stat::SockTranslated,
+        Stat::SockRevTranslated,
+        Stat::SockRefused,
+        Stat::SockRevInsertFailed,
     ];
     /// Stable snake_case name, used for metrics labels and `xlb inspect stats`.
     pub const fn name(self) -> &'static str {
@@ -707,6 +723,10 @@ impl Stat {
             Stat::XdpDeferred => "xdp_deferred",
             Stat::DropNoRoute => "drop_no_route",
             Stat::Snat => "snat",
+            Stat::SockTranslated => "sock_translated",
+            Stat::SockRevTranslated => "sock_rev_translated",
+            Stat::SockRefused => "sock_refused",
+            Stat::SockRevInsertFailed => "sock_rev_insert_failed",
         }
     }
 }

@@ -1,18 +1,29 @@
 //! Backend selection for a new flow: the client's affine backend when sessionAffinity applies,
-//! is fresh and is still a member of the Service, else a uniformly random slot (Cilium's
-//! "random" algorithm; slots `1..=count`). Membership (`MEMBERS`) is checked by address, so a
-//! stale id can never send a flow to another pod.
+//! is fresh and is still a member of the Service, else the frontend's algorithm (its master's
+//! flags, `--lb-algorithm` / the `xlb.io/lb-algorithm` annotation):
+//!
+//! - random (no flag): a uniformly random slot (Cilium's "random"; slots `1..=count`);
+//! - round-robin (`SVC_FLAG_ALG_RR`): slot `counter % count + 1` with a per-CPU counter per
+//!   frontend (`RR`, keyed by the rev-NAT id), so the flows one CPU handles (one client's,
+//!   typically) visit every slot in turn;
+//! - Maglev (`SVC_FLAG_ALG_MAGLEV`): entry `table * M + flow_hash(client) % M` of `MAGLEV`,
+//!   the table the master names in `backend_id`, holds the backend id (one lookup). The hash is
+//!   of the client's address, port and protocol, not of the frontend, so the same client port
+//!   reaches the same pod through every node (`lb_model::maglev::flow_hash` computes the same).
+//!
+//! Membership (`MEMBERS`) is checked by address for affinity, so a stale id can never send a
+//! flow to another pod; slots and Maglev tables only ever name members (the agent's write order).
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use lb_common::{
     AffinityKey, AffinityValue, MemberKey, ServiceKey, ServiceValue, SrcRangeKey,
-    BACKEND_F_LOCAL, SCOPE_EXT, SCOPE_INT, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES,
-    SVC_FLAG_TWO_SCOPES,
+    BACKEND_F_LOCAL, SCOPE_EXT, SCOPE_INT, SVC_FLAG_AFFINITY, SVC_FLAG_ALG_MAGLEV,
+    SVC_FLAG_ALG_RR, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
     fault::Fault,
-    maps::{AFFINITY, BACKENDS, MEMBERS, SERVICES, SRC_RANGES},
+    maps::{AFFINITY, BACKENDS, MAGLEV, MEMBERS, RR, SERVICES, SRC_RANGES},
     parse::Packet,
 };
 
@@ -100,7 +111,7 @@ pub fn select(
     now: u64,
 ) -> Result<Selected, Fault> {
     if master.flags & SVC_FLAG_AFFINITY == 0 {
-        return random_slot(master_key, master.count);
+        return by_algorithm(pkt, master_key, master);
     }
     let key = AffinityKey {
         client: pkt.saddr,
@@ -108,7 +119,7 @@ pub fn select(
     };
     let selected = match affine(&key, master_key, master.affinity_timeout, now) {
         Some(selected) => selected,
-        None => random_slot(master_key, master.count)?,
+        None => by_algorithm(pkt, master_key, master)?,
     };
     let value = AffinityValue {
         backend_id: selected.id,
@@ -140,18 +151,108 @@ fn affine(key: &AffinityKey, master_key: &ServiceKey, timeout_s: u32, now: u64) 
     })
 }
 
+/// A backend by the frontend's algorithm (the master's `SVC_FLAG_ALG_*`).
 #[inline(always)]
-fn random_slot(master_key: &ServiceKey, count: u32) -> Result<Selected, Fault> {
+fn by_algorithm(
+    pkt: &Packet,
+    master_key: &ServiceKey,
+    master: &ServiceValue,
+) -> Result<Selected, Fault> {
+    let count = master.count;
     if count == 0 {
         return Err(Fault::NoBackend);
     }
+    if master.flags & SVC_FLAG_ALG_MAGLEV != 0 {
+        return maglev(pkt, master.backend_id);
+    }
+    let n = if master.flags & SVC_FLAG_ALG_RR != 0 {
+        rr_next(master.rev_nat_id)
+    } else {
+        // SAFETY: no arguments, always callable.
+        unsafe { bpf_get_prandom_u32() }
+    };
+    slot(master_key, n % count + 1)
+}
+
+/// This CPU's round-robin counter of the frontend `rev_nat_id`, advanced. A frontend this CPU
+/// has not served yet starts at a random point (its counter is created then), so CPUs do not
+/// all start on slot 1.
+#[inline(always)]
+fn rr_next(rev_nat_id: u32) -> u32 {
+    if let Some(c) = RR.get_ptr_mut(&rev_nat_id) {
+        // SAFETY: this CPU's value of a live entry; per-CPU, so no other program writes it
+        // meanwhile (preemption is off while a program runs).
+        unsafe {
+            let n = *c;
+            *c = n.wrapping_add(1);
+            return n;
+        }
+    }
     // SAFETY: no arguments, always callable.
-    let slot = unsafe { bpf_get_prandom_u32() } % count + 1;
+    let n = unsafe { bpf_get_prandom_u32() };
+    // A lost counter (map full, a race with another CPU's insert) only costs evenness.
+    let _ = RR.insert(&rev_nat_id, &n.wrapping_add(1), BPF_ANY.into());
+    n
+}
+
+/// The backend of Maglev table `table` for the client of `pkt`.
+#[inline(always)]
+fn maglev(pkt: &Packet, table: u32) -> Result<Selected, Fault> {
+    // SAFETY: a load-time constant, read volatile so the loader's value is used.
+    let m = unsafe { core::ptr::read_volatile(&XLB_MAGLEV_M) };
+    if m == 0 {
+        return Err(Fault::NoBackend);
+    }
+    let hash = flow_hash(u32::from_be(pkt.saddr), u16::from_be(pkt.sport), pkt.proto);
+    let index = table.wrapping_mul(m).wrapping_add(hash % m);
+    let id = *MAGLEV.get(index).ok_or(Fault::NoBackend)?;
+    if id == 0 {
+        return Err(Fault::NoBackend);
+    }
+    backend(id)
+}
+
+/// The kernel's `jhash_3words` of the client (address and port in host order, protocol) with
+/// a fixed seed: `lb_model::maglev::flow_hash`, bit for bit.
+#[inline(always)]
+fn flow_hash(addr: u32, port: u16, proto: u8) -> u32 {
+    const SEED: u32 = 0x786c_6221;
+    let iv = SEED.wrapping_add(0xdead_beef).wrapping_add(3 << 2);
+    let mut a = addr.wrapping_add(iv);
+    let mut b = u32::from(port).wrapping_add(iv);
+    let mut c = u32::from(proto).wrapping_add(iv);
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(24));
+    c
+}
+
+/// The backend in slot `slot` (`1..=count`) of the frontend `master_key`.
+#[inline(always)]
+fn slot(master_key: &ServiceKey, slot: u32) -> Result<Selected, Fault> {
     let slot_key = master_key.with_slot(slot as u16);
     // SAFETY: values are copied out at once.
     let id = unsafe { SERVICES.get(&slot_key) }
         .ok_or(Fault::NoBackend)?
         .backend_id;
+    backend(id)
+}
+
+/// Backend `id` from `BACKENDS`.
+#[inline(always)]
+fn backend(id: u32) -> Result<Selected, Fault> {
+    // SAFETY: copied out at once.
     let backend = unsafe { *BACKENDS.get(&id).ok_or(Fault::NoBackend)? };
     Ok(Selected {
         id,

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::OnceLock;
 
 use crate::ids::{advance, Cursors, IdSpace};
+use crate::maglev::{self, Geometry};
 use crate::planner::MapOp;
 use crate::{BackendAddr, Cidr, Frontend};
 
@@ -37,6 +38,11 @@ pub struct AppliedFrontend {
     /// in when the master has `SVC_FLAG_SOURCE_RANGES`. Filed under the `SCOPE_EXT` frontend
     /// (the trie key has no scope).
     pub src_ranges: BTreeSet<Cidr>,
+    /// The Maglev table the master names (`SVC_FLAG_ALG_MAGLEV` with at least one backend, see
+    /// [`maglev::names_table`]; the master's `backend_id` field holds it). A table named by a
+    /// master is never written: a changed backend set is written whole into a free table,
+    /// then the master is switched to it, which frees the old one.
+    pub table: Option<u32>,
 }
 
 impl AppliedFrontend {
@@ -50,6 +56,18 @@ impl AppliedFrontend {
             && self.members.is_empty()
             && self.src_ranges.is_empty()
     }
+}
+
+/// The `MAGLEV` array: its shape and what xlb knows of its tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AppliedTables {
+    /// The array's shape (M and the number of tables), from the map.
+    pub geometry: Geometry,
+    /// Table index -> the backend ids it holds (sorted, distinct), for the tables whose
+    /// content is known: written by a plan, or read back and found equal, entry for entry, to
+    /// the table those backends give. A table whose write may have failed half-way is not
+    /// here. A master naming a table that is not here gets a new table at the next plan.
+    pub content: BTreeMap<u32, Vec<u32>>,
 }
 
 /// The datapath maps' content, as the agent last wrote (or read back) it.
@@ -67,6 +85,8 @@ pub struct Applied {
     /// id, for whoever meets an id in a conntrack or affinity entry. No map of its own; kept by
     /// [`Applied::apply`] and rebuilt from the masters by a read-back.
     pub rev_nat: BTreeMap<u32, Frontend>,
+    /// The Maglev tables ([`AppliedFrontend::table`] says which master names which).
+    pub maglev: AppliedTables,
     index: OnceLock<Index>,
     /// Where new ids are searched from. History, not map content: it survives
     /// [`Applied::reindex`] and is not compared. `None` until the first [`Applied::apply`]
@@ -79,6 +99,11 @@ impl PartialEq for Applied {
         self.frontends == other.frontends
             && self.backends == other.backends
             && self.rev_nat == other.rev_nat
+            && self.maglev.geometry == other.maglev.geometry
+            // The content of tables no master names is history (kept for re-use), not state.
+            && self.frontends.values().filter_map(|af| af.table).all(|t| {
+                self.maglev.content.get(&t) == other.maglev.content.get(&t)
+            })
     }
 }
 impl Eq for Applied {}
@@ -92,6 +117,8 @@ pub(crate) struct Index {
     pub backends: IdSpace,
     /// Frontend ids; referrers are masters (they have no map entry of their own).
     pub revs: IdSpace,
+    /// Maglev table index -> how many masters name it (absent: free).
+    pub tables: HashMap<u32, u32>,
     /// Past the largest ids present (entries or references) when the index was built.
     pub cursors: Cursors,
 }
@@ -106,7 +133,13 @@ impl Index {
         }
         let mut max_backend = a.backends.keys().next_back().copied().unwrap_or(0);
         let mut max_rev = 0;
+        let mut tables: HashMap<u32, u32> = HashMap::new();
+        let mut max_table = None;
         for af in a.frontends.values() {
+            if let Some(t) = af.table {
+                *tables.entry(t).or_default() += 1;
+                max_table = max_table.max(Some(t));
+            }
             for &id in af.slots.iter().chain(&af.members) {
                 backends.add_ref(id, a.backends.contains_key(&id));
                 max_backend = max_backend.max(id);
@@ -117,11 +150,14 @@ impl Index {
         for id in a.backends.keys() {
             backends.refresh(*id, true);
         }
+        let mut cursors = Cursors::past(max_backend, max_rev);
+        cursors.table = max_table.map_or(0, |t| next_table(t, a.maglev.geometry));
         Index {
             backend_of,
             backends,
             revs,
-            cursors: Cursors::past(max_backend, max_rev),
+            tables,
+            cursors,
         }
     }
 }
@@ -232,6 +268,7 @@ impl Applied {
                 rev_nat_id,
                 flags,
                 affinity_timeout,
+                table,
             } => {
                 if let Some(c) = &mut self.cursors {
                     advance(&mut c.rev_nat, rev_nat_id);
@@ -241,6 +278,8 @@ impl Applied {
                 e.count = count;
                 e.flags = flags;
                 e.affinity_timeout = affinity_timeout;
+                let new_table = maglev::names_table(flags, count).then_some(table);
+                let old_table = std::mem::replace(&mut e.table, new_table);
                 unindex_master(&mut self.rev_nat, old, &frontend);
                 if rev_nat_id != 0 {
                     self.rev_nat.insert(rev_nat_id, frontend);
@@ -248,6 +287,22 @@ impl Applied {
                 if let Some(ix) = ix {
                     ix.revs.drop_ref(old, false);
                     ix.revs.add_ref(rev_nat_id, false);
+                    if old_table != new_table {
+                        unuse_table(&mut ix.tables, old_table);
+                        if let Some(t) = new_table {
+                            *ix.tables.entry(t).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            MapOp::PutMaglevTable {
+                table,
+                ref backends,
+                ..
+            } => {
+                self.maglev.content.insert(table, backends.clone());
+                if let Some(c) = &mut self.cursors {
+                    c.table = next_table(table, self.maglev.geometry);
                 }
             }
             MapOp::PutSrcRange { frontend, range } => {
@@ -274,15 +329,28 @@ impl Applied {
                 e.count = 0;
                 e.flags = 0;
                 e.affinity_timeout = 0;
+                let old_table = e.table.take();
                 if e.is_empty() {
                     self.frontends.remove(&frontend);
                 }
                 unindex_master(&mut self.rev_nat, old, &frontend);
                 if let Some(ix) = ix {
                     ix.revs.drop_ref(old, false);
+                    unuse_table(&mut ix.tables, old_table);
                 }
             }
         }
+    }
+
+    /// Forget what Maglev table `table` holds: it is about to be written, and a write that
+    /// fails may leave it half-written (the executor calls this before each table write).
+    pub fn forget_table(&mut self, table: u32) {
+        self.maglev.content.remove(&table);
+    }
+
+    /// How many masters name Maglev table `table` (0: the table is free).
+    pub fn table_users(&self, table: u32) -> u32 {
+        self.index().tables.get(&table).copied().unwrap_or(0)
     }
 
     /// The frontends whose slots or members name a backend that one of `ops` (`PutBackend`)
@@ -361,6 +429,22 @@ impl Applied {
 
     pub(crate) fn cursors(&self) -> Cursors {
         self.cursors.unwrap_or_else(|| self.index().cursors)
+    }
+}
+
+/// The table index after `table`, wrapping at the number of tables.
+fn next_table(table: u32, g: Geometry) -> u32 {
+    table.wrapping_add(1) % g.tables.max(1)
+}
+
+/// One master fewer names `table`.
+fn unuse_table(tables: &mut HashMap<u32, u32>, table: Option<u32>) {
+    let Some(t) = table else { return };
+    if let Some(n) = tables.get_mut(&t) {
+        *n -= 1;
+        if *n == 0 {
+            tables.remove(&t);
+        }
     }
 }
 

@@ -50,14 +50,19 @@ pub(crate) fn advance(cursor: &mut u32, id: u32) {
 pub(crate) struct Cursors {
     pub backend: u32,
     pub rev_nat: u32,
+    /// The next Maglev table index to try (`0..tables`, wrapping): a freed table is written
+    /// again only after every other free one was, long after any packet that read its old
+    /// master finished.
+    pub table: u32,
 }
 
 impl Cursors {
-    /// Cursors past the largest ids present.
+    /// Cursors past the largest ids present (the table cursor at 0).
     pub fn past(max_backend: u32, max_rev_nat: u32) -> Self {
         Cursors {
             backend: id_after(max_backend),
             rev_nat: id_after(max_rev_nat),
+            table: 0,
         }
     }
 }
@@ -295,7 +300,8 @@ mod tests {
             Cursors::past(0, 4),
             Cursors {
                 backend: 1,
-                rev_nat: 5
+                rev_nat: 5,
+                table: 0,
             }
         );
     }

@@ -16,7 +16,7 @@ use lb_common::{
 
 use crate::cidr::{self, Cidr};
 use crate::desired::FrontendState;
-use crate::state::{object_key, Config, NodeInfo, ServiceKey};
+use crate::state::{object_key, Algorithm, Config, NodeInfo, ServiceKey, ALGORITHM_ANNOTATION};
 use crate::{BackendAddr, Frontend, Problem, Proto};
 
 /// Present on Services that must not get a virtual IP (kube-proxy skips them).
@@ -89,6 +89,7 @@ pub fn service_frontends<'a>(
         src_ranges,
         node,
         affinity: affinity(spec),
+        algorithm: algorithm(svc, cfg, &object, &mut problems).flag(),
         slices: slices.filter(|s| s.address_type == "IPv4").collect(),
         out: BTreeMap::new(),
     };
@@ -250,6 +251,31 @@ fn affinity(spec: &ServiceSpec) -> (u32, u32) {
     (SVC_FLAG_AFFINITY, timeout)
 }
 
+/// How the Service's new flows pick a backend: its [`ALGORITHM_ANNOTATION`], else
+/// `--lb-algorithm`. An unknown value is a problem, and the Service uses the default.
+fn algorithm(svc: &Service, cfg: &Config, object: &str, problems: &mut Vec<Problem>) -> Algorithm {
+    let value = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ALGORITHM_ANNOTATION));
+    match value.map(|v| Algorithm::parse(v.trim())) {
+        None => cfg.lb_algorithm,
+        Some(Ok(a)) => a,
+        Some(Err(e)) => {
+            problems.push(problem(
+                object,
+                "invalid_service",
+                format!(
+                    "annotation {ALGORITHM_ANNOTATION}: {e}; using the default {}",
+                    cfg.lb_algorithm
+                ),
+            ));
+            cfg.lb_algorithm
+        }
+    }
+}
+
 /// Conditions of one endpoint, merged over the slices that list it.
 #[derive(Clone, Copy, Debug, Default)]
 struct Conditions {
@@ -351,6 +377,8 @@ struct Ctx<'a> {
     src_ranges: Option<BTreeSet<Cidr>>,
     node: &'a NodeInfo,
     affinity: (u32, u32),
+    /// `SVC_FLAG_ALG_*` of every frontend of the Service ([`algorithm`]).
+    algorithm: u32,
     slices: Vec<&'a EndpointSlice>,
     out: BTreeMap<Frontend, FrontendState>,
 }
@@ -508,7 +536,7 @@ impl Ctx<'_> {
             service: self.key.clone(),
             port_name: port_name.to_string(),
             backends: backends.clone(),
-            flags: flags | self.affinity.0 | fallback,
+            flags: flags | self.affinity.0 | self.algorithm | fallback,
             affinity_timeout: self.affinity.1,
             local: backends
                 .iter()

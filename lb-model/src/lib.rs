@@ -8,6 +8,7 @@
 //!     and recorded in Applied when it succeeded (prepare -> frontends -> gc)
 //! ReadBack::read(&impl MapStore) -> Applied (at start, so a restart reconciles, never flushes)
 //! health::health_checks(&ClusterState) -> healthCheckNodePort answers (kube-proxy's JSON, pure)
+//! maglev::table(backends, M) -> the Maglev lookup table of a frontend (pure, the same on every node)
 //! ```
 //!
 //! [`store::MapStore`] is the one contract with the maps: the agent's aya maps, the packet tests'
@@ -25,6 +26,7 @@ pub mod desired;
 pub mod health;
 mod ids;
 mod kube_proxy;
+pub mod maglev;
 pub mod planner;
 pub mod readback;
 mod slots;
@@ -40,7 +42,10 @@ pub use cidr::Cidr;
 pub use desired::{DesiredState, FrontendState};
 pub use planner::{MapOp, Plan};
 pub use readback::ReadBack;
-pub use state::{Changes, ClusterState, Config, NodeInfo, ServiceKey as SvcKey, SourceEvent};
+pub use state::{
+    Algorithm, Changes, ClusterState, Config, NodeInfo, ServiceKey as SvcKey, SourceEvent,
+    ALGORITHM_ANNOTATION,
+};
 
 /// L4 protocol of a frontend / backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

@@ -26,6 +26,19 @@
 //!
 //! New backend and frontend ids come from a cursor that only moves forward, so a freed id is not
 //! handed out again while conntrack or affinity entries may still hold it (see `ids.rs`).
+//!
+//! Maglev tables (`SVC_FLAG_ALG_MAGLEV`, [`crate::maglev`]): a table is a pure function of a
+//! backend set, so frontends with the same backends share one (all frontends of a Service port
+//! usually do). A frontend keeps its table while its backend set stays ("rebuilt
+//! incrementally": only frontends whose backends changed get a new one); otherwise it uses a
+//! table already holding its new set, or one written for it: [`MapOp::PutMaglevTable`] writes
+//! the whole table into a free index in the prepare phase (after the backends it names), and
+//! the master switches to it in the frontend's ops, after its members and slots. The old table
+//! is freed by that master write, never written while a master names it, and handed out again
+//! only after every other free table (a cursor), so a packet that read the old master still
+//! finds the old content. When no table is free, the frontend's ops are left out of the plan
+//! and it is reported failed ([`Plan::unplanned`]), like a full map: nothing of it is written,
+//! and the agent retries it.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -37,6 +50,7 @@ use lb_common::{
 use crate::applied::{Applied, AppliedFrontend, Index};
 use crate::desired::{DesiredState, FrontendState};
 use crate::ids::Cursors;
+use crate::maglev::{self, Entries};
 use crate::slots;
 use crate::{cidr, BackendAddr, Cidr, Frontend};
 
@@ -74,13 +88,15 @@ pub enum MapOp {
         slot: u16,
     },
     /// The master entry (slot 0). `rev_nat_id` names this incarnation of the frontend (see
-    /// [`crate::AppliedFrontend::rev_nat_id`]).
+    /// [`crate::AppliedFrontend::rev_nat_id`]). `table`: the Maglev table it names when
+    /// [`maglev::names_table`]`(flags, count)` (written whole before), else 0.
     PutMaster {
         frontend: Frontend,
         count: u32,
         rev_nat_id: u32,
         flags: u32,
         affinity_timeout: u32,
+        table: u32,
     },
     DeleteMaster {
         frontend: Frontend,
@@ -98,13 +114,23 @@ pub enum MapOp {
         frontend: Frontend,
         range: Cidr,
     },
+    /// MAGLEV: Maglev table `table` written whole: `entries` (M backend ids), the table of the
+    /// backends `backends` (their ids, sorted). A prepare op: written into a table no master
+    /// names, after the backends, before the masters that will name it.
+    PutMaglevTable {
+        table: u32,
+        backends: Vec<u32>,
+        entries: Entries,
+    },
 }
 
 impl MapOp {
     /// The frontend an op writes (`None` for a backend op).
     pub fn frontend(&self) -> Option<&Frontend> {
         match self {
-            MapOp::PutBackend { .. } | MapOp::DeleteBackend { .. } => None,
+            MapOp::PutBackend { .. }
+            | MapOp::DeleteBackend { .. }
+            | MapOp::PutMaglevTable { .. } => None,
             MapOp::PutMember { frontend, .. }
             | MapOp::DeleteMember { frontend, .. }
             | MapOp::PutSlot { frontend, .. }
@@ -128,11 +154,17 @@ pub struct Plan {
     /// by its `SCOPE_EXT` frontend (or by its only frontend when it has no `SCOPE_EXT` one):
     /// planning that frontend again plans both.
     pub frontends: Vec<(Frontend, Vec<MapOp>)>,
+    /// Plan entries (named as in [`Plan::frontends`]) that could not be planned, and why: no
+    /// free Maglev table. Nothing of them is in the plan (they keep their state in the maps);
+    /// the executor reports them failed, so the agent retries them.
+    pub unplanned: Vec<(Frontend, String)>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.prepare.is_empty() && self.frontends.iter().all(|(_, ops)| ops.is_empty())
+        self.prepare.is_empty()
+            && self.frontends.iter().all(|(_, ops)| ops.is_empty())
+            && self.unplanned.is_empty()
     }
     pub fn op_count(&self) -> usize {
         self.prepare.len() + self.frontends.iter().map(|(_, o)| o.len()).sum::<usize>()
@@ -144,6 +176,8 @@ impl Plan {
     /// second kind is not unsafe to run, but skipping it keeps it in the maps as it was, so
     /// re-planning it (the agent retries failed frontends) queues the backend write again: a
     /// state change of a backend the frontend keeps, or of one it leaves.
+    ///
+    /// A failed Maglev table write blocks the frontends whose master would name that table.
     pub fn blocked_by(&self, failed: &[MapOp], applied: &Applied) -> BTreeSet<Frontend> {
         let ids: BTreeSet<u32> = failed
             .iter()
@@ -152,13 +186,26 @@ impl Plan {
                 _ => None,
             })
             .collect();
-        if ids.is_empty() {
+        let tables: BTreeSet<u32> = failed
+            .iter()
+            .filter_map(|op| match *op {
+                MapOp::PutMaglevTable { table, .. } => Some(table),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() && tables.is_empty() {
             return BTreeSet::new();
         }
         let names = |op: &MapOp| match op {
             MapOp::PutSlot { backend_id, .. }
             | MapOp::PutMember { backend_id, .. }
             | MapOp::DeleteMember { backend_id, .. } => ids.contains(backend_id),
+            MapOp::PutMaster {
+                flags,
+                count,
+                table,
+                ..
+            } => maglev::names_table(*flags, *count) && tables.contains(table),
             _ => false,
         };
         let holds = |fe: &Frontend| {
@@ -196,8 +243,13 @@ pub fn plan(applied: &Applied, desired: &DesiredState, touched: &BTreeSet<Fronte
         reserved: BTreeSet::new(),
         rev_reserved: BTreeSet::new(),
         cursors: applied.cursors(),
+        tables: Vec::new(),
+        table_of: HashMap::new(),
+        table_reserved: BTreeSet::new(),
+        known: None,
     };
     let mut frontends = Vec::new();
+    let mut unplanned = Vec::new();
     // `touched` is sorted and the scope is the last field of a Frontend: the frontends of one
     // (address, port, protocol) are adjacent.
     let mut touched = touched.iter().peekable();
@@ -223,19 +275,33 @@ pub fn plan(applied: &Applied, desired: &DesiredState, touched: &BTreeSet<Fronte
             order.rotate_left(1);
         }
         let mut ops = Vec::new();
+        let mut failed = None;
         for fe in &order {
-            ops.extend(match desired.frontends.get(fe) {
-                Some(st) => p.update(fe, st),
-                None => p.remove(fe),
-            });
+            match desired.frontends.get(fe) {
+                Some(st) => match p.update(fe, st) {
+                    Ok(o) => ops.extend(o),
+                    Err(e) => {
+                        failed = Some(format!("{fe}: {e}"));
+                        break;
+                    }
+                },
+                None => ops.extend(p.remove(fe)),
+            }
         }
-        if !ops.is_empty() {
+        if let Some(e) = failed {
+            // Nothing of the entry: both scopes keep what the maps hold.
+            unplanned.push((label, e));
+        } else if !ops.is_empty() {
             frontends.push((label, ops));
         }
     }
+    let mut prepare = p.prepare;
+    // Tables after the backends they name.
+    prepare.extend(p.tables);
     Plan {
-        prepare: p.prepare,
+        prepare,
         frontends,
+        unplanned,
     }
 }
 
@@ -257,13 +323,22 @@ struct Planner<'a> {
     rev_reserved: BTreeSet<u32>,
     /// Where the next new ids are searched from; past every id this plan handed out.
     cursors: Cursors,
+    /// `PutMaglevTable` ops, appended to `prepare` after the backends.
+    tables: Vec<MapOp>,
+    /// The table this plan gives each backend set (sorted ids): kept, re-used or written.
+    table_of: HashMap<Vec<u32>, u32>,
+    /// Tables this plan writes or re-uses: not free for another backend set.
+    table_reserved: BTreeSet<u32>,
+    /// Backend set -> a table of `applied` known to hold it (built on first use).
+    known: Option<HashMap<Vec<u32>, u32>>,
 }
 
 impl Planner<'_> {
     /// Most slots a frontend can have (slot numbers are u16, 0 is the master).
     const MAX_SLOTS: usize = u16::MAX as usize;
 
-    fn update(&mut self, fe: &Frontend, st: &FrontendState) -> Vec<MapOp> {
+    /// The ops of a desired frontend; an error when it needs a Maglev table and none is free.
+    fn update(&mut self, fe: &Frontend, st: &FrontendState) -> Result<Vec<MapOp>, String> {
         let cur = self.applied.frontends.get(fe);
         let old: &[u32] = cur.map(|c| c.slots.as_slice()).unwrap_or(&[]);
         let members = cur.map(|c| &c.members);
@@ -283,6 +358,11 @@ impl Planner<'_> {
         self.restate_leaving(cur);
         let new = slots::assign(old, &ids);
         let n = new.len();
+        let table = if maglev::names_table(st.flags, n as u32) {
+            Some(self.table(cur, &wanted)?)
+        } else {
+            None
+        };
         // Source ranges entering first: the master may gain SVC_FLAG_SOURCE_RANGES below.
         let ranges = wanted_ranges(fe, st);
         let held_ranges = cur.map(|c| &c.src_ranges);
@@ -320,6 +400,7 @@ impl Planner<'_> {
                 && c.count as usize == n
                 && c.flags == st.flags
                 && c.affinity_timeout == st.affinity_timeout
+                && c.table == table
         });
         if !master_ok {
             ops.push(MapOp::PutMaster {
@@ -328,6 +409,7 @@ impl Planner<'_> {
                 rev_nat_id: rev,
                 flags: st.flags,
                 affinity_timeout: st.affinity_timeout,
+                table: table.unwrap_or(0),
             });
         }
         delete_slots(fe, old, n, &mut ops);
@@ -340,7 +422,91 @@ impl Planner<'_> {
         if let Some(held) = held_ranges {
             delete_ranges(fe, held.difference(&ranges), &mut ops);
         }
-        ops
+        Ok(ops)
+    }
+
+    /// The Maglev table for the backends `wanted` (id, address) of a frontend whose maps
+    /// state is `cur`: the one it names when that holds these backends; else one this plan
+    /// already gives them; else a free table known to hold them; else a free table, written
+    /// whole in the prepare phase. An error when no table is free.
+    fn table(
+        &mut self,
+        cur: Option<&AppliedFrontend>,
+        wanted: &[(u32, &BackendAddr)],
+    ) -> Result<u32, String> {
+        let g = self.applied.maglev.geometry;
+        let mut key: Vec<u32> = wanted.iter().map(|(id, _)| *id).collect();
+        key.sort_unstable();
+        key.dedup();
+        let content = &self.applied.maglev.content;
+        if let Some(t) = cur.and_then(|c| c.table) {
+            if t < g.tables && content.get(&t) == Some(&key) {
+                self.table_of.entry(key).or_insert(t);
+                return Ok(t);
+            }
+        }
+        if let Some(&t) = self.table_of.get(&key) {
+            return Ok(t);
+        }
+        if let Some(&t) = self.known().get(&key) {
+            // Free tables this plan writes are not re-used for what they held.
+            if self.ix.tables.contains_key(&t) || !self.table_reserved.contains(&t) {
+                self.table_reserved.insert(t);
+                self.table_of.insert(key, t);
+                return Ok(t);
+            }
+        }
+        let t = self.free_table().ok_or_else(|| {
+            format!(
+                "no free Maglev table (all {} are in use; raise --maglev-tables)",
+                g.tables
+            )
+        })?;
+        let backends: Vec<(BackendAddr, u32)> = wanted.iter().map(|(id, b)| (**b, *id)).collect();
+        self.tables.push(MapOp::PutMaglevTable {
+            table: t,
+            backends: key.clone(),
+            entries: maglev::table(&backends, g.m).into(),
+        });
+        self.table_of.insert(key, t);
+        Ok(t)
+    }
+
+    /// Backend set -> a table of `applied` whose content is known to be that set (a table a
+    /// master names when there are several).
+    fn known(&mut self) -> &HashMap<Vec<u32>, u32> {
+        let (applied, ix) = (self.applied, self.ix);
+        self.known.get_or_insert_with(|| {
+            let tables = applied.maglev.geometry.tables;
+            let mut known: HashMap<Vec<u32>, u32> = HashMap::new();
+            for (&t, ids) in applied.maglev.content.iter().filter(|(t, _)| **t < tables) {
+                let named = ix.tables.contains_key(&t);
+                known
+                    .entry(ids.clone())
+                    .and_modify(|held| {
+                        if named && !ix.tables.contains_key(held) {
+                            *held = t;
+                        }
+                    })
+                    .or_insert(t);
+            }
+            known
+        })
+    }
+
+    /// A table no master names and this plan does not use, from the table cursor on
+    /// (wrapping), so a freed table comes back last.
+    fn free_table(&mut self) -> Option<u32> {
+        let n = self.applied.maglev.geometry.tables;
+        for k in 0..n {
+            let t = (self.cursors.table.wrapping_add(k)) % n;
+            if !self.ix.tables.contains_key(&t) && !self.table_reserved.contains(&t) {
+                self.cursors.table = (t + 1) % n;
+                self.table_reserved.insert(t);
+                return Some(t);
+            }
+        }
+        None
     }
 
     /// Master first (new flows stop at once), then the slots, then the members.
@@ -466,6 +632,44 @@ fn wanted_ranges(fe: &Frontend, st: &FrontendState) -> BTreeSet<Cidr> {
 /// Slot number of slot index `i` (index 0 = slot 1).
 fn slot_no(i: usize) -> u16 {
     u16::try_from(i + 1).unwrap_or(u16::MAX)
+}
+
+/// The writes that fill a MAGLEV array no program reads yet (just created, e.g. because the
+/// pinned one had another shape): each table a master names whose content is unknown, written
+/// in place from the backends of its master's slots. Never for an array a program may read:
+/// it writes tables masters name. A table outside the array, or one whose backends are not all
+/// known, is left to the next plan (which moves its master to a new table).
+pub fn restore_tables(applied: &Applied) -> Plan {
+    let g = applied.maglev.geometry;
+    let mut done = BTreeSet::new();
+    let mut prepare = Vec::new();
+    for af in applied.frontends.values() {
+        let Some(t) = af.table.filter(|t| *t < g.tables) else {
+            continue;
+        };
+        if applied.maglev.content.contains_key(&t) || !done.insert(t) {
+            continue;
+        }
+        let ids = af.slots.iter().take(af.count as usize).copied();
+        let backends: Option<Vec<(BackendAddr, u32)>> = ids
+            .map(|id| applied.backends.get(&id).map(|(b, _)| (*b, id)))
+            .collect();
+        let Some(backends) = backends.filter(|b| b.len() == af.count as usize) else {
+            continue;
+        };
+        let mut key: Vec<u32> = backends.iter().map(|(_, id)| *id).collect();
+        key.sort_unstable();
+        key.dedup();
+        prepare.push(MapOp::PutMaglevTable {
+            table: t,
+            backends: key,
+            entries: maglev::table(&backends, g.m).into(),
+        });
+    }
+    Plan {
+        prepare,
+        ..Plan::default()
+    }
 }
 
 /// Every frontend in either state (for a full reconcile after start or resync).

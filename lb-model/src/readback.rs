@@ -3,11 +3,12 @@
 //! and in tests. [`ReadBack::read`] reads a [`MapStore`]; the entry-by-entry methods are there
 //! for tests that build odd map contents by hand. Linear in the number of entries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
 
 use crate::applied::{Applied, AppliedFrontend};
+use crate::maglev;
 use crate::store::MapStore;
 use crate::{BackendAddr, Frontend};
 
@@ -24,14 +25,60 @@ impl ReadBack {
         Self::default()
     }
 
-    /// Every entry of SERVICES, BACKENDS, MEMBERS and SRC_RANGES in `store`, as an [`Applied`].
+    /// Every entry of SERVICES, BACKENDS, MEMBERS and SRC_RANGES in `store`, as an [`Applied`],
+    /// with the Maglev tables the masters name (see [`ReadBack::maglev_tables`]).
     pub fn read<S: MapStore + ?Sized>(store: &S) -> Result<Applied, S::Error> {
         let mut r = ReadBack::new();
         store.for_each_service(&mut |k, v| r.service(k, v))?;
         store.for_each_backend(&mut |id, b| r.backend(id, b))?;
         store.for_each_member(&mut |k, v| r.member(k, v))?;
         store.for_each_src_range(&mut |len, k| r.src_range(len, k))?;
-        Ok(r.finish())
+        let mut applied = r.finish();
+        Self::maglev_tables(&mut applied, store.maglev_geometry(), |t| {
+            store.read_maglev_table(t)
+        })?;
+        Ok(applied)
+    }
+
+    /// The Maglev tables of a read-back `applied` (the MAGLEV array has the shape `geometry`,
+    /// `read(t)` gives the entries of table `t`): every table a master names (inside the
+    /// array) is read, and its content is known ([`crate::applied::AppliedTables::content`])
+    /// when it is exactly the table of the backends it names, built now: so a table that an
+    /// interrupted write left half-written, or one of another table size, is rebuilt into a
+    /// new table by the next plan, while a whole one stays as it is (a restart writes nothing).
+    pub fn maglev_tables<E>(
+        applied: &mut Applied,
+        geometry: maglev::Geometry,
+        mut read: impl FnMut(u32) -> Result<Vec<u32>, E>,
+    ) -> Result<(), E> {
+        applied.maglev.geometry = geometry;
+        applied.maglev.content.clear();
+        let named: BTreeSet<u32> = applied
+            .frontends
+            .values()
+            .filter_map(|af| af.table)
+            .filter(|t| *t < geometry.tables)
+            .collect();
+        for t in named {
+            let entries = read(t)?;
+            let mut ids = entries.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            let backends: Option<Vec<(BackendAddr, u32)>> = ids
+                .iter()
+                .map(|id| applied.backends.get(id).map(|(b, _)| (*b, *id)))
+                .collect();
+            let Some(backends) = backends else {
+                continue; // An entry names a missing backend (or 0: never written).
+            };
+            if entries.len() == geometry.m as usize
+                && maglev::table(&backends, geometry.m) == entries
+            {
+                applied.maglev.content.insert(t, ids);
+            }
+        }
+        applied.reindex();
+        Ok(())
     }
 
     /// A SERVICES entry: a master (slot 0) or a slot.
@@ -45,6 +92,7 @@ impl ReadBack {
             e.flags = v.flags;
             e.affinity_timeout = v.affinity_timeout;
             e.count = v.count;
+            e.table = maglev::names_table(v.flags, v.count).then_some(v.backend_id);
         } else {
             self.slots
                 .entry(fe)

@@ -75,6 +75,72 @@ pub struct Config {
     /// so it is a hand-written manifest, and answering on a port the node may use for
     /// something else would steal its traffic.
     pub nodeport_range: (u16, u16),
+    /// How new flows pick a backend (`--lb-algorithm`), unless a Service's
+    /// [`ALGORITHM_ANNOTATION`] says otherwise.
+    pub lb_algorithm: Algorithm,
+}
+
+/// The annotation that overrides `--lb-algorithm` for one Service: `random`, `round-robin`
+/// or `maglev`. Any other value is a problem for that Service, which then uses the default.
+pub const ALGORITHM_ANNOTATION: &str = "xlb.io/lb-algorithm";
+
+/// How the datapath picks a backend for a new flow (after session affinity, when set).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Algorithm {
+    /// A uniformly random slot.
+    #[default]
+    Random,
+    /// The slots in turn: a per-CPU counter per frontend, so one client's flows (one CPU)
+    /// visit every backend once per round.
+    RoundRobin,
+    /// Maglev consistent hashing of the client (address, port, protocol): every node picks
+    /// the same backend for a client, and a backend change moves few clients.
+    Maglev,
+}
+
+impl Algorithm {
+    pub const ALL: [Algorithm; 3] = [Algorithm::Random, Algorithm::RoundRobin, Algorithm::Maglev];
+
+    /// The flag and annotation value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Algorithm::Random => "random",
+            Algorithm::RoundRobin => "round-robin",
+            Algorithm::Maglev => "maglev",
+        }
+    }
+
+    /// Parse a flag or annotation value (exact, lower case).
+    pub fn parse(s: &str) -> Result<Algorithm, String> {
+        Algorithm::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| {
+                format!("unknown load-balancing algorithm {s:?} (random, round-robin or maglev)")
+            })
+    }
+
+    /// The master flag that selects it in the datapath (`SVC_FLAG_ALG_*`; none for random).
+    pub const fn flag(self) -> u32 {
+        match self {
+            Algorithm::Random => 0,
+            Algorithm::RoundRobin => lb_common::SVC_FLAG_ALG_RR,
+            Algorithm::Maglev => lb_common::SVC_FLAG_ALG_MAGLEV,
+        }
+    }
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Algorithm::parse(s)
+    }
 }
 
 /// The API server's default NodePort range.
@@ -86,6 +152,7 @@ impl Default for Config {
             service_proxy_name: Some("xlb".to_string()),
             nodeport_addresses: Vec::new(),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
+            lb_algorithm: Algorithm::Random,
         }
     }
 }

@@ -119,7 +119,8 @@ fn new_frontend_writes_backends_first_then_members_then_slots_then_master() {
                     count: 2,
                     rev_nat_id: 1,
                     flags: SVC_FLAG_CLUSTER_IP,
-                    affinity_timeout: 0
+                    affinity_timeout: 0,
+                    table: 0
                 },
             ]
         )]
@@ -138,7 +139,8 @@ fn service_without_endpoints_gets_a_master_with_count_zero() {
             count: 0,
             rev_nat_id: 1,
             flags: SVC_FLAG_CLUSTER_IP,
-            affinity_timeout: 0
+            affinity_timeout: 0,
+            table: 0
         }]
     );
 }
@@ -177,7 +179,8 @@ fn added_endpoint_costs_one_backend_one_slot_and_the_master() {
                 count: 3,
                 rev_nat_id: 1,
                 flags: SVC_FLAG_CLUSTER_IP,
-                affinity_timeout: 0
+                affinity_timeout: 0,
+                table: 0
             },
         ]
     );
@@ -208,7 +211,8 @@ fn removed_endpoint_hole_is_filled_from_the_last_slot_and_its_backend_collected(
                 count: 3,
                 rev_nat_id: 1,
                 flags: SVC_FLAG_CLUSTER_IP,
-                affinity_timeout: 0
+                affinity_timeout: 0,
+                table: 0
             },
             MapOp::DeleteSlot {
                 frontend: web(),
@@ -333,7 +337,8 @@ fn backend_state_change_is_written_in_prepare() {
             count: 1,
             rev_nat_id: 1,
             flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_TERMINATING_FALLBACK,
-            affinity_timeout: 0
+            affinity_timeout: 0,
+            table: 0
         }]
     );
 }
@@ -380,7 +385,7 @@ fn removed_frontend_goes_master_first_then_slots_then_members_then_gc() {
             MapOp::DeleteBackend { id: 2 },
         ]
     );
-    assert_eq!(w.applied, Applied::default());
+    assert_eq!(w.applied, common::sim::empty_applied());
 }
 
 #[test]
@@ -431,7 +436,7 @@ fn type_change_removes_the_old_frontends_completely() {
         "t",
         json!({"type": "ExternalName", "externalName": "a.example"}),
     )));
-    assert_eq!(w.sim.to_applied(), Applied::default());
+    assert_eq!(w.sim.to_applied(), common::sim::empty_applied());
 }
 
 #[test]
@@ -512,7 +517,8 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
                 count: 3,
                 rev_nat_id: 1,
                 flags: SVC_FLAG_CLUSTER_IP,
-                affinity_timeout: 0
+                affinity_timeout: 0,
+                table: 0
             },
             MapOp::DeleteSlot {
                 frontend: f,
@@ -764,7 +770,8 @@ fn frontend_whose_master_is_gone_gets_a_new_id() {
                 count: 0,
                 rev_nat_id: 2,
                 flags: SVC_FLAG_CLUSTER_IP,
-                affinity_timeout: 0
+                affinity_timeout: 0,
+                table: 0
             }]
         )]
     );
@@ -799,7 +806,8 @@ fn read_back_masters_sharing_an_id_are_given_distinct_ids() {
                 count: 0,
                 rev_nat_id: 6,
                 flags: SVC_FLAG_CLUSTER_IP,
-                affinity_timeout: 0
+                affinity_timeout: 0,
+                table: 0
             }]
         )]
     );
@@ -918,6 +926,7 @@ fn failed_backend_write_blocks_the_frontend_that_would_make_it_a_member() {
     let only_member = Plan {
         prepare: p.prepare.clone(),
         frontends: vec![(web(), vec![member(1, "10.244.0.1")])],
+        unplanned: Vec::new(),
     };
     assert_eq!(
         only_member.blocked_by(&p.prepare, &w.applied),

@@ -13,6 +13,9 @@
 //! without local endpoints), and node renames (an empty name: nothing is local). The
 //! simulator also checks after every write that a TWO_SCOPES master has its SCOPE_INT entry,
 //! and that a master is flagged SOURCE_RANGES only once its desired ranges are in the trie.
+//! Services pick their algorithm by annotation (random, round-robin, Maglev, an invalid value):
+//! a Maglev master always names a whole table of members, and no table is written while a
+//! master names it.
 //!
 //! Faults: a fault-injecting store (`FaultStore`) fails writes, either at random or exactly one
 //! at a random position of a plan; after each failure every Service is whole, and the agent's
@@ -52,6 +55,8 @@ struct SvcSpec {
     lb: bool,
     /// loadBalancerSourceRanges: none, one, two, only invalid / IPv6 ones (fail closed).
     ranges: u8,
+    /// `xlb.io/lb-algorithm`: none, round-robin, maglev, an invalid value.
+    alg: u8,
 }
 
 /// One endpoint: pod index, readiness variant, on this node or not.
@@ -91,10 +96,24 @@ fn svc_spec() -> impl Strategy<Value = SvcSpec> {
         any::<bool>(),
         any::<bool>(),
         0..4u8,
+        0..4u8,
     )
         .prop_map(
-            |(node_port, ip, port_a, port_b, np, affinity, itp_local, etp_local, lb, ranges)| {
+            |(
+                node_port,
+                ip,
+                port_a,
+                port_b,
+                np,
+                affinity,
+                itp_local,
+                etp_local,
+                lb,
+                ranges,
+                alg,
+            )| {
                 SvcSpec {
+                    alg,
                     node_port,
                     ip,
                     port_a,
@@ -173,11 +192,12 @@ fn service(i: usize, s: &SvcSpec) -> k8s_openapi::api::core::v1::Service {
     } else {
         json!({})
     };
-    svc_full(
-        json!({"name": format!("s{i}"), "namespace": "default"}),
-        spec,
-        status,
-    )
+    let mut metadata = json!({"name": format!("s{i}"), "namespace": "default"});
+    let alg = ["", "round-robin", "maglev", "weighted"][usize::from(s.alg)];
+    if !alg.is_empty() {
+        metadata["annotations"] = json!({ "xlb.io/lb-algorithm": alg });
+    }
+    svc_full(metadata, spec, status)
 }
 
 fn endpoint_slice(j: usize, s: &SliceSpec) -> k8s_openapi::api::discovery::v1::EndpointSlice {
@@ -468,7 +488,7 @@ proptest! {
                 let mut store = FaultStore::fail_nth(&mut c.sim, n);
                 let report = execute(&mut store, &p, &mut c.applied);
                 prop_assert_eq!(store.injected().len(), 1);
-                let failed = store.injected()[0];
+                let failed = store.injected()[0].clone();
                 let gc_delete = matches!(failed, MapWrite::DeleteBackend(_)) && n >= p.op_count();
                 prop_assert_eq!(
                     report.is_clean(),
@@ -485,11 +505,12 @@ proptest! {
 
     /// A map that refuses every new entry of one kind (full): the frontends that need one are
     /// reported and stay consistent, every other touched frontend is written in full, and none
-    /// is ever half-written. Once the map has room, the agent's next plan repairs everything.
+    /// is ever half-written (a refused Maglev table write: a MAGLEV array that fails). Once the
+    /// map has room, the agent's next plan repairs everything.
     #[test]
     fn a_full_map_fails_only_the_frontends_that_need_room(
         steps in prop::collection::vec(event(), 1..15),
-        full in 0..4usize,
+        full in 0..5usize,
     ) {
         let mut c = World::new();
         for ev in steps {
@@ -500,6 +521,7 @@ proptest! {
                 (1, MapWrite::PutBackend(id, _)) => !before.backends.contains_key(id),
                 (2, MapWrite::PutMember(k, _)) => !before.members.contains_key(k),
                 (3, MapWrite::PutSrcRange(len, k)) => !before.src_ranges.contains(&(*len, *k)),
+                (4, MapWrite::PutMaglevTable(..)) => true,
                 _ => false,
             };
             let mut store = FaultStore::fail_matching(&mut c.sim, refuse);

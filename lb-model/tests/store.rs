@@ -93,6 +93,7 @@ fn each_op_is_encoded_as_one_entry_of_its_map() {
                 rev_nat_id: 9,
                 flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY,
                 affinity_timeout: 60,
+                table: 0,
             },
             MapWrite::PutService(
                 web().key(0),
@@ -109,6 +110,35 @@ fn each_op_is_encoded_as_one_entry_of_its_map() {
             MapOp::DeleteMaster { frontend: web() },
             MapWrite::DeleteService(web().key(0)),
         ),
+        (
+            // A Maglev master names its table in `backend_id`.
+            MapOp::PutMaster {
+                frontend: web(),
+                count: 2,
+                rev_nat_id: 9,
+                flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_ALG_MAGLEV,
+                affinity_timeout: 0,
+                table: 5,
+            },
+            MapWrite::PutService(
+                web().key(0),
+                ServiceValue {
+                    backend_id: 5,
+                    count: 2,
+                    rev_nat_id: 9,
+                    flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_ALG_MAGLEV,
+                    affinity_timeout: 0,
+                },
+            ),
+        ),
+        (
+            MapOp::PutMaglevTable {
+                table: 5,
+                backends: vec![3, 4],
+                entries: vec![3, 4, 4, 3, 3].into(),
+            },
+            MapWrite::PutMaglevTable(5, vec![3, 4, 4, 3, 3].into()),
+        ),
     ];
     for (op, want) in cases {
         assert_eq!(MapWrite::of(&op), want, "{op:?}");
@@ -118,6 +148,10 @@ fn each_op_is_encoded_as_one_entry_of_its_map() {
     assert_eq!(web().key(0).port, 80u16.to_be());
     assert_eq!(MapWrite::DeleteBackend(1).map_name(), map_names::BACKENDS);
     assert!(!MapWrite::DeleteBackend(1).is_put());
+    assert_eq!(
+        MapWrite::PutMaglevTable(0, vec![1].into()).map_name(),
+        map_names::MAGLEV
+    );
 }
 
 #[test]

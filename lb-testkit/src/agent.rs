@@ -112,6 +112,38 @@ pub struct AgentSpec {
     pub devices: Option<String>,
     /// `--xdp-mode`. None: the agent's default (native).
     pub xdp_mode: Option<XdpMode>,
+    /// `--socket-lb` and `--cgroup-path`. Always passed: [`SocketLb::Off`] by default, so a
+    /// test agent never attaches to the machine's root cgroup.
+    pub socket_lb: SocketLb,
+}
+
+/// Socket load balancing of a test agent (`--socket-lb`, `--cgroup-path`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SocketLb {
+    /// `--socket-lb off`.
+    #[default]
+    Off,
+    /// `--socket-lb host --cgroup-path PATH` (a [`crate::cgroup::TestCgroup`]'s path).
+    Host(PathBuf),
+    /// `--socket-lb all --cgroup-path PATH`.
+    All(PathBuf),
+}
+
+impl SocketLb {
+    /// The agent's arguments.
+    pub fn args(&self) -> Vec<String> {
+        let (mode, path) = match self {
+            SocketLb::Off => return vec!["--socket-lb".into(), "off".into()],
+            SocketLb::Host(p) => ("host", p),
+            SocketLb::All(p) => ("all", p),
+        };
+        vec![
+            "--socket-lb".into(),
+            mode.into(),
+            "--cgroup-path".into(),
+            path.display().to_string(),
+        ]
+    }
 }
 
 /// How the agent runs `from_net` on its external devices (`--xdp-mode`).
@@ -172,6 +204,7 @@ impl AgentSpec {
             node_name: None,
             devices: None,
             xdp_mode: None,
+            socket_lb: SocketLb::Off,
         }
     }
 }
@@ -246,6 +279,7 @@ impl Agent {
         if let Some(m) = self.spec.xdp_mode {
             cmd.args(["--xdp-mode", m.as_arg()]);
         }
+        cmd.args(self.spec.socket_lb.args());
         cmd.args(&self.spec.extra_args)
             // The log is a file that is read back: no colour sequences in it.
             .env("NO_COLOR", "1")
@@ -393,6 +427,11 @@ impl Agent {
 
     pub fn spec(&self) -> &AgentSpec {
         &self.spec
+    }
+
+    /// The spec the next [`Agent::spawn`] / [`Agent::restart`] uses (e.g. other flags).
+    pub fn spec_mut(&mut self) -> &mut AgentSpec {
+        &mut self.spec
     }
 
     /// The agent's `/metrics` page (Prometheus text), fetched inside the node's namespace.
@@ -712,6 +751,23 @@ pub fn find_frontend<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_agents_never_attach_socket_lb_to_the_root_cgroup_by_default() {
+        let ns_spec = SocketLb::default();
+        assert_eq!(ns_spec.args(), ["--socket-lb", "off"]);
+        let host = SocketLb::Host("/sys/fs/cgroup/unified/xlbt1-0-socklb".into());
+        assert_eq!(
+            host.args(),
+            [
+                "--socket-lb",
+                "host",
+                "--cgroup-path",
+                "/sys/fs/cgroup/unified/xlbt1-0-socklb"
+            ]
+        );
+        assert_eq!(SocketLb::All("/x".into()).args()[1], "all");
+    }
 
     #[test]
     fn parses_the_documented_inspect_json() {

@@ -311,6 +311,25 @@ fn connect_from(
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    connect_socket(fd, src_port, dst, timeout)
+}
+
+/// Connect the TCP socket `fd` (made anywhere, e.g. by [`crate::cgroup::TestCgroup::socket`])
+/// from `src_port` (SO_REUSEADDR) to `dst` within `timeout`; the stream is left blocking.
+pub fn connect_socket(
+    fd: OwnedFd,
+    src_port: Option<u16>,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: F_GETFL / F_SETFL on a valid descriptor.
+    unsafe {
+        let flags = libc::fcntl(raw, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     setsockopt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &1i32)?;
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     if let Some(port) = src_port {
@@ -419,4 +438,98 @@ impl TcpConn {
         self.send_line(line)?;
         self.recv_line()
     }
+}
+
+/// A host-network client of a node: its sockets are made by a process in the node's network
+/// namespace and in a test cgroup ([`crate::cgroup::TestCgroup::socket`]), so the socket load
+/// balancer attached to that cgroup translates them, and nothing else on the machine is
+/// touched. The test's own threads then use the sockets.
+#[derive(Clone, Copy, Debug)]
+pub struct HostClient<'a> {
+    pub ns: &'a NetNs,
+    pub cgroup: &'a crate::cgroup::TestCgroup,
+}
+
+/// What a host client got: the answer (serve-hostname's pod name) and who it came from as the
+/// client's kernel reports it (getpeername(2) for connected sockets, the source address of
+/// recvfrom(2) otherwise).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostAnswer {
+    pub text: String,
+    pub peer: SocketAddr,
+}
+
+impl<'a> HostClient<'a> {
+    pub fn new(ns: &'a NetNs, cgroup: &'a crate::cgroup::TestCgroup) -> Self {
+        HostClient { ns, cgroup }
+    }
+
+    fn socket(&self, ty: libc::c_int) -> Result<OwnedFd, ClientError> {
+        Ok(self.cgroup.socket(self.ns, ty)?)
+    }
+
+    /// A TCP connection to `dst` (connect within `timeout`), with read / write timeouts of
+    /// [`TIMEOUT`].
+    pub fn tcp_connect(
+        &self,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<TcpStream, ClientError> {
+        let SocketAddr::V4(dst) = dst else {
+            return Err(ClientError::Other("IPv4 only".into()));
+        };
+        let stream = connect_socket(self.socket(libc::SOCK_STREAM)?, None, dst, timeout)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        Ok(stream)
+    }
+
+    /// Connect to `dst`, read the greeting line; the peer is getpeername(2).
+    pub fn tcp_request(&self, dst: SocketAddr) -> Result<HostAnswer, ClientError> {
+        let stream = self.tcp_connect(dst, TIMEOUT)?;
+        let peer = stream.peer_addr()?;
+        let text = read_line(&mut BufReader::new(&stream))?;
+        Ok(HostAnswer { text, peer })
+    }
+
+    /// An unconnected UDP socket (bound to an ephemeral port on its first send), with a read
+    /// timeout of [`TIMEOUT`].
+    pub fn udp_socket(&self) -> Result<UdpSocket, ClientError> {
+        let sock = UdpSocket::from(self.socket(libc::SOCK_DGRAM)?);
+        sock.set_read_timeout(Some(TIMEOUT))?;
+        Ok(sock)
+    }
+
+    /// One datagram from a new unconnected socket (sendto / recvfrom); the peer is the
+    /// answer's source address.
+    pub fn udp_request(&self, dst: SocketAddr) -> Result<HostAnswer, ClientError> {
+        udp_exchange(&self.udp_socket()?, dst)
+    }
+
+    /// One datagram from a new socket connected to `dst`; the peer is getpeername(2), and the
+    /// answer's source must be the same.
+    pub fn udp_connected_request(&self, dst: SocketAddr) -> Result<HostAnswer, ClientError> {
+        let sock = self.udp_socket()?;
+        sock.connect(dst)?;
+        let peer = sock.peer_addr()?;
+        let answer = udp_exchange(&sock, dst)?;
+        if answer.peer != peer {
+            return Err(ClientError::Other(format!(
+                "getpeername says {peer}, the answer came from {}",
+                answer.peer
+            )));
+        }
+        Ok(answer)
+    }
+}
+
+/// Send one datagram to `dst` from `sock` and receive the answer with its source.
+pub fn udp_exchange(sock: &UdpSocket, dst: SocketAddr) -> Result<HostAnswer, ClientError> {
+    sock.send_to(b"hostname?", dst)?;
+    let mut buf = [0u8; 2048];
+    let (n, peer) = sock.recv_from(&mut buf)?;
+    Ok(HostAnswer {
+        text: String::from_utf8_lossy(&buf[..n]).trim_end().to_string(),
+        peer,
+    })
 }

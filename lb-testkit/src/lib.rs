@@ -7,6 +7,7 @@
 //! leaves behind is found by its name prefix and removed by [`cleanup_stale`].
 
 pub mod agent;
+pub mod cgroup;
 pub mod client;
 pub mod cluster;
 pub mod error;
@@ -21,9 +22,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use agent::{
     http_request, inspect_conntrack, inspect_services, inspect_stats, metric_sum, use_xlb_bin,
-    xlb_bin, Agent, AgentSpec, HttpResponse, InspectCt, InspectService, XdpMode,
+    xlb_bin, Agent, AgentSpec, HttpResponse, InspectCt, InspectService, SocketLb, XdpMode,
 };
-pub use client::{ClientError, Close, Dial, TcpConn, UdpConn};
+pub use cgroup::TestCgroup;
+pub use client::{ClientError, Close, Dial, HostAnswer, HostClient, TcpConn, UdpConn};
 pub use cluster::{Cluster, External, Node, Pod};
 pub use error::{Error, Result};
 pub use netns::NetNs;
@@ -55,9 +57,9 @@ fn embedded_pid(base: &str, name: &str) -> Option<i32> {
     name.strip_prefix(base)?.split('-').next()?.parse().ok()
 }
 
-/// Remove namespaces and pin directories named "<base><pid>-..." whose creating process is gone
-/// (crashed or killed test runs). Those of live processes are left alone, so concurrent runs are
-/// safe. Returns what was removed.
+/// Remove namespaces, pin directories and test cgroups named "<base><pid>-..." whose creating
+/// process is gone (crashed or killed test runs). Those of live processes are left alone, so
+/// concurrent runs are safe. Returns what was removed.
 pub fn cleanup_stale(base: &str) -> Vec<String> {
     let stale = |name: &str| embedded_pid(base, name).is_some_and(|pid| !pid_alive(pid));
     let mut removed = Vec::new();
@@ -71,6 +73,16 @@ pub fn cleanup_stale(base: &str) -> Vec<String> {
     {
         netns::delete_with_prefix(&ns);
         removed.push(ns);
+    }
+    for cg in cgroup::list_with_prefix(base) {
+        let name = cg
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if stale(&name) {
+            cgroup::remove_cgroup(&cg);
+            removed.push(cg.display().to_string());
+        }
     }
     removed
 }

@@ -19,6 +19,13 @@
 //!   removed it) fails with `ENOENT`: it is skipped and the batch goes on after it.
 //! - the walk is not a snapshot: entries added or removed meanwhile may be seen or missed, which is
 //!   fine for garbage collection (the next sweep gets them).
+//!
+//! [`array_update`] and [`array_lookup`] write and read a run of consecutive entries of an array
+//! map (`BPF_MAP_TYPE_ARRAY`) in one syscall per chunk (a Maglev table: 16381 entries in one
+//! `BPF_MAP_UPDATE_BATCH` instead of 16381 `BPF_MAP_UPDATE_ELEM`). The kernel's generic batch
+//! ops serve arrays: an update batch writes `keys[i] -> values[i]` in order; a lookup batch
+//! starts after the key `in_batch` points to (at index 0 without one) and returns `count`
+//! entries. Callers fall back to per-entry operations when [`is_unsupported`] says so.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -342,6 +349,91 @@ impl<K: Pod, V: Pod> BatchMap<K, V> {
     }
 }
 
+/// Write `values` to the entries `start, start + 1, ...` of the array map `map` (element size
+/// `size_of::<V>()`) with `BPF_MAP_UPDATE_BATCH`. On error nothing says how far it got.
+pub fn array_update<V: Pod>(map: &MapData, start: u32, values: &[V]) -> io::Result<()> {
+    let end = u64::from(start) + values.len() as u64;
+    if end > u64::from(u32::MAX) + 1 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "array indexes past u32::MAX"));
+    }
+    let keys: Vec<u32> = (0..values.len() as u32).map(|i| start + i).collect();
+    for (ks, vs) in keys.chunks(WRITE_CHUNK).zip(values.chunks(WRITE_CHUNK)) {
+        let mut attr = BatchAttr {
+            keys: ks.as_ptr() as u64,
+            values: vs.as_ptr() as u64,
+            count: ks.len() as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        if attr.count as usize != ks.len() {
+            return Err(io::Error::other(format!(
+                "batch update wrote {} of {} entries",
+                attr.count,
+                ks.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Read the `count` entries `start, start + 1, ...` of the array map `map` (element size
+/// `size_of::<V>()`) with `BPF_MAP_LOOKUP_BATCH`.
+pub fn array_lookup<V: Pod>(map: &MapData, start: u32, count: u32) -> io::Result<Vec<V>> {
+    let mut keys: Vec<u32> = Vec::with_capacity(count as usize);
+    let mut values: Vec<V> = Vec::with_capacity(count as usize);
+    // The cursor is the last key read: the walk continues after it.
+    let mut prev: u32 = start.wrapping_sub(1);
+    let mut out_token: u32 = 0;
+    let mut started = start > 0;
+    while (values.len() as u32) < count {
+        let want = (count - values.len() as u32).min(MAX_CHUNK);
+        let filled = values.len();
+        let mut attr = BatchAttr {
+            in_batch: if started { &prev as *const u32 as u64 } else { 0 },
+            out_batch: &mut out_token as *mut u32 as u64,
+            // SAFETY of the pointers: `reserve` below leaves room for `want` more entries.
+            keys: 0,
+            values: 0,
+            count: want,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        keys.reserve(want as usize);
+        values.reserve(want as usize);
+        // SAFETY: pointers into the spare capacity reserved above.
+        attr.keys = unsafe { keys.as_mut_ptr().add(filled) } as u64;
+        attr.values = unsafe { values.as_mut_ptr().add(filled) } as u64;
+        let res = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(want as usize);
+        // SAFETY: the kernel wrote `n` whole keys and values after the `filled` ones, and any
+        // byte pattern is a valid `Pod`.
+        unsafe {
+            keys.set_len(filled + n);
+            values.set_len(filled + n);
+        }
+        match res {
+            Ok(()) => {}
+            // The end of the array: fine only if everything asked for was read.
+            Err(e) if errno(&e) == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        if n == 0 {
+            break;
+        }
+        prev = out_token;
+        started = true;
+    }
+    if values.len() as u32 != count || keys.first().is_some_and(|k| *k != start) {
+        return Err(io::Error::other(format!(
+            "batch lookup read {} of {count} entries from {start}",
+            values.len()
+        )));
+    }
+    Ok(values)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
@@ -461,5 +553,49 @@ mod tests {
     #[ignore = "needs root"]
     fn per_entry_fallback_does_the_same() {
         exercise(9, true);
+    }
+
+    /// An array map (`BPF_MAP_TYPE_ARRAY`, u32 -> u32) of `max_entries`. Needs root.
+    fn create_array(max_entries: u32) -> io::Result<MapData> {
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        let attr = CreateAttr { map_type: 2, key_size: 4, value_size: 4, max_entries, map_flags: 0 };
+        // SAFETY: a valid BPF_MAP_CREATE attribute prefix of the size given.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_bpf, 0 as libc::c_long, &attr as *const CreateAttr, std::mem::size_of::<CreateAttr>())
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        MapData::from_fd(fd).map_err(|e| map_err("from_fd", e))
+    }
+
+    #[test]
+    #[ignore = "needs root"]
+    fn array_batches_write_and_read_runs_of_entries() {
+        let (m, tables) = (16_381u32, 3u32);
+        let map = create_array(m * tables).expect("creating a BPF array (needs root)");
+        for t in 0..tables {
+            let values: Vec<u32> = (0..m).map(|i| t * 100_000 + i).collect();
+            array_update(&map, t * m, &values).unwrap();
+        }
+        for t in [2, 0, 1] {
+            let got: Vec<u32> = array_lookup(&map, t * m, m).unwrap();
+            assert_eq!(got.len(), m as usize);
+            assert!(got.iter().enumerate().all(|(i, v)| *v == t * 100_000 + i as u32), "table {t}");
+        }
+        // Runs that end at the last entry, or go past it.
+        let tail: Vec<u32> = array_lookup(&map, m * tables - 5, 5).unwrap();
+        assert_eq!(tail, (m - 5..m).map(|i| 200_000 + i).collect::<Vec<_>>());
+        assert!(array_lookup::<u32>(&map, m * tables - 5, 6).is_err());
+        assert!(array_update(&map, m * tables - 1, &[1u32, 2]).is_err());
     }
 }

@@ -8,7 +8,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use lb_common::{
     ct_state, ip4_from, port_from, BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, CT_FORWARD, CT_F_FIN_FWD, CT_F_FIN_REV,
     CT_F_HAIRPIN, CT_F_SNAT, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_INT_LOCAL,
-    SVC_FLAG_DROP_NO_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_ALG_MAGLEV, SVC_FLAG_ALG_RR, SVC_FLAG_DROP_NO_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     SVC_FLAG_TERMINATING_FALLBACK, SVC_FLAG_TWO_SCOPES,
 };
 use lb_model::{Applied, Proto};
@@ -120,6 +120,8 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
         (SVC_FLAG_TWO_SCOPES, "two_scopes"),
         (SVC_FLAG_SOURCE_RANGES, "source_ranges"),
         (SVC_FLAG_DROP_NO_LOCAL, "drop_no_local"),
+        (SVC_FLAG_ALG_RR, "round_robin"),
+        (SVC_FLAG_ALG_MAGLEV, "maglev"),
     ]
     .into_iter()
     .filter(|(f, _)| flags & f != 0)

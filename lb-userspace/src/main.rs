@@ -84,6 +84,35 @@ struct AgentArgs {
     /// NodePort range.
     #[arg(long, default_value = SNAT_PORTS_DEFAULT, value_parser = lb_model::cidr::parse_port_range)]
     snat_port_range: (u16, u16),
+    /// Socket load balancing at the cgroup connect / sendmsg / recvmsg / getpeername hooks:
+    /// `host` translates the sockets of the node's own network namespace (host-network
+    /// processes: kubelet probes, hostNetwork pods, the node's tools), `all` pods' sockets too
+    /// (their connected sockets get the backend at connect time), `off` none. Keep `host` with
+    /// a service mesh that redirects at the socket layer (Istio ambient, sidecars): with `all`
+    /// the mesh would see the backend's address instead of the Service's.
+    #[arg(long, value_enum, default_value_t = datapath::SocketLb::Host)]
+    socket_lb: datapath::SocketLb,
+    /// The cgroup v2 directory the socket load balancing programs attach to: every process in
+    /// it or below is covered. Default: the cgroup v2 root (/sys/fs/cgroup, or
+    /// /sys/fs/cgroup/unified on hybrid hosts).
+    #[arg(long)]
+    cgroup_path: Option<PathBuf>,
+    /// How new flows pick a backend (after session affinity): `random`, `round-robin` (the
+    /// backends in turn, a per-CPU counter per frontend) or `maglev` (consistent hashing of the
+    /// client address, port and protocol: every node picks the same backend for a client, and a
+    /// backend change moves few clients). A Service's annotation `xlb.io/lb-algorithm` (same
+    /// values) overrides it.
+    #[arg(long, default_value = "random", value_parser = lb_model::Algorithm::parse)]
+    lb_algorithm: lb_model::Algorithm,
+    /// Entries per Maglev table (Maglev's M): a prime, much larger than a Service's backend
+    /// count (16381; 65537 for Services with hundreds of backends).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_M, value_parser = maglev_table_size)]
+    maglev_table_size: u32,
+    /// Maglev tables the datapath has room for (4 x table size bytes each). Frontends with the
+    /// same backends share a table; a frontend whose backends change needs a free one while it
+    /// switches. Fewer than the table size.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLES)]
+    maglev_tables: u32,
     /// Address for /metrics, /healthz and /readyz; "none" disables it.
     #[arg(long, default_value = "127.0.0.1:9477")]
     metrics_addr: String,
@@ -134,6 +163,15 @@ struct AgentArgs {
 
 /// `--snat-port-range`'s default, [`lb_common::DEFAULT_SNAT_PORTS`] (a test keeps them equal).
 const SNAT_PORTS_DEFAULT: &str = "61000-65535";
+
+/// `--maglev-table-size`: a prime.
+fn maglev_table_size(s: &str) -> Result<u32, String> {
+    let m: u32 = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    if !lb_model::maglev::is_prime(m) {
+        return Err(format!("{m} is not a prime (e.g. 16381 or 65537)"));
+    }
+    Ok(m)
+}
 
 /// A conntrack lifetime: whole seconds, at least 1.
 fn lifetime(s: &str) -> Result<u32, String> {
@@ -244,6 +282,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         args.ct_gc_max_interval
     );
     let snat_ports = check_snat_ports(args.snat_port_range, args.nodeport_range)?;
+    lb_model::maglev::Geometry::check(args.maglev_table_size, args.maglev_tables)
+        .map_err(|e| anyhow::anyhow!("--maglev-table-size / --maglev-tables: {e}"))?;
     let cfg = AgentConfig {
         pin_path: args.pin_path,
         pod_devices,
@@ -256,14 +296,18 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             service_proxy_name: Some(args.service_proxy_name),
             nodeport_addresses: args.nodeport_addresses,
             nodeport_range: args.nodeport_range,
+            lb_algorithm: args.lb_algorithm,
         },
         map_sizes: MapSizes {
             services: args.services_map_size,
             backends: args.backends_map_size,
             conntrack: args.conntrack_map_size,
+            maglev_tables: args.maglev_tables,
             ..MapSizes::default()
         },
         tick: Duration::from_millis(250),
+        socket_lb: args.socket_lb,
+        cgroup_path: args.cgroup_path,
         service_cidr: args.service_cidr,
         ct_timeouts: CtTimeouts {
             tcp_syn: args.ct_timeout_tcp_syn,
@@ -274,6 +318,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             udp_stream: args.ct_timeout_udp_stream,
         },
         snat_ports,
+        maglev_m: args.maglev_table_size,
         ct_gc: GcConfig {
             min_interval: args.ct_gc_min_interval,
             max_interval: args.ct_gc_max_interval,
@@ -349,6 +394,37 @@ mod tests {
             let err = agent_args(&[flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} accepted"));
             let msg = err.to_string();
             assert!(msg.contains(flag), "{flag} {value}: {msg}");
+        }
+    }
+
+    #[test]
+    fn socket_lb_flags_parse() {
+        let a = agent_args(&[]).unwrap();
+        assert_eq!(a.socket_lb, datapath::SocketLb::Host);
+        assert!(a.cgroup_path.is_none(), "no --cgroup-path: the cgroup v2 root");
+        let a = agent_args(&["--socket-lb", "all", "--cgroup-path", "/sys/fs/cgroup/unified/x"]).unwrap();
+        assert_eq!(a.socket_lb, datapath::SocketLb::All);
+        assert_eq!(a.cgroup_path.as_deref(), Some(std::path::Path::new("/sys/fs/cgroup/unified/x")));
+        assert_eq!(agent_args(&["--socket-lb", "off"]).unwrap().socket_lb, datapath::SocketLb::Off);
+        let err = agent_args(&["--socket-lb", "pods"]).err().expect("--socket-lb pods accepted");
+        assert!(err.to_string().contains("--socket-lb"), "{err}");
+    }
+
+    #[test]
+    fn algorithm_flags_parse() {
+        let a = agent_args(&[]).unwrap();
+        assert_eq!(a.lb_algorithm, lb_model::Algorithm::Random);
+        assert_eq!(a.maglev_table_size, 16_381);
+        assert_eq!(a.maglev_tables, 128);
+        let a = agent_args(&["--lb-algorithm", "maglev", "--maglev-table-size", "65537", "--maglev-tables", "8"])
+            .unwrap();
+        assert_eq!(a.lb_algorithm, lb_model::Algorithm::Maglev);
+        assert_eq!((a.maglev_table_size, a.maglev_tables), (65_537, 8));
+        let a = agent_args(&["--lb-algorithm", "round-robin"]).unwrap();
+        assert_eq!(a.lb_algorithm, lb_model::Algorithm::RoundRobin);
+        for (flag, value) in [("--lb-algorithm", "weighted"), ("--maglev-table-size", "16383"), ("--maglev-table-size", "x")] {
+            let err = agent_args(&[flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} accepted"));
+            assert!(err.to_string().contains(flag), "{flag} {value}: {err}");
         }
     }
 

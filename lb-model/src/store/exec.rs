@@ -33,7 +33,8 @@ impl ExecReport {
 
 /// Execute `plan` on `store`, strictly in order, recording every op that succeeded in `applied`:
 ///
-/// 1. `prepare` (backends); a failed one is reported, and the frontends that use it
+/// 0. the plan entries the planner could not plan ([`Plan::unplanned`]) are reported failed;
+/// 1. `prepare` (backends, then Maglev tables); a failed one is reported, and the frontends that use it
 ///    ([`Plan::blocked_by`]) are skipped whole and reported failed, so retrying them writes it
 ///    again;
 /// 2. each frontend's ops; the first failing op stops that frontend only (its master still
@@ -49,8 +50,14 @@ pub fn execute<S: MapStore + ?Sized>(
     applied: &mut Applied,
 ) -> ExecReport {
     let mut report = ExecReport::default();
+    // Entries the planner left out (no free Maglev table): nothing of them is written.
+    report.failed.extend(plan.unplanned.iter().cloned());
     let mut write = |op: &MapOp, applied: &mut Applied| -> Result<(), String> {
         tracing::debug!(?op, "map op");
+        if let MapOp::PutMaglevTable { table, .. } = op {
+            // Half-written if the write fails: its old content is no longer known.
+            applied.forget_table(*table);
+        }
         MapWrite::of(op)
             .apply_to(store)
             .map_err(|e| format!("{op:?}: {e}"))?;

@@ -6,6 +6,7 @@ use std::fmt;
 use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
 
 use super::{MapStore, MapWrite};
+use crate::maglev::Geometry;
 
 /// Picks the writes that fail: `rule(n, write)` for write number `n` (from 0).
 type Rule = Box<dyn FnMut(usize, &MapWrite) -> bool>;
@@ -83,7 +84,7 @@ impl<S> FaultStore<S> {
         let n = self.writes;
         self.writes += 1;
         if (self.rule)(n, &w) {
-            self.injected.push(w);
+            self.injected.push(w.clone());
             return Err(FaultError::Injected(w));
         }
         Ok(())
@@ -148,5 +149,19 @@ impl<S: MapStore> MapStore for FaultStore<S> {
     }
     fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<(), Self::Error> {
         self.inner.for_each_src_range(f).map_err(FaultError::Store)
+    }
+    fn maglev_geometry(&self) -> Geometry {
+        self.inner.maglev_geometry()
+    }
+    fn put_maglev_table(&mut self, table: u32, entries: &[u32]) -> Result<(), Self::Error> {
+        self.offer(MapWrite::PutMaglevTable(table, entries.into()))?;
+        self.inner
+            .put_maglev_table(table, entries)
+            .map_err(FaultError::Store)
+    }
+    fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, Self::Error> {
+        self.inner
+            .read_maglev_table(table)
+            .map_err(FaultError::Store)
     }
 }

@@ -7,8 +7,9 @@ use std::convert::Infallible;
 use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
 
 use super::MapStore;
+use crate::maglev::Geometry;
 
-/// The four maps as ordered maps. Never fails; wrap it in a [`super::FaultStore`] for failures.
+/// The maps as ordered maps. Never fails; wrap it in a [`super::FaultStore`] for failures.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemStore {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
@@ -18,6 +19,20 @@ pub struct MemStore {
     /// kernel's trie it does not fold keys that differ only after the prefix: xlb never
     /// writes such keys.
     pub src_ranges: BTreeSet<(u32, SrcRangeKey)>,
+    /// The MAGLEV array's shape (default: the agent's defaults; tests choose small tables).
+    pub maglev_geometry: Geometry,
+    /// MAGLEV, by table: the tables ever written (others read as zeros).
+    pub maglev: BTreeMap<u32, Vec<u32>>,
+}
+
+impl MemStore {
+    /// An empty store whose MAGLEV array has the shape `geometry`.
+    pub fn with_geometry(geometry: Geometry) -> Self {
+        MemStore {
+            maglev_geometry: geometry,
+            ..MemStore::default()
+        }
+    }
 }
 
 impl MapStore for MemStore {
@@ -76,5 +91,30 @@ impl MapStore for MemStore {
     fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<(), Infallible> {
         self.src_ranges.iter().for_each(|(len, k)| f(*len, k));
         Ok(())
+    }
+    fn maglev_geometry(&self) -> Geometry {
+        self.maglev_geometry
+    }
+    /// # Panics
+    /// On a table outside the array or entries of the wrong length (the kernel would refuse
+    /// them; xlb never writes them).
+    fn put_maglev_table(&mut self, table: u32, entries: &[u32]) -> Result<(), Infallible> {
+        let g = self.maglev_geometry;
+        assert!(
+            table < g.tables,
+            "Maglev table {table} outside the {} tables",
+            g.tables
+        );
+        assert_eq!(entries.len(), g.m as usize, "a Maglev table has M entries");
+        self.maglev.insert(table, entries.to_vec());
+        Ok(())
+    }
+    fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, Infallible> {
+        let m = self.maglev_geometry.m as usize;
+        Ok(self
+            .maglev
+            .get(&table)
+            .cloned()
+            .unwrap_or_else(|| vec![0; m]))
     }
 }

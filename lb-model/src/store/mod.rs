@@ -1,7 +1,8 @@
 //! The one contract between the control plane and the Service maps.
 //!
-//! - [`MapStore`]: put, delete and iterate the four maps the agent writes (SERVICES, BACKENDS,
-//!   MEMBERS, SRC_RANGES) with the `lb-common` key and value types. Like Cilium's `LBMaps`
+//! - [`MapStore`]: put, delete and iterate the maps the agent writes (SERVICES, BACKENDS,
+//!   MEMBERS, SRC_RANGES, and the Maglev tables of MAGLEV) with the `lb-common` key and value
+//!   types. Like Cilium's `LBMaps`
 //!   (`pkg/loadbalancer/maps`) it has a real implementation (aya maps, in lb-userspace's
 //!   `datapath::maps`, over a loaded object or over the pins), an in-memory fake ([`MemStore`])
 //!   and a fault-injecting wrapper ([`FaultStore`]).
@@ -26,9 +27,11 @@ use lb_common::{
     map_names, Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey,
 };
 
+use crate::maglev::{Entries, Geometry};
 use crate::planner::MapOp;
 
-/// The SERVICES, BACKENDS, MEMBERS and SRC_RANGES maps, as the agent writes and reads them back.
+/// The SERVICES, BACKENDS, MEMBERS, SRC_RANGES and MAGLEV maps, as the agent writes and reads
+/// them back.
 ///
 /// SRC_RANGES is an LPM trie whose key is `{prefix_len: u32, data: SrcRangeKey}` (aya's
 /// `lpm_trie::Key<SrcRangeKey>`); the methods take the two parts, so this crate needs no aya.
@@ -70,6 +73,14 @@ pub trait MapStore {
     ) -> Result<(), Self::Error>;
     /// Every SRC_RANGES entry `(prefix_len, key)`, in the map's order.
     fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<(), Self::Error>;
+
+    /// The MAGLEV array's shape: `tables` tables of `m` entries.
+    fn maglev_geometry(&self) -> Geometry;
+    /// Write Maglev table `table` (`< tables`) whole: `entries` holds `m` backend ids. Only
+    /// ever called for a table no master names.
+    fn put_maglev_table(&mut self, table: u32, entries: &[u32]) -> Result<(), Self::Error>;
+    /// The `m` entries of Maglev table `table` (`< tables`); an entry never written reads 0.
+    fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, Self::Error>;
 }
 
 impl<S: MapStore + ?Sized> MapStore for &mut S {
@@ -113,10 +124,19 @@ impl<S: MapStore + ?Sized> MapStore for &mut S {
     fn for_each_src_range(&self, f: &mut dyn FnMut(u32, &SrcRangeKey)) -> Result<(), S::Error> {
         (**self).for_each_src_range(f)
     }
+    fn maglev_geometry(&self) -> Geometry {
+        (**self).maglev_geometry()
+    }
+    fn put_maglev_table(&mut self, table: u32, entries: &[u32]) -> Result<(), S::Error> {
+        (**self).put_maglev_table(table, entries)
+    }
+    fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, S::Error> {
+        (**self).read_maglev_table(table)
+    }
 }
 
 /// One map write: a [`MapOp`] as the entry it puts or the key it deletes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapWrite {
     PutService(ServiceKey, ServiceValue),
     DeleteService(ServiceKey),
@@ -127,6 +147,8 @@ pub enum MapWrite {
     /// SRC_RANGES: (prefix length, key data).
     PutSrcRange(u32, SrcRangeKey),
     DeleteSrcRange(u32, SrcRangeKey),
+    /// MAGLEV: table index, its entries.
+    PutMaglevTable(u32, Entries),
 }
 
 impl MapWrite {
@@ -165,10 +187,11 @@ impl MapWrite {
                 rev_nat_id,
                 flags,
                 affinity_timeout,
+                table,
             } => MapWrite::PutService(
                 frontend.key(0),
                 ServiceValue {
-                    backend_id: 0,
+                    backend_id: table,
                     count,
                     rev_nat_id,
                     flags,
@@ -184,6 +207,9 @@ impl MapWrite {
                 let (len, key) = frontend.src_range_key(range);
                 MapWrite::DeleteSrcRange(len, key)
             }
+            MapOp::PutMaglevTable {
+                table, ref entries, ..
+            } => MapWrite::PutMaglevTable(table, entries.clone()),
         }
     }
 
@@ -198,6 +224,7 @@ impl MapWrite {
             MapWrite::DeleteMember(k) => store.delete_member(k),
             MapWrite::PutSrcRange(len, k) => store.put_src_range(*len, k),
             MapWrite::DeleteSrcRange(len, k) => store.delete_src_range(*len, k),
+            MapWrite::PutMaglevTable(t, e) => store.put_maglev_table(*t, e),
         }
     }
 
@@ -208,6 +235,7 @@ impl MapWrite {
             MapWrite::PutBackend(..) | MapWrite::DeleteBackend(_) => map_names::BACKENDS,
             MapWrite::PutMember(..) | MapWrite::DeleteMember(_) => map_names::MEMBERS,
             MapWrite::PutSrcRange(..) | MapWrite::DeleteSrcRange(..) => map_names::SRC_RANGES,
+            MapWrite::PutMaglevTable(..) => map_names::MAGLEV,
         }
     }
 
@@ -219,6 +247,7 @@ impl MapWrite {
                 | MapWrite::PutBackend(..)
                 | MapWrite::PutMember(..)
                 | MapWrite::PutSrcRange(..)
+                | MapWrite::PutMaglevTable(..)
         )
     }
 }

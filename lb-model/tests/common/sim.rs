@@ -9,6 +9,11 @@
 //! `SVC_FLAG_TWO_SCOPES` always has its `SCOPE_INT` master (pods are never sent to a missing
 //! entry), and a master with `SVC_FLAG_SOURCE_RANGES` never misses a source range the desired
 //! state wants ([`Sim::expect`]): the ranges go in before the flag and out after it.
+//!
+//! Maglev tables: a master that names a table (`SVC_FLAG_ALG_MAGLEV` with backends) always
+//! names a table inside the array that was written whole, every entry an existing backend that
+//! is a member of the frontend; and a table is never written while a master names it. The
+//! simulated array is small (M = 13, [`SIM_GEOMETRY`]), so tables run out in some tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -17,6 +22,7 @@ use lb_common::{
     Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey, SCOPE_EXT, SCOPE_INT,
     SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
+use lb_model::maglev::{self, Geometry};
 use lb_model::store::{execute, ExecReport, FaultStore, MapStore, MapWrite, MemStore};
 use lb_model::{Applied, BackendAddr, ClusterState, DesiredState, Frontend, Plan, ReadBack};
 
@@ -29,16 +35,31 @@ pub struct World {
     pub sim: Sim,
 }
 
+/// The simulated MAGLEV array: 64 tables of 13 entries.
+pub const SIM_GEOMETRY: Geometry = Geometry { m: 13, tables: 64 };
+
+/// What the agent reads back from empty maps of the simulated shape.
+pub fn empty_applied() -> Applied {
+    Sim::with_geometry(SIM_GEOMETRY).to_applied()
+}
+
 impl World {
     pub fn new() -> World {
+        World::with_geometry(SIM_GEOMETRY)
+    }
+
+    /// A world whose MAGLEV array has the shape `g`.
+    pub fn with_geometry(g: Geometry) -> World {
+        let sim = Sim::with_geometry(g);
         World {
             state: ClusterState {
                 node: super::node(),
                 ..Default::default()
             },
             desired: DesiredState::default(),
-            applied: Applied::default(),
-            sim: Sim::default(),
+            // What the agent reads back from its (empty) maps at start.
+            applied: sim.to_applied(),
+            sim,
         }
     }
 }
@@ -80,6 +101,14 @@ fn range_frontend(k: &SrcRangeKey) -> (u32, u16, u8) {
 }
 
 impl Sim {
+    /// Empty maps with a MAGLEV array of the shape `g`.
+    pub fn with_geometry(g: Geometry) -> Sim {
+        Sim {
+            maps: MemStore::with_geometry(g),
+            ..Sim::default()
+        }
+    }
+
     /// The desired state the next plans head for: a flagged master must never miss one of
     /// its source ranges.
     pub fn expect(&mut self, desired: &DesiredState) {
@@ -157,8 +186,55 @@ impl Sim {
             if let Some(other) = ids.insert(v.rev_nat_id, fe) {
                 return Err(format!("{fe} and {other} share id {}", v.rev_nat_id));
             }
+            if maglev::names_table(v.flags, v.count) {
+                self.check_table(&fe, v.backend_id)?;
+            }
         }
         Ok(())
+    }
+
+    /// Maglev table `t` of the master of `fe` is inside the array, written whole, and every
+    /// entry names an existing backend that is a member of `fe`.
+    fn check_table(&self, fe: &Frontend, t: u32) -> Result<(), String> {
+        let m = &self.maps;
+        let g = m.maglev_geometry;
+        if t >= g.tables {
+            return Err(format!("{fe}: table {t} outside the {} tables", g.tables));
+        }
+        let entries = m
+            .maglev
+            .get(&t)
+            .ok_or(format!("{fe}: names table {t}, never written"))?;
+        if entries.len() != g.m as usize {
+            return Err(format!("{fe}: table {t} has {} entries", entries.len()));
+        }
+        let ids: BTreeSet<u32> = entries.iter().copied().collect();
+        for id in ids {
+            let b = m
+                .backends
+                .get(&id)
+                .ok_or(format!("{fe}: table {t} -> missing backend {id}"))?;
+            let mb = m
+                .members
+                .get(&fe.member_key(id))
+                .ok_or(format!("{fe}: table {t} -> backend {id} is no member"))?;
+            if (mb.addr, mb.port) != (b.addr, b.port) {
+                return Err(format!("{fe}: member {id} has another address: {mb:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The masters that name Maglev table `t`.
+    pub fn table_users(&self, t: u32) -> Vec<Frontend> {
+        self.maps
+            .services
+            .iter()
+            .filter(|(k, v)| {
+                k.slot == 0 && maglev::names_table(v.flags, v.count) && v.backend_id == t
+            })
+            .map(|(k, _)| Frontend::from_key(k).unwrap())
+            .collect()
     }
 
     /// The source-range order, checked before a write: a master is written with
@@ -221,13 +297,19 @@ impl Sim {
         if let Err(e) = order {
             panic!("source ranges out of order at {w:?}: {e}");
         }
-        match w {
+        if let MapWrite::PutMaglevTable(t, _) = &w {
+            let users = self.table_users(*t);
+            if !users.is_empty() {
+                panic!("Maglev table {t} written while {users:?} name it");
+            }
+        }
+        match &w {
             MapWrite::PutBackend(id, _) => {
-                let new = !self.maps.backends.contains_key(&id);
-                first_use(&mut self.used_backend_ids, id, new, "backend");
+                let new = !self.maps.backends.contains_key(id);
+                first_use(&mut self.used_backend_ids, *id, new, "backend");
             }
             MapWrite::PutService(k, v) if k.slot == 0 => {
-                let held = self.maps.services.get(&k).map(|old| old.rev_nat_id);
+                let held = self.maps.services.get(k).map(|old| old.rev_nat_id);
                 first_use(
                     &mut self.used_rev_nat_ids,
                     v.rev_nat_id,
@@ -276,6 +358,25 @@ impl Sim {
                 != (st.backends.len(), st.flags, st.affinity_timeout)
             {
                 return Err(format!("{fe}: master {master:?} != {st:?}"));
+            }
+            if maglev::names_table(master.flags, master.count) {
+                // The table holds exactly the Maglev table of the desired backends.
+                let t = master.backend_id;
+                let ids: Vec<(BackendAddr, u32)> = (1..=master.count)
+                    .map(|slot| {
+                        let id = m.services[&fe.key(slot as u16)].backend_id;
+                        (BackendAddr::from_map(&m.backends[&id]).unwrap(), id)
+                    })
+                    .collect();
+                let want = maglev::table(&ids, m.maglev_geometry.m);
+                if m.maglev.get(&t) != Some(&want) {
+                    return Err(format!("{fe}: table {t} is not the table of its backends"));
+                }
+            } else if master.backend_id != 0 {
+                return Err(format!(
+                    "{fe}: master without a table has backend_id {}",
+                    master.backend_id
+                ));
             }
             let mut got = Vec::new();
             for slot in 1..=master.count {
@@ -387,5 +488,14 @@ impl MapStore for Sim {
         f: &mut dyn FnMut(&MemberKey, &MemberValue),
     ) -> Result<(), Infallible> {
         self.maps.for_each_member(f)
+    }
+    fn maglev_geometry(&self) -> Geometry {
+        self.maps.maglev_geometry
+    }
+    fn put_maglev_table(&mut self, table: u32, entries: &[u32]) -> Result<(), Infallible> {
+        self.checked(MapWrite::PutMaglevTable(table, entries.into()))
+    }
+    fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, Infallible> {
+        self.maps.read_maglev_table(table)
     }
 }

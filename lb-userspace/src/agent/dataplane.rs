@@ -14,7 +14,7 @@ use lb_model::{Applied, Plan};
 
 use super::AgentConfig;
 use crate::ct_gc::{self, CtGc, SweepReport};
-use crate::datapath::{Datapath, LoadOptions, PinnedMaps};
+use crate::datapath::{default_cgroup_path, own_netns_cookie, Datapath, LoadOptions, PinnedMaps, SocketLb};
 use crate::devices::{DeviceSelection, Interfaces, Selected};
 
 /// How many devices have their programs attached.
@@ -69,8 +69,26 @@ impl BpfDataplane {
     /// Load the programs with the maps pinned under `cfg.pin_path` (reusing an earlier agent's),
     /// and read back what the maps hold (never flushed: a restart only writes what differs).
     pub fn open(cfg: &AgentConfig) -> anyhow::Result<(Self, Applied)> {
-        let opts =
-            LoadOptions { sizes: cfg.map_sizes.clone(), service_cidr: cfg.service_cidr, ct_timeouts: cfg.ct_timeouts, snat_ports: cfg.snat_ports, ..LoadOptions::default() };
+        // `--socket-lb host`: the socket hooks translate only sockets of this (the agent's, the
+        // node's) network namespace.
+        let host_netns_cookie = match cfg.socket_lb {
+            SocketLb::Host => own_netns_cookie()
+                .context("reading the network namespace cookie (SO_NETNS_COOKIE, Linux 5.14) for --socket-lb host")?,
+            SocketLb::All | SocketLb::Off => 0,
+        };
+        let opts = LoadOptions {
+            sizes: cfg.map_sizes.clone(),
+            service_cidr: cfg.service_cidr,
+            ct_timeouts: cfg.ct_timeouts,
+            snat_ports: cfg.snat_ports,
+            maglev_m: cfg.maglev_m,
+            host_netns_cookie,
+        };
+        // A pinned MAGLEV array of another shape cannot serve the programs loaded now (they
+        // index it with this M): a new one is created and the tables restored into it below.
+        let maglev = lb_model::maglev::Geometry { m: cfg.maglev_m, tables: cfg.map_sizes.maglev_tables };
+        let stale_maglev = PinnedMaps::unpin_stale_maglev(&cfg.pin_path, maglev)
+            .context("checking the pinned Maglev tables")?;
         let mut datapath = Datapath::open_with_options(&cfg.pin_path, &opts)
             .with_context(|| format!("opening the datapath at {}", cfg.pin_path.display()))?;
         if !matches!(cfg.devices, DeviceSelection::None) {
@@ -82,7 +100,22 @@ impl BpfDataplane {
                 )
             })?;
         }
-        let applied = datapath.read_applied().context("reading the pinned maps back")?;
+        attach_socket_lb(&mut datapath, cfg, host_netns_cookie)?;
+        let mut applied = datapath.read_applied().context("reading the pinned maps back")?;
+        if let Some(old) = stale_maglev {
+            // No program reads the new array yet: the tables the masters name go in place.
+            let plan = lb_model::planner::restore_tables(&applied);
+            let report = datapath.execute(&plan, &mut applied);
+            tracing::warn!(
+                old_table_size = old.m,
+                old_tables = old.tables,
+                table_size = maglev.m,
+                tables = maglev.tables,
+                restored = plan.prepare.len(),
+                failed = report.prepare_failed.len(),
+                "the Maglev tables had another shape: created a new array and rebuilt the tables in use"
+            );
+        }
         tracing::info!(
             pin_path = %cfg.pin_path.display(),
             frontends = applied.frontends.len(),
@@ -103,6 +136,36 @@ impl BpfDataplane {
         };
         Ok((dp, applied))
     }
+}
+
+/// Socket load balancing as `--socket-lb` says: the cgroup programs loaded and attached to
+/// `--cgroup-path` (swapped into the links an earlier agent pinned), or their links removed.
+fn attach_socket_lb(datapath: &mut Datapath, cfg: &AgentConfig, netns_cookie: u64) -> anyhow::Result<()> {
+    if cfg.socket_lb == SocketLb::Off {
+        let n = datapath.detach_sock();
+        if n > 0 {
+            tracing::info!(links = n, "--socket-lb off: socket load balancing links removed");
+        }
+        return Ok(());
+    }
+    let cgroup = match &cfg.cgroup_path {
+        Some(p) => p.clone(),
+        None => default_cgroup_path().context(
+            "no cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified: pass --cgroup-path, \
+             or --socket-lb off (host-network clients then do not reach Services)",
+        )?,
+    };
+    datapath.load_sock().context("loading the socket load balancing programs")?;
+    datapath
+        .attach_sock(&cgroup)
+        .with_context(|| format!("attaching socket load balancing to {} (--cgroup-path)", cgroup.display()))?;
+    tracing::info!(
+        mode = cfg.socket_lb.name(),
+        cgroup = %cgroup.display(),
+        netns_cookie,
+        "socket load balancing attached"
+    );
+    Ok(())
 }
 
 impl Dataplane for BpfDataplane {

@@ -65,10 +65,18 @@ pub struct AgentConfig {
     pub ct_timeouts: lb_common::CtTimeouts,
     /// SNAT source ports of flows from outside to backends on other nodes (a load-time global).
     pub snat_ports: lb_common::PortRange,
+    /// Entries per Maglev table (`--maglev-table-size`, a prime; a load-time global). The
+    /// number of tables is `map_sizes.maglev_tables`.
+    pub maglev_m: u32,
     /// Conntrack sweeper settings.
     pub ct_gc: GcConfig,
     /// How often to look for new pod devices and retry failed frontends.
     pub tick: Duration,
+    /// Socket load balancing (`--socket-lb`): which sockets the cgroup hooks translate.
+    pub socket_lb: crate::datapath::SocketLb,
+    /// The cgroup v2 directory the socket-LB programs attach to (`--cgroup-path`); None: the
+    /// cgroup v2 root ([`crate::datapath::default_cgroup_path`]).
+    pub cgroup_path: Option<PathBuf>,
 }
 
 /// Open the datapath, serve the metrics, and run the agent on `events` until the source closes

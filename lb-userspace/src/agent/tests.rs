@@ -72,8 +72,11 @@ fn config() -> AgentConfig {
         service_cidr: None,
         ct_timeouts: CtTimeouts::DEFAULT,
         snat_ports: lb_common::DEFAULT_SNAT_PORTS,
+        maglev_m: lb_common::DEFAULT_MAGLEV_M,
         ct_gc: GcConfig::default(),
         tick: Duration::from_millis(250),
+        socket_lb: crate::datapath::SocketLb::Off,
+        cgroup_path: None,
     }
 }
 

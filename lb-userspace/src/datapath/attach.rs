@@ -1,7 +1,8 @@
 //! Attaching the programs as pinned links: `from_pod` / `to_pod` on pod devices (TCX), and
 //! `from_net_xdp` (XDP), `from_net` (tc ingress) and `to_net` (tc egress) on the external
 //! devices; forgetting vanished devices, detaching devices that are no longer external, the
-//! `DEVICES` map, and `xlb cleanup`.
+//! `DEVICES` map, and `xlb cleanup` (which also removes the socket-LB cgroup links of
+//! [`super::socklb`]).
 //!
 //! Every link is pinned under `PIN/links/<ifindex>-<ifname>-<hook>`. A restarted agent finds the
 //! pins and swaps its freshly loaded programs into them with `bpf_link_update` (aya's
@@ -358,6 +359,10 @@ impl Datapath {
         if let Ok(rd) = fs::read_dir(self.pins.links()) {
             for entry in rd.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
+                // The socket-LB links belong to a cgroup, not to a device.
+                if name.starts_with(super::socklb::PIN_PREFIX) {
+                    continue;
+                }
                 let keep = parse_link_pin(&name)
                     .map(|(idx, ifname, _)| present.get(&idx).map(String::as_str) == Some(ifname))
                     .unwrap_or(false);
@@ -389,14 +394,15 @@ fn device_flags(mode: XdpMode, ifname: &str) -> u32 {
 }
 
 /// Parse a link pin file name `<ifindex>-<ifname>-<hook>`.
-fn parse_link_pin(name: &str) -> Option<(u32, &str, Hook)> {
+pub(super) fn parse_link_pin(name: &str) -> Option<(u32, &str, Hook)> {
     let (idx, rest) = name.split_once('-')?;
     let (ifname, hook) = rest.rsplit_once('-')?;
     Some((idx.parse().ok()?, ifname, Hook::from_suffix(hook)?))
 }
 
-/// Detach everything xlb attached under `pin_path` (pod and external devices, TCX and XDP links)
-/// and remove all its pins (maps of earlier versions included). Safe to run twice.
+/// Detach everything xlb attached under `pin_path` (pod and external devices, TCX and XDP links,
+/// the socket-LB cgroup links) and remove all its pins (maps of earlier versions included). Safe
+/// to run twice.
 pub fn cleanup(pin_path: &Path) -> Result<usize> {
     let pins = PinLayout::new(pin_path);
     let mut removed = 0;

@@ -134,6 +134,7 @@ pub fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<()> {
         let prog = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
         let loaded = match prog {
             aya::programs::Program::Xdp(xdp) => xdp.load(),
+            aya::programs::Program::CgroupSockAddr(sock) => sock.load(),
             other => {
                 let tc: &mut SchedClassifier = other
                     .try_into()

@@ -2,32 +2,58 @@
 //! maps ([`ObjectMaps`], what the agent executes plans on and reads back at start) or over the
 //! pins ([`PinnedMaps`], for `xlb inspect`, metrics and tests).
 //!
-//! The Service maps are SERVICES, BACKENDS, MEMBERS (hashes) and SRC_RANGES (an LPM trie,
+//! The Service maps are SERVICES, BACKENDS, MEMBERS (hashes), SRC_RANGES (an LPM trie,
 //! created with `BPF_F_NO_PREALLOC` as the kernel requires, keyed by aya's
-//! `lpm_trie::Key<SrcRangeKey>`).
+//! `lpm_trie::Key<SrcRangeKey>`) and MAGLEV (an array of `tables * M` backend ids). A Maglev
+//! table is written and read with one batch syscall ([`crate::bpf_batch::array_update`]),
+//! or entry by entry on a kernel without batch operations on arrays. The array's shape comes
+//! from its length ([`Geometry::from_len`]: M is the largest prime factor), so the pins alone
+//! describe it (`xlb inspect`), whatever `--maglev-table-size` the agent was started with.
 
 use std::borrow::BorrowMut;
 use std::path::Path;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
 use aya::Ebpf;
 use lb_common::{
     map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, MemberKey, MemberValue,
     ServiceKey, ServiceValue, SrcRangeKey, Stat, STAT_COUNT,
 };
+use lb_model::maglev::Geometry;
 use lb_model::store::MapStore;
 use lb_model::{Applied, ReadBack};
 
 use super::{Error, PinLayout, Result};
 
-/// SERVICES, BACKENDS, MEMBERS and SRC_RANGES as a [`MapStore`], borrowed from an
+/// SERVICES, BACKENDS, MEMBERS, SRC_RANGES and MAGLEV as a [`MapStore`], borrowed from an
 /// [`ObjectMaps`] (`T = &mut MapData`) or a [`PinnedMaps`] (`T = MapData`).
 pub struct AyaStore<'m, T> {
     services: &'m mut HashMap<T, ServiceKey, ServiceValue>,
     backends: &'m mut HashMap<T, u32, Backend>,
     members: &'m mut HashMap<T, MemberKey, MemberValue>,
     src_ranges: &'m mut LpmTrie<T, SrcRangeKey, u8>,
+    maglev: &'m mut Array<T, u32>,
+    geometry: Geometry,
+}
+
+/// The shape of a MAGLEV array from its length.
+fn geometry_of<T: std::borrow::Borrow<MapData>>(a: &Array<T, u32>) -> Result<Geometry> {
+    Geometry::from_len(a.len()).ok_or(Error::Map {
+        name: map_names::MAGLEV,
+        source: MapError::InvalidName { name: "MAGLEV array of length 0".into() },
+    })
+}
+
+/// The array index range of Maglev table `table`, checked against the array.
+fn table_range(g: Geometry, table: u32) -> Result<u32> {
+    if table >= g.tables {
+        return Err(Error::Map {
+            name: map_names::MAGLEV,
+            source: MapError::OutOfBounds { index: table.saturating_mul(g.m), max_entries: g.m * g.tables },
+        });
+    }
+    Ok(table * g.m)
 }
 
 /// The SRC_RANGES value of every entry (the trie is a set: presence is the answer).
@@ -107,6 +133,49 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
         }
         Ok(())
     }
+    fn maglev_geometry(&self) -> Geometry {
+        self.geometry
+    }
+    fn put_maglev_table(&mut self, table: u32, entries: &[u32]) -> Result<()> {
+        let start = table_range(self.geometry, table)?;
+        if entries.len() != self.geometry.m as usize {
+            return Err(Error::Map {
+                name: map_names::MAGLEV,
+                source: MapError::InvalidValueSize { size: entries.len(), expected: self.geometry.m as usize },
+            });
+        }
+        match crate::bpf_batch::array_update(IterableMap::map(&*self.maglev), start, entries) {
+            Ok(()) => return Ok(()),
+            Err(e) if crate::bpf_batch::is_unsupported(&e) => {
+                tracing::debug!(error = %e, "no batch update on arrays; writing the Maglev table entry by entry");
+            }
+            Err(e) => return Err(batch_err(e)),
+        }
+        for (i, id) in entries.iter().enumerate() {
+            self.maglev.set(start + i as u32, id, 0).map_err(map_err(map_names::MAGLEV))?;
+        }
+        Ok(())
+    }
+    fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>> {
+        let start = table_range(self.geometry, table)?;
+        let m = self.geometry.m;
+        match crate::bpf_batch::array_lookup(IterableMap::map(&*self.maglev), start, m) {
+            Ok(v) => return Ok(v),
+            Err(e) if crate::bpf_batch::is_unsupported(&e) => {}
+            Err(e) => return Err(batch_err(e)),
+        }
+        (start..start + m)
+            .map(|i| self.maglev.get(&i, 0).map_err(map_err(map_names::MAGLEV)))
+            .collect()
+    }
+}
+
+/// A batch syscall's error as a map error of MAGLEV.
+fn batch_err(e: std::io::Error) -> Error {
+    Error::Map {
+        name: map_names::MAGLEV,
+        source: MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_batch", io_error: e }),
+    }
 }
 
 /// The Service maps of a loaded object (pinned or not), typed.
@@ -115,6 +184,9 @@ pub struct ObjectMaps<'a> {
     pub backends: HashMap<&'a mut MapData, u32, Backend>,
     pub members: HashMap<&'a mut MapData, MemberKey, MemberValue>,
     pub src_ranges: LpmTrie<&'a mut MapData, SrcRangeKey, u8>,
+    pub maglev: Array<&'a mut MapData, u32>,
+    /// MAGLEV's shape (from its length).
+    pub maglev_geometry: Geometry,
 }
 
 impl<'a> ObjectMaps<'a> {
@@ -123,12 +195,14 @@ impl<'a> ObjectMaps<'a> {
         let mut backends = None;
         let mut members = None;
         let mut src_ranges = None;
+        let mut maglev = None;
         for (name, map) in ebpf.maps_mut() {
             match name {
                 n if n == map_names::SERVICES => services = Some(map),
                 n if n == map_names::BACKENDS => backends = Some(map),
                 n if n == map_names::MEMBERS => members = Some(map),
                 n if n == map_names::SRC_RANGES => src_ranges = Some(map),
+                n if n == map_names::MAGLEV => maglev = Some(map),
                 _ => {}
             }
         }
@@ -141,12 +215,17 @@ impl<'a> ObjectMaps<'a> {
         ) -> Result<HashMap<&'m mut MapData, K, V>> {
             HashMap::try_from(found(name, m)?).map_err(map_err(name))
         }
+        let maglev: Array<&mut MapData, u32> =
+            Array::try_from(found(map_names::MAGLEV, maglev)?).map_err(map_err(map_names::MAGLEV))?;
+        let maglev_geometry = geometry_of(&maglev)?;
         Ok(ObjectMaps {
             services: typed(map_names::SERVICES, services)?,
             backends: typed(map_names::BACKENDS, backends)?,
             members: typed(map_names::MEMBERS, members)?,
             src_ranges: LpmTrie::try_from(found(map_names::SRC_RANGES, src_ranges)?)
                 .map_err(map_err(map_names::SRC_RANGES))?,
+            maglev,
+            maglev_geometry,
         })
     }
 
@@ -156,6 +235,8 @@ impl<'a> ObjectMaps<'a> {
             backends: &mut self.backends,
             members: &mut self.members,
             src_ranges: &mut self.src_ranges,
+            maglev: &mut self.maglev,
+            geometry: self.maglev_geometry,
         }
     }
 }
@@ -171,6 +252,9 @@ pub struct PinnedMaps {
     pub src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
     pub frags: HashMap<MapData, FragKey, FragValue>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub maglev: Array<MapData, u32>,
+    /// MAGLEV's shape (from its length).
+    pub maglev_geometry: Geometry,
 }
 
 fn open_pinned(pins: &PinLayout, name: &'static str) -> Result<Map> {
@@ -187,7 +271,11 @@ impl PinnedMaps {
                 open_pinned(&pins, $name)?.try_into().map_err(map_err($name))?
             };
         }
+        let maglev: Array<MapData, u32> = typed!(map_names::MAGLEV);
+        let maglev_geometry = geometry_of(&maglev)?;
         Ok(PinnedMaps {
+            maglev,
+            maglev_geometry,
             services: typed!(map_names::SERVICES),
             backends: typed!(map_names::BACKENDS),
             conntrack: typed!(map_names::CONNTRACK),
@@ -206,6 +294,37 @@ impl PinnedMaps {
             backends: &mut self.backends,
             members: &mut self.members,
             src_ranges: &mut self.src_ranges,
+            maglev: &mut self.maglev,
+            geometry: self.maglev_geometry,
+        }
+    }
+
+    /// The shape of the MAGLEV array pinned under `pin_path`; None when none is pinned.
+    pub fn pinned_maglev_geometry(pin_path: &Path) -> Result<Option<Geometry>> {
+        let path = PinLayout::new(pin_path).map(map_names::MAGLEV);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let data = MapData::from_pin(&path).map_err(map_err(map_names::MAGLEV))?;
+        let len = data.info().map_err(map_err(map_names::MAGLEV))?.max_entries();
+        Ok(Geometry::from_len(len))
+    }
+
+    /// Unpin the MAGLEV array under `pin_path` when its shape is not `want` (another
+    /// `--maglev-table-size` or `--maglev-tables` than the agent that created it), so the next
+    /// load creates one of the wanted shape: the programs index it with the load-time M, so a
+    /// pinned array of another M must not be reused. The programs still attached keep the old
+    /// array until the new ones replace them. Returns the old shape when it unpinned it; the
+    /// caller then restores the tables the masters name into the new array
+    /// (`lb_model::planner::restore_tables`) before the new programs are attached.
+    pub fn unpin_stale_maglev(pin_path: &Path, want: Geometry) -> Result<Option<Geometry>> {
+        match Self::pinned_maglev_geometry(pin_path)? {
+            Some(old) if old != want => {
+                let path = PinLayout::new(pin_path).map(map_names::MAGLEV);
+                std::fs::remove_file(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+                Ok(Some(old))
+            }
+            _ => Ok(None),
         }
     }
 

@@ -9,14 +9,17 @@
 //! links/<ifindex>-<ifname>-<hook>   TCX and XDP links: programs stay attached when the agent exits
 //!     hook: from_pod, to_pod (pod devices); from_net, to_net, from_net_xdp_native or
 //!     from_net_xdp_generic (external devices)
+//! links/cgroup-<program>    socket-LB cgroup links (--socket-lb host|all, on --cgroup-path):
+//!     sock_connect4, sock_sendmsg4, sock_recvmsg4, sock_getpeername4
 //! ```
 //! On restart the agent loads fresh program instances and swaps them into the pinned links with
-//! `bpf_link_update` (aya's `attach_to_link`, TCX and XDP links alike): atomic, so no packet
-//! misses a program.
+//! `bpf_link_update` (aya's `attach_to_link` for TCX and XDP links, a raw `BPF_LINK_UPDATE` for
+//! the cgroup links): atomic, so no packet and no connect() misses a program.
 
 mod attach;
 mod load;
 mod maps;
+mod socklb;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -32,6 +35,7 @@ pub use attach::{cleanup, Hook};
 pub use lb_model::store::ExecReport;
 pub use load::{check_bpffs, load_programs, service_cidr_words, LoadOptions, MapSizes};
 pub use maps::{AyaStore, ObjectMaps, PinnedMaps};
+pub use socklb::{cgroup_id, default_cgroup_path, is_cgroup2, own_netns_cookie, query_cgroup, SockHook, SocketLb};
 
 #[derive(Debug, Error)]
 pub enum Error {

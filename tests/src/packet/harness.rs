@@ -263,6 +263,10 @@ impl TestDatapath {
                 prog_names::FROM_NET,
                 prog_names::FROM_NET_XDP,
                 prog_names::TO_NET,
+                prog_names::SOCK_CONNECT4,
+                prog_names::SOCK_SENDMSG4,
+                prog_names::SOCK_RECVMSG4,
+                prog_names::SOCK_GETPEERNAME4,
             ],
         )
         .map_err(|e| anyhow!("{e}"))?;
@@ -270,11 +274,41 @@ impl TestDatapath {
             ebpf.map(name)
                 .with_context(|| format!("map {name} missing from the object"))?;
         }
+        // The Maglev tables' shape is the loaded array's (as the agent's read-back finds it).
+        let mut applied = Applied::default();
+        applied.maglev.geometry = ObjectMaps::of(&mut ebpf)
+            .map_err(|e| anyhow!("{e}"))?
+            .maglev_geometry;
         Ok(TestDatapath {
             ebpf,
-            applied: Applied::default(),
+            applied,
             desired: DesiredState::default(),
         })
+    }
+
+    /// Attaches the socket load balancing programs (`sock_connect4`, `sock_sendmsg4`,
+    /// `sock_recvmsg4`, `sock_getpeername4`) to the cgroup v2 directory `cgroup`. The links are
+    /// not pinned: they are detached when this datapath is dropped. BPF_PROG_TEST_RUN does not
+    /// run cgroup sock_addr programs, so they are tested through real sockets of the cgroup.
+    pub fn attach_sock(&mut self, cgroup: &std::path::Path) -> Result<()> {
+        for name in lb_userspace::datapath::SockHook::progs() {
+            let prog: &mut aya::programs::CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name}"))?
+                .try_into()?;
+            let dir = std::fs::File::open(cgroup)
+                .with_context(|| format!("opening {}", cgroup.display()))?;
+            prog.attach(dir, aya::programs::CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The `SOCK_REV` entries (written by the socket programs).
+    pub fn sock_rev(&mut self) -> Result<Vec<(lb_common::SockRevKey, lb_common::SockRevValue)>> {
+        let map = self.hash::<lb_common::SockRevKey, lb_common::SockRevValue>(map_names::SOCK_REV)?;
+        Ok(map.iter().collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Runs program `name` on `frame`.
@@ -515,6 +549,31 @@ impl TestDatapath {
         let report = lb_model::store::execute(&mut maps.store(), p, &mut self.applied);
         ensure!(report.is_clean(), "programming the maps: {report:?}");
         Ok(())
+    }
+
+    /// What the maps hold, as the executor recorded it (the agent's `Applied`): e.g. the Maglev
+    /// table a frontend's master names (`frontends[..].table`).
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+
+    /// The entries of Maglev table `table`, read from the `MAGLEV` map.
+    pub fn maglev_table(&mut self, table: u32) -> Result<Vec<u32>> {
+        use lb_model::store::MapStore as _;
+        let mut maps = ObjectMaps::of(&mut self.ebpf).map_err(|e| anyhow!("{e}"))?;
+        let entries = maps.store().read_maglev_table(table).map_err(|e| anyhow!("{e}"))?;
+        Ok(entries)
+    }
+
+    /// The round-robin counters (`RR`) of frontend `rev_nat_id`, one per CPU (None: no entry).
+    pub fn rr_counters(&mut self, rev_nat_id: u32) -> Result<Option<Vec<u32>>> {
+        let map = self.ebpf.map_mut(map_names::RR).context("RR map")?;
+        let rr = aya::maps::PerCpuHashMap::<&mut MapData, u32, u32>::try_from(map)?;
+        match rr.get(&rev_nat_id, 0) {
+            Ok(v) => Ok(Some(v.iter().copied().collect())),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The conntrack entries (written by the datapath).
