@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lb_testkit::{Agent, AgentSpec, Cluster, NetNs, Pod};
+use lb_testkit::{Agent, AgentSpec, Cluster, NetNs, Pod, SocketLb};
 
 use crate::rules::{ExternalSpec, ExtraPort, SetSpec, NODE};
 use crate::traffic::{GREET_PORT, SINK_PORT};
@@ -191,6 +191,18 @@ impl Bed {
         timeout: Duration,
         xdp_mode: &str,
     ) -> anyhow::Result<Agent> {
+        self.start_agent_socklb(manifests, timeout, xdp_mode, SocketLb::Off)
+    }
+
+    /// [`Bed::start_agent`] with socket load balancing `socket_lb` (`--socket-lb`,
+    /// `--cgroup-path`; [`SocketLb::Off`] for every other row).
+    pub fn start_agent_socklb(
+        &self,
+        manifests: &Path,
+        timeout: Duration,
+        xdp_mode: &str,
+        socket_lb: SocketLb,
+    ) -> anyhow::Result<Agent> {
         let node = self.cluster.node(1);
         let args = [
             "--node-name",
@@ -202,13 +214,14 @@ impl Bed {
             "--ct-timeout-tcp-close",
             "1",
         ];
-        start_agent(
+        start_agent_spec(
             &node.ns,
             manifests,
             &node.pin_path(),
             &self.scratch().join("agent.log"),
             timeout,
             &args.map(String::from),
+            socket_lb,
         )
     }
 
@@ -234,8 +247,22 @@ pub fn start_agent(
     timeout: Duration,
     extra: &[String],
 ) -> anyhow::Result<Agent> {
+    start_agent_spec(netns, manifests, pin, log, timeout, extra, SocketLb::Off)
+}
+
+/// [`start_agent`] with `--socket-lb` / `--cgroup-path` from `socket_lb`.
+fn start_agent_spec(
+    netns: &NetNs,
+    manifests: &Path,
+    pin: &Path,
+    log: &Path,
+    timeout: Duration,
+    extra: &[String],
+    socket_lb: SocketLb,
+) -> anyhow::Result<Agent> {
     let mut spec = AgentSpec::new(netns, manifests, pin, log);
     spec.extra_args = extra.to_vec();
+    spec.socket_lb = socket_lb;
     spec.ready_timeout = timeout;
     spec.log_filter = Some("info".into());
     spec.abandon = Some(crate::interrupt::interrupted);

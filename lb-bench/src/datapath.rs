@@ -10,6 +10,15 @@
 //! the pod itself through node1 (no translation). xlb runs from_net as native XDP (the agent's
 //! default), and in further agent runs at the same size in the other `--xdp-mode`s of the plan
 //! (generic XDP; `off`: tc ingress only).
+//!
+//! Socket load balancing (issue 11) has a bed of its own ([`Mode::XlbSocket`]): at each size a
+//! fresh agent with `--socket-lb all` translates the client pod's sockets at connect time (no
+//! per-packet NAT, no conntrack), then one with `--socket-lb host` serves a host-network client
+//! in node1's namespace ([`XLB_SOCKLB_HOST`], next to that client connecting to the pod itself,
+//! [`DIRECT_HOST`], measured on the direct bed). The programs are attached to a dedicated child
+//! cgroup that holds the benchmark process only while those rows are measured
+//! ([`crate::socklb`]); the datapath's `sock_translated` counter must account for every
+//! connection, so a row can never silently measure the tc path.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -21,20 +30,26 @@ use crate::bed::{Backend, Bed};
 use crate::control::{endpoint_changes, ChangeResults};
 use crate::netfilter::{Installed, NfMode};
 use crate::rules::{xlb_dir, ServiceSet, SERVICE_PORT};
+use crate::socklb::BenchCgroup;
 use crate::traffic::{conn_rate, request, stream, ConnResult, SINK_PORT};
+use lb_testkit::{NetNs, SocketLb};
 
 /// What translates the client's traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// No translation: the client connects to a pod IP.
     Direct,
+    /// xlb's tc path (`--socket-lb off`): from_pod / to_pod translate every packet.
     Xlb,
+    /// xlb's socket load balancing: `--socket-lb all` for the client pod, and `--socket-lb
+    /// host` for a host-network client ([`XLB_SOCKLB_HOST`]).
+    XlbSocket,
     Netfilter(NfMode),
 }
 
 impl Mode {
     pub fn all() -> Vec<Mode> {
-        let mut v = vec![Mode::Direct, Mode::Xlb];
+        let mut v = vec![Mode::Direct, Mode::Xlb, Mode::XlbSocket];
         v.extend(NfMode::ALL.map(Mode::Netfilter));
         v
     }
@@ -42,8 +57,32 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Xlb => "xlb",
+            Mode::XlbSocket => "xlb-socklb",
             Mode::Netfilter(m) => m.label(),
         }
+    }
+}
+
+/// The rows of a host-network client (node1's namespace): to a pod directly...
+pub const DIRECT_HOST: &str = "direct-host";
+/// ...and to the ClusterIP through `--socket-lb host`.
+pub const XLB_SOCKLB_HOST: &str = "xlb-socklb-host";
+
+/// Every label of the ClusterIP rows, in table and plot order.
+pub fn row_labels() -> Vec<&'static str> {
+    let mut v = vec![Mode::Direct.label(), DIRECT_HOST];
+    v.extend([Mode::Xlb, Mode::XlbSocket].map(Mode::label));
+    v.push(XLB_SOCKLB_HOST);
+    v.extend(NfMode::ALL.map(NfMode::label));
+    v
+}
+
+/// The no-translation row a ClusterIP row is compared with: the same client to a pod.
+pub fn baseline_of(label: &str) -> &'static str {
+    if label == DIRECT_HOST || label == XLB_SOCKLB_HOST {
+        DIRECT_HOST
+    } else {
+        Mode::Direct.label()
     }
 }
 
@@ -100,8 +139,9 @@ impl DpPlan {
     /// Progress steps of [`run`].
     pub fn steps(&self) -> usize {
         let modes = Mode::all().len();
-        // A ClusterIP point and an external point per mode and size, the extra xlb agents'
-        // external points, the endpoint changes.
+        // A ClusterIP point and an external point per mode and size (for the socket-LB bed:
+        // the pod and the host-network client's points), the extra xlb agents' external
+        // points, the endpoint changes.
         self.sizes.len() * (2 * modes + self.xdp_modes.len().saturating_sub(1)) + 1
     }
 }
@@ -170,6 +210,11 @@ fn run_mode(
     progress: &mut impl FnMut(&str),
 ) -> anyhow::Result<()> {
     let bed = Bed::new()?;
+    // After the bed, so dropped before it (the agents are stopped inside the loop).
+    let cgroup = match mode {
+        Mode::XlbSocket => Some(BenchCgroup::create(&crate::bed::unique_prefix())?),
+        _ => None,
+    };
     let largest = plan.sizes.iter().copied().max().unwrap_or(1);
     for &n in plan.sizes {
         let set = ServiceSet::generate(&bed.set_spec(n));
@@ -177,31 +222,39 @@ fn run_mode(
         let svc: SocketAddr = SocketAddrV4::new(probe.cluster_ip, SERVICE_PORT).into();
         let svc_stream: SocketAddr = SocketAddrV4::new(probe.cluster_ip, SINK_PORT).into();
         let names: Vec<&str> = bed.backends[..3].iter().map(|p| p.name.as_str()).collect();
-        let measure = |target: SocketAddr| -> anyhow::Result<ConnResult> {
-            // The translated path must reach one of the probe's pods before it is timed.
-            let greeting = bed
-                .client
-                .ns
+        // From `client` (a namespace): the translated path must reach one of the probe's pods
+        // before it is timed.
+        let measure_from = |client: &NetNs, target: SocketAddr| -> anyhow::Result<ConnResult> {
+            let greeting = client
                 .run(|| request(target))?
                 .with_context(|| format!("first request to {target}"))?;
             if !names.contains(&greeting.as_str()) {
                 bail!("{target} answered {greeting:?}, not one of {names:?}");
             }
-            conn_rate(&bed.client.ns, target, plan.point, plan.max_requests)
+            conn_rate(client, target, plan.point, plan.max_requests)
+        };
+        let measure = |target: SocketAddr| measure_from(&bed.client.ns, target);
+        let row_as = |res: &mut DpResults,
+                      label: &str,
+                      progress: &mut dyn FnMut(&str),
+                      conn: ConnResult,
+                      setup_s: f64,
+                      rss: Option<f64>| {
+            res.rows.push(DpRow {
+                mode: label.into(),
+                services: n,
+                conn,
+                setup_s,
+                agent_rss_mib: rss,
+            });
+            progress(&format!("{label} at {n} Services"));
         };
         let row = |res: &mut DpResults,
                    progress: &mut dyn FnMut(&str),
                    conn: ConnResult,
                    setup_s: f64,
                    rss: Option<f64>| {
-            res.rows.push(DpRow {
-                mode: mode.label().into(),
-                services: n,
-                conn,
-                setup_s,
-                agent_rss_mib: rss,
-            });
-            progress(&format!("{} at {n} Services", mode.label()));
+            row_as(res, mode.label(), progress, conn, setup_s, rss)
         };
         // The external rows of `label`: `target(backend)` is what the external client dials.
         // A failure is recorded and the run goes on (the ClusterIP rows do not depend on it).
@@ -234,6 +287,19 @@ fn run_mode(
             Mode::Direct => {
                 let conn = measure(bed.direct(0))?;
                 row(res, progress, conn, 0.0, None);
+                // The host-network client's baseline (no progress step of its own).
+                match measure_from(bed.node(), bed.direct(0)) {
+                    Ok(conn) => res.rows.push(DpRow {
+                        mode: DIRECT_HOST.into(),
+                        services: n,
+                        conn,
+                        setup_s: 0.0,
+                        agent_rss_mib: None,
+                    }),
+                    Err(e) => res
+                        .errors
+                        .push(format!("{DIRECT_HOST} at {n} Services: {e:#}")),
+                }
                 external(res, mode.label(), progress, &|b| bed.direct_external(b));
                 if n == largest {
                     let direct = SocketAddrV4::new(bed.backends[0].ip, SINK_PORT).into();
@@ -280,6 +346,54 @@ fn run_mode(
                 }
                 let _ = std::fs::remove_dir_all(&dir);
             }
+            Mode::XlbSocket => {
+                let cg = cgroup.as_ref().expect("created for this mode");
+                let dir = bed.scratch().join(format!("manifests-{n}"));
+                xlb_dir::write_all(&set, &dir)?;
+                let xdp = plan.xdp_modes.first().copied().unwrap_or(XdpMode::Native);
+                // Pods' sockets, translated at connect time.
+                let agent = bed.start_agent_socklb(
+                    &dir,
+                    Duration::from_secs(300),
+                    xdp.arg(),
+                    SocketLb::All(cg.path().to_path_buf()),
+                )?;
+                let conn = through_sockets(&bed, cg, || measure(svc))?;
+                row(
+                    res,
+                    progress,
+                    conn,
+                    agent.ready_after.as_secs_f64(),
+                    agent.rss_mib(),
+                );
+                drop(agent);
+                // A host-network client in node1's namespace (`--socket-lb host`, the default).
+                let host = bed
+                    .start_agent_socklb(
+                        &dir,
+                        Duration::from_secs(300),
+                        xdp.arg(),
+                        SocketLb::Host(cg.path().to_path_buf()),
+                    )
+                    .and_then(|agent| {
+                        let conn = through_sockets(&bed, cg, || measure_from(bed.node(), svc))?;
+                        Ok((conn, agent))
+                    });
+                match host {
+                    Ok((conn, agent)) => {
+                        let (setup, rss) = (agent.ready_after.as_secs_f64(), agent.rss_mib());
+                        drop(agent);
+                        row_as(res, XLB_SOCKLB_HOST, progress, conn, setup, rss);
+                    }
+                    Err(e) => {
+                        crate::interrupt::check()?;
+                        res.errors
+                            .push(format!("{XLB_SOCKLB_HOST} at {n} Services: {e:#}"));
+                        progress(&format!("{XLB_SOCKLB_HOST} at {n} Services"));
+                    }
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+            }
             Mode::Netfilter(m) => {
                 let rules = Installed::apply(bed.node().name(), m, &m.render(&set))?;
                 conntrack_friendly(&bed);
@@ -295,6 +409,41 @@ fn run_mode(
         crate::interrupt::check()?;
     }
     Ok(())
+}
+
+/// Run `measure` with this process inside the socket-LB cgroup `cg` (its client sockets are
+/// created there), and check that the agent's socket programs translated every connection it
+/// made (`sock_translated`), so the row is the socket path and not the tc path.
+fn through_sockets(
+    bed: &Bed,
+    cg: &BenchCgroup,
+    measure: impl FnOnce() -> anyhow::Result<ConnResult>,
+) -> anyhow::Result<ConnResult> {
+    let before = sock_translated(bed)?;
+    let conn = {
+        let _inside = cg.enter()?;
+        measure()?
+    };
+    let translated = sock_translated(bed)? - before;
+    if translated < conn.requests as u64 {
+        bail!(
+            "sock_translated rose by {translated} over {} connections: the sockets were not \
+             translated at connect time",
+            conn.requests
+        );
+    }
+    Ok(conn)
+}
+
+/// The datapath's `sock_translated` counter of node1's agent.
+fn sock_translated(bed: &Bed) -> anyhow::Result<u64> {
+    let maps = lb_userspace::datapath::PinnedMaps::open(&bed.pin_path())
+        .context("opening the agent's maps")?;
+    Ok(maps
+        .stats()?
+        .into_iter()
+        .find(|(s, _)| *s == lb_common::Stat::SockTranslated)
+        .map_or(0, |(_, v)| v))
 }
 
 /// Connection rate from the external client to `target`, which must first answer with the name
@@ -357,12 +506,63 @@ fn conntrack_friendly(bed: &Bed) {
 mod tests {
     use super::*;
 
+    /// The socket-LB rows end to end at one Service: the client pod through `--socket-lb all`
+    /// and a host-network client through `--socket-lb host`, every connection translated at
+    /// connect time (checked by [`through_sockets`]); the cgroup is gone afterwards and the
+    /// process back where it was.
+    #[test]
+    #[ignore = "needs root"]
+    fn socket_lb_rows_translate_every_connection_and_leave_no_cgroup() {
+        let _serial = crate::root_test();
+        let bed = Bed::new().unwrap();
+        let set = ServiceSet::generate(&bed.set_spec(1));
+        let dir = bed.scratch().join("manifests");
+        xlb_dir::write_all(&set, &dir).unwrap();
+        let probe = set.probe();
+        let svc: SocketAddr = SocketAddrV4::new(probe.cluster_ip, SERVICE_PORT).into();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let path;
+        {
+            let cg = BenchCgroup::create(&crate::bed::unique_prefix()).unwrap();
+            path = cg.path().to_path_buf();
+            for (lb, client) in [
+                (SocketLb::All(path.clone()), &bed.client.ns),
+                (SocketLb::Host(path.clone()), bed.node()),
+            ] {
+                let agent = bed
+                    .start_agent_socklb(&dir, Duration::from_secs(30), "native", lb.clone())
+                    .unwrap();
+                let r = through_sockets(&bed, &cg, || {
+                    conn_rate(client, svc, Duration::from_millis(300), 2_000)
+                })
+                .unwrap();
+                eprintln!("{lb:?}: {:.0} conn/s, {} errors", r.conns_per_s, r.errors);
+                assert!(r.requests > 50 && r.errors == 0, "{r:?}");
+                drop(agent);
+            }
+            // Outside the cgroup the socket programs see nothing: the tc path (off) would
+            // translate the pod's connections, so the check refuses them.
+            let agent = bed
+                .start_agent_socklb(&dir, Duration::from_secs(30), "native", SocketLb::Off)
+                .unwrap();
+            let err = through_sockets(&bed, &cg, || {
+                conn_rate(&bed.client.ns, svc, Duration::from_millis(100), 200)
+            })
+            .unwrap_err();
+            assert!(format!("{err:#}").contains("not translated"), "{err:#}");
+            drop(agent);
+        }
+        assert!(!path.exists(), "{} left behind", path.display());
+        assert_eq!(std::fs::read_to_string("/proc/self/cgroup").unwrap(), own);
+    }
+
     /// The external bed end to end with xlb, from_net in native XDP and in tc: both NodePort
     /// Services answer the external client (remote flows SNATed by node1), and a burst of
     /// connections costs no datapath drop. Prints the datapath counters (cumulative per agent).
     #[test]
     #[ignore = "needs root"]
     fn external_bed_with_xlb_serves_both_nodeports_without_drops() {
+        let _serial = crate::root_test();
         let plan = DpPlan {
             sizes: &[1],
             point: Duration::from_millis(500),

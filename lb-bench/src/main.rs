@@ -12,6 +12,7 @@ mod plot;
 mod report;
 mod results;
 mod rules;
+mod socklb;
 mod stats;
 mod sweep;
 mod targets;
@@ -256,4 +257,13 @@ fn ensure_xlb_binary() -> anyhow::Result<()> {
         std::fs::canonicalize(target.join("release/xlb")).context("locating target/release/xlb")?;
     lb_testkit::use_xlb_bin(&bin)?;
     Ok(())
+}
+
+/// Root tests of this crate run one at a time: the socket-LB test moves the whole test process
+/// into a cgroup whose socket programs translate every connection to its Services, which would
+/// reach the sockets of a root test running beside it.
+#[cfg(test)]
+pub(crate) fn root_test() -> std::sync::MutexGuard<'static, ()> {
+    static ROOT_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ROOT_TEST.lock().unwrap_or_else(|e| e.into_inner())
 }

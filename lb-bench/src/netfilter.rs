@@ -182,6 +182,7 @@ mod tests {
     #[test]
     #[ignore = "needs root"]
     fn generated_rules_check_apply_and_remove_in_a_throwaway_netns() {
+        let _serial = crate::root_test();
         let set = set();
         let ns = lb_testkit::NetNs::create(&format!("xlbb{}-unit-nf", std::process::id())).unwrap();
         for mode in NfMode::ALL {

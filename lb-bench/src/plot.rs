@@ -5,7 +5,6 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::datapath::Mode;
 use crate::results::Results;
 
 type Series = Vec<(String, Vec<(f64, f64)>)>;
@@ -15,16 +14,16 @@ pub fn draw_all(r: &Results, out: &Path) -> Vec<(String, anyhow::Error)> {
     let mut charts: Vec<(&str, &str, &str, Series)> = Vec::new();
     if let Some(d) = &r.datapath {
         let per_mode = |f: &dyn Fn(&crate::datapath::DpRow) -> f64| -> Series {
-            Mode::all()
+            crate::datapath::row_labels()
                 .into_iter()
-                .map(|m| {
+                .map(|label| {
                     let pts = d
                         .rows
                         .iter()
-                        .filter(|row| row.mode == m.label())
+                        .filter(|row| row.mode == label)
                         .map(|row| (row.services as f64, f(row)))
                         .collect();
-                    (m.label().to_string(), pts)
+                    (label.to_string(), pts)
                 })
                 .filter(|(_, pts): &(String, Vec<(f64, f64)>)| !pts.is_empty())
                 .collect()

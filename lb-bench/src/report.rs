@@ -175,6 +175,19 @@ pub fn render(r: &Results) -> String {
 
     if let Some(d) = &r.datapath {
         let _ = writeln!(md, "## New connections to the last Service (one sequential client, fresh connection per request, SO_LINGER 0)\n");
+        let labels = crate::datapath::row_labels();
+        if d.rows.iter().any(|r| r.mode.starts_with("xlb-socklb")) {
+            let _ = writeln!(
+                md,
+                "xlb: the tc path (`--socket-lb off`, from_pod / to_pod translate every packet). \
+                 xlb-socklb: `--socket-lb all`, the client pod's socket gets a backend at connect(2) \
+                 (no per-packet NAT, no conntrack). Host-network client in node1's namespace: \
+                 direct-host to the pod, xlb-socklb-host to the ClusterIP with `--socket-lb host`; \
+                 its \"vs direct\" is to direct-host. The socket programs are attached to a child \
+                 cgroup holding the benchmark while these rows run; every connection is counted \
+                 in `sock_translated`.\n"
+            );
+        }
         let _ = writeln!(
             md,
             "| Services | mode | conn/s | vs direct | p50 µs | p99 µs | errors | setup s |"
@@ -184,12 +197,22 @@ pub fn render(r: &Results) -> String {
         sizes.sort_unstable();
         sizes.dedup();
         for n in sizes {
-            let direct = d
-                .rows
-                .iter()
-                .find(|r| r.services == n && r.mode == "direct")
-                .map(|r| r.conn.conns_per_s);
-            for row in d.rows.iter().filter(|r| r.services == n) {
+            let baseline = |mode: &str| {
+                let base = crate::datapath::baseline_of(mode);
+                d.rows
+                    .iter()
+                    .find(|r| r.services == n && r.mode == base)
+                    .map(|r| r.conn.conns_per_s)
+            };
+            let mut rows: Vec<_> = d.rows.iter().filter(|r| r.services == n).collect();
+            rows.sort_by_key(|r| {
+                labels
+                    .iter()
+                    .position(|l| *l == r.mode)
+                    .unwrap_or(usize::MAX)
+            });
+            for row in rows {
+                let direct = baseline(&row.mode);
                 let _ = writeln!(
                     md,
                     "| {n} | {} | {:.0} | {} | {:.0} | {:.0} | {} | {:.2} |",
@@ -485,6 +508,48 @@ mod tests {
             md.contains("- per-packet, external path: tc at 10 Services: boom"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn socket_lb_rows_sit_after_xlb_and_host_rows_compare_to_the_host_baseline() {
+        use crate::datapath::{DpResults, DpRow};
+        use crate::traffic::ConnResult;
+        let row = |mode: &str, rate: f64| DpRow {
+            mode: mode.into(),
+            services: 1000,
+            conn: ConnResult {
+                conns_per_s: rate,
+                ..Default::default()
+            },
+            setup_s: 0.0,
+            agent_rss_mib: None,
+        };
+        let r = Results {
+            datapath: Some(DpResults {
+                rows: vec![
+                    row("direct", 1000.0),
+                    row("direct-host", 2000.0),
+                    row("xlb", 900.0),
+                    row("nftables", 800.0),
+                    row("xlb-socklb", 990.0),
+                    row("xlb-socklb-host", 1900.0),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let md = render(&r);
+        let at = |s: &str| md.find(s).unwrap_or_else(|| panic!("{s} missing:\n{md}"));
+        let order = [
+            at("| 1000 | direct | 1000 | 1.00x |"),
+            at("| 1000 | direct-host | 2000 | 1.00x |"),
+            at("| 1000 | xlb | 900 | 0.90x |"),
+            at("| 1000 | xlb-socklb | 990 | 0.99x |"),
+            at("| 1000 | xlb-socklb-host | 1900 | 0.95x |"),
+            at("| 1000 | nftables | 800 | 0.80x |"),
+        ];
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{md}");
+        assert!(md.contains("`--socket-lb all`"), "{md}");
     }
 
     #[test]

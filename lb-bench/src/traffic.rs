@@ -146,6 +146,7 @@ mod tests {
     #[test]
     #[ignore = "needs root"]
     fn servers_answer_and_stop_on_loopback() {
+        let _serial = crate::root_test();
         let ns = NetNs::create(&format!("xlbb{}-unit-traffic", std::process::id())).unwrap();
         let servers = lb_testkit::ServeHostname::start_with(&ns, "pod-a", &servers()).unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], GREET_PORT));

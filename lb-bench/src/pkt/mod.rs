@@ -729,6 +729,7 @@ mod tests {
     #[test]
     #[ignore = "needs root"]
     fn per_packet_run_on_the_real_object() {
+        let _serial = crate::root_test();
         let res = run(
             &[1, 20],
             PktPlan {
@@ -773,6 +774,7 @@ mod tests {
     #[test]
     #[ignore = "needs root"]
     fn fib_lookup_in_a_test_run_needs_forwarding_and_a_resolved_next_hop() {
+        let _serial = crate::root_test();
         let ns = NetNs::create(&format!("xlbb{}-unit-fib", std::process::id())).unwrap();
         let verdicts = |ifindex: u32| {
             ns.run(|| {
