@@ -7,9 +7,9 @@
 //! point: connection rate from the external client to node1's NodePort, for a Service whose pods
 //! run on node1 (local backend) and one whose pods run on node2 (remote backend; xlb and
 //! netfilter SNAT those flows to node1's address), next to the external client connecting to
-//! the pod itself through node1 (no translation). xlb runs from_net as native XDP (the agent's
-//! default), and in further agent runs at the same size in the other `--xdp-mode`s of the plan
-//! (generic XDP; `off`: tc ingress only).
+//! the pod itself through node1 (no translation). xlb runs from_net as the agent's default on a
+//! veth uplink does (`--xdp-mode auto`: tc only), and in further agent runs at the same size in
+//! the other `--xdp-mode`s of the plan (native and generic XDP).
 //!
 //! Socket load balancing (issue 11) has a bed of its own ([`Mode::XlbSocket`]): at each size a
 //! fresh agent with `--socket-lb all` translates the client pod's sockets at connect time (no
@@ -96,7 +96,8 @@ pub enum XdpMode {
 }
 
 impl XdpMode {
-    pub const ALL: [XdpMode; 3] = [XdpMode::Native, XdpMode::Generic, XdpMode::Off];
+    /// The agent's default first: on this bed's veth uplink `--xdp-mode auto` runs tc only.
+    pub const ALL: [XdpMode; 3] = [XdpMode::Off, XdpMode::Native, XdpMode::Generic];
     pub fn arg(self) -> &'static str {
         match self {
             XdpMode::Native => "native",
@@ -104,12 +105,13 @@ impl XdpMode {
             XdpMode::Off => "off",
         }
     }
-    /// The mode label of external rows: plain "xlb" is the agent's default (native XDP).
+    /// The mode label of external rows: plain "xlb" is the agent's default on this bed
+    /// (`--xdp-mode auto`, which is tc only on a veth uplink).
     pub fn label(self) -> &'static str {
         match self {
-            XdpMode::Native => "xlb",
+            XdpMode::Native => "xlb-native-xdp",
             XdpMode::Generic => "xlb-generic",
-            XdpMode::Off => "xlb-tc",
+            XdpMode::Off => "xlb",
         }
     }
 }

@@ -91,7 +91,7 @@ impl Plan {
                     max_requests: 200_000,
                     stream: Duration::from_secs(1),
                     endpoint_changes: 20,
-                    xdp_modes: &[XdpMode::Native, XdpMode::Off],
+                    xdp_modes: &[XdpMode::Off, XdpMode::Native],
                 },
                 cold_services: 1_000,
                 cold_endpoints_per_service: 10,

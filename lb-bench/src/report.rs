@@ -234,8 +234,8 @@ pub fn render(r: &Results) -> String {
                  To node1's address and nodePort; local: the Service's pods run on node1, remote: on node2 (node1 SNATs). \
                  direct: the external client connects to the pod itself, routed through node1 (no translation; a pod on node2 \
                  answers it straight from node2). \
-                 xlb: from_net in native XDP (the agent's default); xlb-generic: generic XDP; xlb-tc: `--xdp-mode off`, \
-                 tc ingress only. The netfilter modes masquerade NodePort traffic (externalTrafficPolicy Cluster), \
+                 xlb: from_net at tc ingress only, the agent's default (`--xdp-mode auto`) on this veth uplink; \
+                 xlb-native-xdp: native XDP; xlb-generic: generic XDP. The netfilter modes masquerade NodePort traffic (externalTrafficPolicy Cluster), \
                  local backends included; xlb SNATs only flows to remote backends.\n"
             );
             let _ = writeln!(

@@ -214,8 +214,13 @@ impl ExternalDevices {
 /// How `from_net` runs on the external devices (`--xdp-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
 pub enum XdpMode {
-    /// Native (driver) XDP: `from_net_xdp` in the driver, `from_net` at tc ingress behind it.
+    /// Native XDP on devices whose driver is not veth, tc only on veth devices. On a veth,
+    /// native XDP can transmit nothing itself (XDP_TX needs XDP or GRO on the peer) and turns
+    /// off the peer's segmentation offload (veth does so while an XDP program is attached):
+    /// measured here, one TCP stream through it ran at 0.52x of direct, against 0.93x tc-only.
     #[default]
+    Auto,
+    /// Native (driver) XDP: `from_net_xdp` in the driver, `from_net` at tc ingress behind it.
     Native,
     /// Generic (skb) XDP, for drivers without native XDP support.
     Generic,
@@ -226,9 +231,24 @@ pub enum XdpMode {
 impl XdpMode {
     pub fn name(self) -> &'static str {
         match self {
+            XdpMode::Auto => "auto",
             XdpMode::Native => "native",
             XdpMode::Generic => "generic",
             XdpMode::Off => "off",
+        }
+    }
+}
+
+impl XdpMode {
+    /// The mode used on device `ifname`: `Auto` becomes `Off` on a veth and `Native` elsewhere
+    /// (also when the driver cannot be asked: native attach then fails loudly, not silently).
+    pub fn on_device(self, ifname: &str) -> XdpMode {
+        match self {
+            XdpMode::Auto => match driver(ifname) {
+                Ok(d) if d == "veth" => XdpMode::Off,
+                _ => XdpMode::Native,
+            },
+            other => other,
         }
     }
 }

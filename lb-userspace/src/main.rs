@@ -69,7 +69,7 @@ struct AgentArgs {
     devices: Option<DeviceSelection>,
     /// How from_net runs on the external devices: native (driver) XDP, generic (skb) XDP, or
     /// off (tc ingress only). tc ingress is attached in every mode, behind XDP.
-    #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     xdp_mode: XdpMode,
     /// The cluster's NodePort range (the API server's --service-node-port-range), MIN-MAX: a
     /// nodePort outside it gets no frontend.
@@ -348,7 +348,7 @@ mod tests {
     fn external_traffic_flags_have_their_defaults() {
         let a = agent_args(&[]).unwrap();
         assert!(a.devices.is_none(), "no --devices: the default route's device");
-        assert_eq!(a.xdp_mode, XdpMode::Native);
+        assert_eq!(a.xdp_mode, XdpMode::Auto);
         assert_eq!(a.nodeport_range, lb_model::state::DEFAULT_NODEPORT_RANGE);
         assert!(a.nodeport_addresses.is_empty());
         let d = lb_common::DEFAULT_SNAT_PORTS;

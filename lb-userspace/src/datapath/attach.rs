@@ -68,7 +68,7 @@ impl Hook {
     /// The XDP hook of `mode` (None for `off`).
     pub fn xdp(mode: XdpMode) -> Option<Hook> {
         match mode {
-            XdpMode::Native => Some(Hook::FromNetXdpNative),
+            XdpMode::Native | XdpMode::Auto => Some(Hook::FromNetXdpNative),
             XdpMode::Generic => Some(Hook::FromNetXdpGeneric),
             XdpMode::Off => None,
         }
@@ -149,7 +149,10 @@ impl Datapath {
     /// `to_net`, then XDP `from_net_xdp` in the loaded mode (removing an XDP link of another mode
     /// an earlier agent left). Pinned links are reused with the new programs swapped in.
     pub fn attach_external(&mut self, ifname: &str) -> Result<()> {
-        let mode = self.xdp_mode.ok_or(Error::MissingProgram(prog_names::FROM_NET))?;
+        let mode = self
+            .xdp_mode
+            .ok_or(Error::MissingProgram(prog_names::FROM_NET))?
+            .on_device(ifname);
         let ifindex = nix::net::if_::if_nametoindex(ifname)
             .map_err(|e| Error::Attach { iface: ifname.to_string(), reason: e.to_string() })?;
         if self.external.get(&ifindex).map(String::as_str) == Some(ifname) {
@@ -382,7 +385,7 @@ fn device_flags(mode: XdpMode, ifname: &str) -> u32 {
     match mode {
         XdpMode::Off => 0,
         XdpMode::Generic => DEV_F_XDP_TX,
-        XdpMode::Native => match crate::devices::driver(ifname) {
+        XdpMode::Native | XdpMode::Auto => match crate::devices::driver(ifname) {
             Ok(d) if d != "veth" => DEV_F_XDP_TX,
             Ok(_) => 0,
             Err(e) => {
