@@ -731,6 +731,37 @@ impl Stat {
     }
 }
 
+/// The Linux kernel's `jhash_3words` (Bob Jenkins' lookup3 final mix, include/linux/jhash.h).
+#[inline(always)]
+pub const fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
+    let iv = initval.wrapping_add(0xdead_beef).wrapping_add(3 << 2);
+    let (mut a, mut b, mut c) = (a.wrapping_add(iv), b.wrapping_add(iv), c.wrapping_add(iv));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(24));
+    c
+}
+
+/// The hash a Maglev frontend picks a client's table entry with: `jhash_3words` of the client
+/// address and port (host order) and the IP protocol, with a fixed seed. One definition for the
+/// datapath and the control plane, so both pick the same entry on every node.
+#[inline(always)]
+pub const fn maglev_flow_hash(client: u32, port: u16, proto: u8) -> u32 {
+    const SEED: u32 = 0x786c_6221;
+    jhash_3words(client, port as u32, proto as u32, SEED)
+}
+
 /// Network-order u32 of an IPv4 address given as octets.
 #[inline(always)]
 pub const fn ip4(octets: [u8; 4]) -> u32 {

@@ -6,10 +6,10 @@
 //! - round-robin (`SVC_FLAG_ALG_RR`): slot `counter % count + 1` with a per-CPU counter per
 //!   frontend (`RR`, keyed by the rev-NAT id), so the flows one CPU handles (one client's,
 //!   typically) visit every slot in turn;
-//! - Maglev (`SVC_FLAG_ALG_MAGLEV`): entry `table * M + flow_hash(client) % M` of `MAGLEV`,
+//! - Maglev (`SVC_FLAG_ALG_MAGLEV`): entry `table * M + lb_common::maglev_flow_hash(client) % M` of `MAGLEV`,
 //!   the table the master names in `backend_id`, holds the backend id (one lookup). The hash is
 //!   of the client's address, port and protocol, not of the frontend, so the same client port
-//!   reaches the same pod through every node (`lb_model::maglev::flow_hash` computes the same).
+//!   reaches the same pod through every node (the control plane uses the same `lb_common` function).
 //!
 //! Membership (`MEMBERS`) is checked by address for affinity, so a stale id can never send a
 //! flow to another pod; slots and Maglev tables only ever name members (the agent's write order).
@@ -203,39 +203,13 @@ fn maglev(pkt: &Packet, table: u32) -> Result<Selected, Fault> {
     if m == 0 {
         return Err(Fault::NoBackend);
     }
-    let hash = flow_hash(u32::from_be(pkt.saddr), u16::from_be(pkt.sport), pkt.proto);
+    let hash = lb_common::maglev_flow_hash(u32::from_be(pkt.saddr), u16::from_be(pkt.sport), pkt.proto);
     let index = table.wrapping_mul(m).wrapping_add(hash % m);
     let id = *MAGLEV.get(index).ok_or(Fault::NoBackend)?;
     if id == 0 {
         return Err(Fault::NoBackend);
     }
     backend(id)
-}
-
-/// The kernel's `jhash_3words` of the client (address and port in host order, protocol) with
-/// a fixed seed: `lb_model::maglev::flow_hash`, bit for bit.
-#[inline(always)]
-fn flow_hash(addr: u32, port: u16, proto: u8) -> u32 {
-    const SEED: u32 = 0x786c_6221;
-    let iv = SEED.wrapping_add(0xdead_beef).wrapping_add(3 << 2);
-    let mut a = addr.wrapping_add(iv);
-    let mut b = u32::from(port).wrapping_add(iv);
-    let mut c = u32::from(proto).wrapping_add(iv);
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(14));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(11));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(25));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(16));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(4));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(14));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(24));
-    c
 }
 
 /// The backend in slot `slot` (`1..=count`) of the frontend `master_key`.

@@ -248,19 +248,10 @@ pub fn table(backends: &[(BackendAddr, u32)], m: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Seed of [`flow_hash`].
-const FLOW_SEED: u32 = 0x786c_6221;
-
-/// The hash the datapath picks a client's entry with: jhash (the kernel's `jhash_3words`) of
-/// the client's address, port (host order) and IP protocol. The datapath computes exactly
-/// this (`lb-ebpf/src/lb.rs`); the packet tests check that the two agree.
+/// The hash the datapath picks a client's entry with (`lb_common::maglev_flow_hash`: jhash of
+/// the client's address, port (host order) and IP protocol), shared with the datapath.
 pub fn flow_hash(client: Ipv4Addr, port: u16, proto: u8) -> u32 {
-    jhash_3words(
-        u32::from(client),
-        u32::from(port),
-        u32::from(proto),
-        FLOW_SEED,
-    )
+    lb_common::maglev_flow_hash(u32::from(client), port, proto)
 }
 
 /// The entry of a table a client uses: `flow_hash % m`.
@@ -268,26 +259,7 @@ pub fn flow_entry(client: Ipv4Addr, port: u16, proto: u8, m: u32) -> u32 {
     flow_hash(client, port, proto) % m
 }
 
-/// The Linux kernel's `jhash_3words` (Bob Jenkins' lookup3 final mix, include/linux/jhash.h).
-pub fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
-    let iv = initval.wrapping_add(0xdead_beef).wrapping_add(3 << 2);
-    let (mut a, mut b, mut c) = (a.wrapping_add(iv), b.wrapping_add(iv), c.wrapping_add(iv));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(14));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(11));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(25));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(16));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(4));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(14));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(24));
-    c
-}
+pub use lb_common::jhash_3words;
 
 /// Whether a master with `flags` and `count` names a Maglev table (in its `backend_id` field):
 /// Maglev selection and at least one backend. A master without backends refuses before any
