@@ -1,6 +1,8 @@
 //! Control-plane measurements: programming a large Service set from cold (xlb's agent from spawn
 //! to ready, next to iptables-restore on both backends and `nft -f` of the same set), the agent's
-//! memory, and the time from one endpoint change to the datapath using it.
+//! memory, the same agent restarted on its pins (its read-back of the maps), and the time from
+//! one endpoint change to the datapath using it. The agent's own timings come from its log
+//! ([`crate::agentlog`]).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -13,6 +15,7 @@ use lb_testkit::NetNs;
 use lb_userspace::datapath::PinnedMaps;
 use serde::{Deserialize, Serialize};
 
+use crate::agentlog;
 use crate::bed::{start_agent, unique_prefix, Bed};
 use crate::netfilter::{Installed, NfMode};
 use crate::rules::{xlb_dir, ServiceSet, SetSpec, SERVICE_PORT};
@@ -25,9 +28,33 @@ pub struct ColdResults {
     pub endpoints: usize,
     /// xlb: agent spawn to "agent ready" (load + verify programs, read manifests, write maps).
     pub xlb_s: Option<f64>,
-    /// xlb: the first map update alone, as the agent logged it.
+    /// xlb: the map writes of the first sync alone (`micros=` of the first `maps updated`
+    /// line of an agent that also logs `sync_micros=`; not measured with an older agent).
     pub xlb_apply_s: Option<f64>,
+    /// xlb: the whole first sync (`sync_micros=`, or an older agent's `micros=`).
+    #[serde(default)]
+    pub xlb_sync_s: Option<f64>,
+    /// Map operations of the first sync (`ops=`).
+    #[serde(default)]
+    pub xlb_apply_ops: Option<u64>,
+    /// The agent's `startup phases` split of the first sync: (phase, seconds).
+    #[serde(default)]
+    pub startup_phases: Vec<(String, f64)>,
     pub xlb_rss_mib: Option<f64>,
+    /// The same agent restarted on its pins (SIGTERM, start again): spawn to ready.
+    #[serde(default)]
+    pub restart_s: Option<f64>,
+    /// The restarted agent's read-back of the pinned maps (`maps read back micros=`).
+    #[serde(default)]
+    pub readback_s: Option<f64>,
+    /// Frontends and backends it read back.
+    #[serde(default)]
+    pub readback_frontends: Option<u64>,
+    #[serde(default)]
+    pub readback_backends: Option<u64>,
+    /// The restarted agent's resident memory when ready.
+    #[serde(default)]
+    pub restart_rss_mib: Option<f64>,
     /// Wall time of the restore / `nft -f`, by mode label.
     pub netfilter_s: Vec<(String, f64)>,
     pub errors: Vec<String>,
@@ -109,9 +136,37 @@ pub fn cold(
                 return Err(e);
             }
         };
+        let mut agent = agent;
         res.xlb_s = Some(agent.ready_after.as_secs_f64());
-        res.xlb_apply_s = first_apply_micros(&agent.log_since_start()).map(|us| us as f64 / 1e6);
         res.xlb_rss_mib = agent.rss_mib();
+        let log = agent.log_since_start();
+        if let Some(u) = agentlog::first_update(&log) {
+            res.xlb_apply_s = u.write_micros.map(secs);
+            res.xlb_sync_s = u.sync_micros.map(secs);
+            res.xlb_apply_ops = u.ops;
+        }
+        res.startup_phases = agentlog::startup_phases(&log)
+            .into_iter()
+            .map(|(k, us)| (k, secs(us)))
+            .collect();
+        // Restart on the pins, as after an upgrade or a crash: the new agent reads the maps
+        // back before it syncs.
+        crate::interrupt::check()?;
+        match agent.restart() {
+            Ok(()) => {
+                res.restart_s = Some(agent.ready_after.as_secs_f64());
+                res.restart_rss_mib = agent.rss_mib();
+                if let Some(rb) = agentlog::read_back(&agent.log_since_start()) {
+                    res.readback_s = Some(secs(rb.micros));
+                    res.readback_frontends = rb.frontends;
+                    res.readback_backends = rb.backends;
+                }
+            }
+            Err(e) => {
+                crate::interrupt::check()?;
+                res.errors.push(format!("xlb restart on its pins: {e:#}"));
+            }
+        }
         drop(agent);
         let _ = std::fs::remove_dir(&pin_root);
         Ok(())
@@ -123,15 +178,8 @@ pub fn cold(
     Ok(res)
 }
 
-/// `micros=N` of the first "maps updated" line of an agent log: the duration of the first map
-/// update, as the agent measured it.
-fn first_apply_micros(log: &str) -> Option<u64> {
-    let line = log.lines().find(|l| l.contains("maps updated"))?;
-    let rest = &line[line.find("micros=")? + "micros=".len()..];
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+fn secs(micros: u64) -> f64 {
+    micros as f64 / 1e6
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -221,17 +269,4 @@ pub fn endpoint_changes(
         latency: Latency::from_us(&lat).unwrap_or_default(),
         new_backend_served,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_first_apply_duration() {
-        let log = "x INFO datapath loaded\nx INFO maps updated ops=12 frontends=3 backends=4 micros=1534\n\
-                   x INFO agent ready\nx INFO maps updated ops=1 micros=9\n";
-        assert_eq!(first_apply_micros(log), Some(1534));
-        assert_eq!(first_apply_micros("agent ready"), None);
-    }
 }

@@ -2,6 +2,7 @@
 //! shapes, side by side in one run on the same netns topology (issue 5). Run from the workspace
 //! root, as root; `cargo xtask bench [--quick]` does exactly that.
 
+mod agentlog;
 mod bed;
 mod control;
 mod datapath;
@@ -9,6 +10,7 @@ mod interrupt;
 mod netfilter;
 mod pkt;
 mod plot;
+mod progstats;
 mod report;
 mod results;
 mod rules;
@@ -50,6 +52,9 @@ struct Cli {
     /// Run only these phases (comma-separated); default: all.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Phase>,
+    /// Interleaved connection-rate rounds per size (default: 5, --quick: 3).
+    #[arg(long)]
+    rounds: Option<usize>,
 }
 
 /// The phases of a run, in the order they run.
@@ -87,7 +92,8 @@ impl Plan {
                 },
                 dp: DpPlan {
                     sizes: &[1, 1_000, 10_000],
-                    point: Duration::from_millis(1500),
+                    point: Duration::from_millis(500),
+                    rounds: 3,
                     max_requests: 200_000,
                     stream: Duration::from_secs(1),
                     endpoint_changes: 20,
@@ -106,7 +112,8 @@ impl Plan {
                 },
                 dp: DpPlan {
                     sizes: &[1, 1_000, 10_000],
-                    point: Duration::from_secs(3),
+                    point: Duration::from_secs(2),
+                    rounds: 5,
                     max_requests: 1_000_000,
                     stream: Duration::from_secs(3),
                     endpoint_changes: 100,
@@ -160,7 +167,10 @@ fn main() -> anyhow::Result<()> {
         eprintln!("removed leftover of an earlier run: {leftover}");
     }
 
-    let plan = Plan::new(cli.quick);
+    let mut plan = Plan::new(cli.quick);
+    if let Some(r) = cli.rounds {
+        plan.dp.rounds = r.max(1);
+    }
     let runs = |p: Phase| cli.only.is_empty() || cli.only.contains(&p);
     let bar = ProgressBar::new(plan.steps(runs));
     bar.set_style(
@@ -184,36 +194,48 @@ fn main() -> anyhow::Result<()> {
     };
 
     if runs(Phase::Pkt) {
+        let phase_started = Instant::now();
         bar.set_message("per-packet cost");
         match pkt::run(plan.pkt_sizes, plan.pkt, step) {
             Ok(p) => r.per_packet = Some(p),
             Err(e) => r.errors.push(format!("per-packet: {e:#}")),
         }
+        r.phases_s
+            .push(("pkt".into(), phase_started.elapsed().as_secs_f64()));
         interrupt::check()?;
     }
     if runs(Phase::Sweep) {
+        let phase_started = Instant::now();
         bar.set_message("conntrack sweep");
         match sweep::run(plan.sweep_entries, !cli.quick) {
             Ok(s) => r.sweep = Some(s),
             Err(e) => r.errors.push(format!("conntrack sweep: {e:#}")),
         }
         step("conntrack sweep");
+        r.phases_s
+            .push(("sweep".into(), phase_started.elapsed().as_secs_f64()));
         interrupt::check()?;
     }
     if runs(Phase::Datapath) {
+        let phase_started = Instant::now();
         bar.set_message("connections through the netns cluster");
         match datapath::run(&plan.dp, step) {
             Ok(d) => r.datapath = Some(d),
             Err(e) => r.errors.push(format!("datapath: {e:#}")),
         }
+        r.phases_s
+            .push(("datapath".into(), phase_started.elapsed().as_secs_f64()));
         interrupt::check()?;
     }
     if runs(Phase::Cold) {
+        let phase_started = Instant::now();
         bar.set_message("cold programming");
         match control::cold(plan.cold_services, plan.cold_endpoints_per_service, step) {
             Ok(c) => r.cold = Some(c),
             Err(e) => r.errors.push(format!("cold programming: {e:#}")),
         }
+        r.phases_s
+            .push(("cold".into(), phase_started.elapsed().as_secs_f64()));
         interrupt::check()?;
     }
     bar.finish_with_message("done");

@@ -5,11 +5,33 @@ use std::fmt::Write as _;
 
 use crate::netfilter::NfMode;
 use crate::results::Results;
-use crate::stats::ratio;
+use crate::stats::{ratio, Spread};
 
 fn opt(v: Option<f64>, digits: usize, suffix: &str) -> String {
     v.map(|v| format!("{v:.digits$}{suffix}"))
         .unwrap_or_else(|| "–".into())
+}
+
+/// "min–max" of the rounds' rates, or – for a single measurement.
+fn range(rates: &[f64]) -> String {
+    match Spread::of(rates) {
+        Some(s) if s.n > 1 => format!("{:.0}–{:.0}", s.min, s.max),
+        _ => "–".into(),
+    }
+}
+
+/// How the connection-rate rows were measured.
+fn rounds_text(d: &crate::datapath::DpResults) -> String {
+    if d.rounds == 0 {
+        return "One point per mode and size.\n".into();
+    }
+    format!(
+        "Every mode on a bed of its own, all live at once; {} interleaved rounds per size (each round \
+         through every mode's points in another order, {:.1} s each). conn/s, p50 and p99 are medians \
+         over the rounds, range is the lowest and highest round, vs direct is the ratio of medians: \
+         the targets are judged on these.\n",
+        d.rounds, d.point_s
+    )
 }
 
 pub fn render(r: &Results) -> String {
@@ -21,9 +43,22 @@ pub fn render(r: &Results) -> String {
     );
     let _ = writeln!(
         md,
-        "Machine: {} ({} CPUs), {}. Run took {:.0} s. Absolute numbers on a shared VM drift from run to run; \
+        "Machine: {} ({} CPUs), {}. Run took {:.0} s{}. Absolute numbers on a shared VM drift from run to run; \
          compare the ratios.\n",
-        r.machine.cpu_model, r.machine.cpus, r.machine.kernel, r.elapsed_s
+        r.machine.cpu_model,
+        r.machine.cpus,
+        r.machine.kernel,
+        r.elapsed_s,
+        if r.phases_s.is_empty() {
+            String::new()
+        } else {
+            let p: Vec<String> = r
+                .phases_s
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.0} s"))
+                .collect();
+            format!(" ({})", p.join(", "))
+        }
     );
 
     let _ = writeln!(md, "## Targets\n");
@@ -35,10 +70,14 @@ pub fn render(r: &Results) -> String {
         };
         let _ = writeln!(
             md,
-            "- {mark} **{}**: {} — {}",
+            "- {mark} **{}**: {} — {}{}",
             t.verdict(),
             t.target,
-            t.measured
+            t.measured,
+            t.floor
+                .as_ref()
+                .map(|f| format!(" (floor: {f})"))
+                .unwrap_or_default()
         );
     }
     md.push('\n');
@@ -55,6 +94,33 @@ pub fn render(r: &Results) -> String {
                 .unwrap_or_default(),
             p.method
         );
+        if !p.probes.is_empty() {
+            let probes: Vec<String> = p
+                .probes
+                .iter()
+                .map(|(n, ns)| format!("`{n}` {ns:.0} ns"))
+                .collect();
+            let floors: Vec<String> = p
+                .floors
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{} >= {:.0} ns ({}; {})",
+                        f.kind,
+                        f.ns,
+                        opt(ratio(Some(f.ns), Some(p.noop_ns)), 2, "x of the no-op"),
+                        f.what
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "Floor probes (programs of the object that parse and do one primitive, on fresh tuples at the largest size): {}. \
+                 Floors: {}.\n",
+                probes.join(", "),
+                if floors.is_empty() { "–".to_string() } else { floors.join("; ") }
+            );
+        }
         let _ = writeln!(md, "| Services | established | new flow (SYN) | reply | non-Service | established / no-op | SYN / no-op | established vs 1st size |");
         let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
         let first = p.rows.first().map(|f| f.established_ns);
@@ -188,11 +254,12 @@ pub fn render(r: &Results) -> String {
                  in `sock_translated`.\n"
             );
         }
+        let _ = writeln!(md, "{}", rounds_text(d));
         let _ = writeln!(
             md,
-            "| Services | mode | conn/s | vs direct | p50 µs | p99 µs | errors | setup s |"
+            "| Services | mode | conn/s | range | vs direct | p50 µs | p99 µs | errors | setup s |"
         );
-        let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
         let mut sizes: Vec<usize> = d.rows.iter().map(|r| r.services).collect();
         sizes.sort_unstable();
         sizes.dedup();
@@ -215,9 +282,10 @@ pub fn render(r: &Results) -> String {
                 let direct = baseline(&row.mode);
                 let _ = writeln!(
                     md,
-                    "| {n} | {} | {:.0} | {} | {:.0} | {:.0} | {} | {:.2} |",
+                    "| {n} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {:.2} |",
                     row.mode,
                     row.conn.conns_per_s,
+                    range(&row.round_rates),
                     opt(ratio(Some(row.conn.conns_per_s), direct), 2, "x"),
                     row.conn.latency.p50_us,
                     row.conn.latency.p99_us,
@@ -240,9 +308,9 @@ pub fn render(r: &Results) -> String {
             );
             let _ = writeln!(
                 md,
-                "| Services | backend | mode | conn/s | vs direct | p50 µs | p99 µs | errors |"
+                "| Services | backend | mode | conn/s | range | vs direct | p50 µs | p99 µs | errors |"
             );
-            let _ = writeln!(md, "|---:|---|---|---:|---:|---:|---:|---:|");
+            let _ = writeln!(md, "|---:|---|---|---:|---:|---:|---:|---:|---:|");
             let mut keys: Vec<(usize, &str)> = d
                 .external
                 .iter()
@@ -269,15 +337,48 @@ pub fn render(r: &Results) -> String {
                 for row in rows {
                     let _ = writeln!(
                         md,
-                        "| {n} | {backend} | {} | {:.0} | {} | {:.0} | {:.0} | {} |",
+                        "| {n} | {backend} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {} |",
                         row.mode,
                         row.conn.conns_per_s,
+                        range(&row.round_rates),
                         opt(ratio(Some(row.conn.conns_per_s), direct), 2, "x"),
                         row.conn.latency.p50_us,
                         row.conn.latency.p99_us,
                         row.conn.errors,
                     );
                 }
+            }
+            md.push('\n');
+        }
+        if !d.prog_costs.is_empty() {
+            let _ = writeln!(
+                md,
+                "## Real-traffic cost per program run (kernel run statistics)\n\n\
+                 One more connection-rate point per kind of traffic after the rounds of each size, on the xlb \
+                 agent of the rows above and on the `--socket-lb all` agent, with the kernel's run statistics on \
+                 ({}); never during the rounds (counting adds two clock reads to every run). \
+                 `run_time_ns / run_cnt` of each program behind the agent's pinned links \
+                 (`BPF_OBJ_GET_INFO_BY_FD`), over the point; connections include the warm-up.\n",
+                d.stats_method.as_deref().unwrap_or("kernel.bpf_stats_enabled")
+            );
+            let _ = writeln!(
+                md,
+                "| Services | mode | traffic | program | ns / run | runs / connection | runs | conn/s while counting |"
+            );
+            let _ = writeln!(md, "|---:|---|---|---|---:|---:|---:|---:|");
+            for c in &d.prog_costs {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+                    c.services,
+                    c.mode,
+                    c.traffic,
+                    c.program,
+                    opt(c.ns_per_run(), 0, ""),
+                    opt(c.runs_per_conn(), 1, ""),
+                    c.runs,
+                    c.conns_per_s
+                );
             }
             md.push('\n');
         }
@@ -342,7 +443,18 @@ pub fn render(r: &Results) -> String {
         );
         let _ = writeln!(
             md,
-            "| xlb agent: first map update alone | {} | |",
+            "| xlb agent: first sync (events, model, plan, map writes) | {} | |",
+            opt(c.xlb_sync_s, 3, "")
+        );
+        for (phase, secs) in &c.startup_phases {
+            let _ = writeln!(md, "| xlb agent: first sync, {phase} | {secs:.3} | |");
+        }
+        let _ = writeln!(
+            md,
+            "| xlb agent: map writes of the first sync alone{} | {} | |",
+            c.xlb_apply_ops
+                .map(|o| format!(" ({o} operations)"))
+                .unwrap_or_default(),
             opt(c.xlb_apply_s, 3, "")
         );
         for m in NfMode::ALL {
@@ -361,8 +473,24 @@ pub fn render(r: &Results) -> String {
         }
         let _ = writeln!(
             md,
-            "\nAgent RSS when ready: {}.\n",
-            opt(c.xlb_rss_mib, 1, " MiB")
+            "| xlb agent restarted on its pins: spawn to ready | {} | |",
+            opt(c.restart_s, 3, "")
+        );
+        let _ = writeln!(
+            md,
+            "| xlb agent restarted: read-back of the pinned maps{} | {} | |",
+            match (c.readback_frontends, c.readback_backends) {
+                (Some(f), Some(b)) => format!(" ({f} frontends, {b} backends)"),
+                _ => String::new(),
+            },
+            opt(c.readback_s, 3, "")
+        );
+        let _ = writeln!(
+            md,
+            "\nAgent RSS when ready: {}; after the restart: {}. A figure the agent does not log \
+             (an agent before issue 12) shows as –.\n",
+            opt(c.xlb_rss_mib, 1, " MiB"),
+            opt(c.restart_rss_mib, 1, " MiB")
         );
     }
 
@@ -407,7 +535,10 @@ mod tests {
             ..Default::default()
         });
         r.targets = crate::targets::evaluate(&r);
+        r.elapsed_s = 20.0;
+        r.phases_s = vec![("pkt".into(), 12.3), ("cold".into(), 7.0)];
         let md = render(&r);
+        assert!(md.contains("Run took 20 s (pkt 12 s, cold 7 s)."), "{md}");
         assert_eq!(
             md.lines().filter(|l| l.starts_with("- ")).count(),
             r.targets.len()
@@ -435,6 +566,7 @@ mod tests {
                 conns_per_s: rate,
                 ..Default::default()
             },
+            round_rates: vec![],
         };
         let r = Results {
             per_packet: Some(crate::pkt::PktResults {
@@ -489,19 +621,19 @@ mod tests {
         );
         // Local rows first, direct first within a backend, ratios to that backend's direct.
         let local = md
-            .find("| 1000 | local | direct | 2000 | 1.00x")
+            .find("| 1000 | local | direct | 2000 | – | 1.00x")
             .expect("local direct row");
         let xlb_local = md
-            .find("| 1000 | local | xlb | 1900 | 0.95x")
+            .find("| 1000 | local | xlb | 1900 | – | 0.95x")
             .expect("local xlb row");
         let remote = md
-            .find("| 1000 | remote | direct | 1000 | 1.00x")
+            .find("| 1000 | remote | direct | 1000 | – | 1.00x")
             .expect("remote direct");
         let xlb_remote = md
-            .find("| 1000 | remote | xlb | 900 | 0.90x")
+            .find("| 1000 | remote | xlb | 900 | – | 0.90x")
             .expect("remote xlb");
         let nft = md
-            .find("| 1000 | remote | nftables | 500 | 0.50x")
+            .find("| 1000 | remote | nftables | 500 | – | 0.50x")
             .expect("remote nft");
         assert!(local < xlb_local && xlb_local < remote && remote < xlb_remote && xlb_remote < nft);
         assert!(
@@ -521,6 +653,7 @@ mod tests {
                 conns_per_s: rate,
                 ..Default::default()
             },
+            round_rates: vec![rate, rate],
             setup_s: 0.0,
             agent_rss_mib: None,
         };
@@ -541,12 +674,12 @@ mod tests {
         let md = render(&r);
         let at = |s: &str| md.find(s).unwrap_or_else(|| panic!("{s} missing:\n{md}"));
         let order = [
-            at("| 1000 | direct | 1000 | 1.00x |"),
-            at("| 1000 | direct-host | 2000 | 1.00x |"),
-            at("| 1000 | xlb | 900 | 0.90x |"),
-            at("| 1000 | xlb-socklb | 990 | 0.99x |"),
-            at("| 1000 | xlb-socklb-host | 1900 | 0.95x |"),
-            at("| 1000 | nftables | 800 | 0.80x |"),
+            at("| 1000 | direct | 1000 | 1000–1000 | 1.00x |"),
+            at("| 1000 | direct-host | 2000 | 2000–2000 | 1.00x |"),
+            at("| 1000 | xlb | 900 | 900–900 | 0.90x |"),
+            at("| 1000 | xlb-socklb | 990 | 990–990 | 0.99x |"),
+            at("| 1000 | xlb-socklb-host | 1900 | 1900–1900 | 0.95x |"),
+            at("| 1000 | nftables | 800 | 800–800 | 0.80x |"),
         ];
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{md}");
         assert!(md.contains("`--socket-lb all`"), "{md}");
@@ -574,5 +707,94 @@ mod tests {
         );
         assert!(md.contains("200 slices, the longest 2.50 ms"), "{md}");
         assert!(!md.contains("per-entry fallback (fresh fill)"), "{md}");
+    }
+
+    /// The rounds' range next to the median, the program costs, the cold phase's new figures
+    /// and a target's floor.
+    #[test]
+    fn report_has_ranges_program_costs_readback_and_floors() {
+        use crate::control::ColdResults;
+        use crate::datapath::{DpResults, DpRow};
+        use crate::progstats::ProgCost;
+        use crate::traffic::ConnResult;
+        let row = |mode: &str, rates: Vec<f64>| DpRow {
+            mode: mode.into(),
+            services: 10,
+            conn: ConnResult {
+                conns_per_s: Spread::of(&rates).unwrap().median,
+                ..Default::default()
+            },
+            round_rates: rates,
+            setup_s: 0.5,
+            agent_rss_mib: None,
+        };
+        let mut r = Results {
+            datapath: Some(DpResults {
+                rows: vec![
+                    row("direct", vec![1000.0, 1100.0, 900.0]),
+                    row("xlb", vec![990.0, 700.0, 1000.0]),
+                ],
+                rounds: 3,
+                point_s: 0.8,
+                prog_costs: vec![ProgCost {
+                    services: 10,
+                    mode: "xlb".into(),
+                    traffic: "ClusterIP".into(),
+                    program: "from_pod".into(),
+                    runs: 4000,
+                    run_time_ns: 2_000_000,
+                    connections: 1000,
+                    conns_per_s: 9000.0,
+                }],
+                stats_method: Some("BPF_ENABLE_STATS".into()),
+                ..Default::default()
+            }),
+            cold: Some(ColdResults {
+                services: 10_000,
+                endpoints: 100_000,
+                xlb_s: Some(0.8),
+                xlb_sync_s: Some(0.5),
+                xlb_apply_s: Some(0.1),
+                xlb_apply_ops: Some(300_000),
+                startup_phases: vec![("parse".into(), 0.3), ("write".into(), 0.1)],
+                restart_s: Some(0.9),
+                readback_s: Some(0.2),
+                readback_frontends: Some(10_000),
+                readback_backends: Some(100_000),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        r.targets = crate::targets::evaluate(&r);
+        r.targets[0].floor = Some("5.00x (150 ns: a probe)".into());
+        let md = render(&r);
+        assert!(md.contains("3 interleaved rounds per size"), "{md}");
+        assert!(md.contains("Run took 0 s."), "{md}");
+        assert!(
+            md.contains("| 10 | direct | 1000 | 900–1100 | 1.00x |"),
+            "{md}"
+        );
+        assert!(md.contains("| 10 | xlb | 990 | 700–1000 | 0.99x |"), "{md}");
+        assert!(
+            md.contains("| 10 | xlb | ClusterIP | from_pod | 500 | 4.0 | 4000 | 9000 |"),
+            "{md}"
+        );
+        assert!(md.contains("(BPF_ENABLE_STATS)"), "{md}");
+        assert!(
+            md.contains("| xlb agent: first sync, parse | 0.300 | |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| xlb agent: map writes of the first sync alone (300000 operations) | 0.100 | |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| xlb agent restarted: read-back of the pinned maps (10000 frontends, 100000 backends) | 0.200 | |"),
+            "{md}"
+        );
+        assert!(md.contains(" (floor: 5.00x (150 ns: a probe))"), "{md}");
+        assert!(md.contains("✅ **met**: restart read-back"), "{md}");
     }
 }

@@ -53,6 +53,9 @@ pub struct Results {
     /// Unix time the run started.
     pub started_unix: u64,
     pub elapsed_s: f64,
+    /// Seconds each phase took, in run order (absent in older results).
+    #[serde(default)]
+    pub phases_s: Vec<(String, f64)>,
     pub per_packet: Option<PktResults>,
     pub datapath: Option<DpResults>,
     pub cold: Option<ColdResults>,

@@ -46,6 +46,42 @@ impl Latency {
     }
 }
 
+/// Median and range of a few repeated measurements of one thing (e.g. a mode's connection rate
+/// over interleaved rounds): the median is what targets are judged on, the range shows how much
+/// a single run could have said otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Spread {
+    /// `None` without samples. The median of an even count is the mean of the middle two
+    /// (unlike [`median`], which is nearest rank): with 4-6 rounds, picking the lower middle
+    /// would bias every figure downwards.
+    pub fn of(samples: &[f64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut v = samples.to_vec();
+        v.sort_by(f64::total_cmp);
+        let k = v.len();
+        let median = if k % 2 == 1 {
+            v[k / 2]
+        } else {
+            (v[k / 2 - 1] + v[k / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[k - 1],
+            n: k,
+        })
+    }
+}
+
 /// `a / b`, or `None` when either is missing or `b` is zero.
 pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
@@ -86,5 +122,15 @@ mod tests {
         assert_eq!(ratio(Some(6.0), Some(3.0)), Some(2.0));
         assert_eq!(ratio(Some(6.0), Some(0.0)), None);
         assert_eq!(ratio(None, Some(1.0)), None);
+    }
+
+    #[test]
+    fn spread_is_median_and_range() {
+        let s = Spread::of(&[12.0, 10.0, 11.0, 30.0, 9.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (11.0, 9.0, 30.0, 5));
+        // An outlier moves the range, not the median.
+        let even = Spread::of(&[4.0, 1.0, 3.0, 2.0]).unwrap();
+        assert_eq!(even.median, 2.5);
+        assert!(Spread::of(&[]).is_none());
     }
 }

@@ -1,5 +1,8 @@
-//! The targets of issue 5, checked against a run's results and printed (met / not met / not
-//! measured). They are never asserted: a shared 2-core VM cannot fail a build on a number.
+//! The targets of issue 12 (and those of issue 5 that still hold), checked against a run's
+//! results and printed (met / not met / not measured). They are never asserted: a shared 2-core
+//! VM cannot fail a build on a number. Where a floor of this machine is measured (e.g. what the
+//! kernel's batched map update costs per entry), it is shown next to the target, and a target
+//! below its floor says so.
 
 use serde::{Deserialize, Serialize};
 
@@ -8,12 +11,20 @@ use crate::netfilter::NfMode;
 use crate::results::Results;
 use crate::stats::ratio;
 
+/// Issue 12's real-traffic cost per run before the work (about 900 / 450 ns): the target is
+/// half of it.
+pub const FROM_POD_BEFORE_NS: f64 = 900.0;
+pub const TO_POD_BEFORE_NS: f64 = 450.0;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TargetCheck {
     pub target: String,
     pub measured: String,
     /// `None`: not measured in this run.
     pub met: Option<bool>,
+    /// What this machine cannot go below, when measured (absent in older results).
+    #[serde(default)]
+    pub floor: Option<String>,
 }
 
 impl TargetCheck {
@@ -26,7 +37,13 @@ impl TargetCheck {
             target: target.into(),
             measured,
             met,
+            floor: None,
         }
+    }
+
+    fn with_floor(mut self, floor: Option<String>) -> Self {
+        self.floor = floor;
+        self
     }
 
     pub fn verdict(&self) -> &'static str {
@@ -42,6 +59,14 @@ fn conn_rate(rows: &[DpRow], mode: &str, services: usize) -> Option<f64> {
     rows.iter()
         .find(|r| r.mode == mode && r.services == services)
         .map(|r| r.conn.conns_per_s)
+}
+
+/// "(medians of N interleaved rounds)" or nothing for results from before the rounds.
+fn rounds_note(r: &Results) -> String {
+    match r.datapath.as_ref().map(|d| d.rounds) {
+        Some(n) if n > 0 => format!("; medians of {n} interleaved rounds"),
+        _ => String::new(),
+    }
 }
 
 pub fn evaluate(r: &Results) -> Vec<TargetCheck> {
@@ -74,90 +99,216 @@ pub fn evaluate(r: &Results) -> Vec<TargetCheck> {
             ))
         }),
     ));
-    for (label, limit, pick) in [
+    type Pick = fn(&crate::pkt::PktRow) -> f64;
+    let kinds: [(&str, f64, Pick, &str); 3] = [
         (
             "established-flow packet within 3x of the no-op program",
             3.0,
-            (|row: &crate::pkt::PktRow| row.established_ns) as fn(&crate::pkt::PktRow) -> f64,
+            |row| row.established_ns,
+            "established",
         ),
         (
             "new-flow SYN within 5x of the no-op program",
             5.0,
-            |row: &crate::pkt::PktRow| row.new_flow_ns,
+            |row| row.new_flow_ns,
+            "syn",
         ),
-    ] {
-        out.push(TargetCheck::new(
-            label,
-            pkt.and_then(|p| {
-                let last = p.rows.last()?;
-                let x = ratio(Some(pick(last)), Some(p.noop_ns))?;
-                Some((
-                    format!(
-                        "{x:.2}x ({:.0} ns vs {:.0} ns, {} Services)",
-                        pick(last),
-                        p.noop_ns,
-                        last.services
-                    ),
-                    x <= limit,
-                ))
-            }),
-        ));
+        (
+            "non-Service packet within 1.5x of the no-op program",
+            1.5,
+            |row| row.non_service_ns,
+            "non_service",
+        ),
+    ];
+    for (label, limit, pick, kind) in kinds {
+        let floor = pkt.and_then(|p| {
+            let f = p.floors.iter().find(|f| f.kind == kind)?;
+            let x = ratio(Some(f.ns), Some(p.noop_ns))?;
+            Some(format!(
+                "{x:.2}x ({:.0} ns: {}){}",
+                f.ns,
+                f.what,
+                if x > limit {
+                    ": the target is below the floor"
+                } else {
+                    ""
+                }
+            ))
+        });
+        out.push(
+            TargetCheck::new(
+                label,
+                pkt.and_then(|p| {
+                    let last = p.rows.last()?;
+                    let x = ratio(Some(pick(last)), Some(p.noop_ns))?;
+                    Some((
+                        format!(
+                            "{x:.2}x ({:.0} ns vs {:.0} ns, {} Services)",
+                            pick(last),
+                            p.noop_ns,
+                            last.services
+                        ),
+                        x <= limit,
+                    ))
+                }),
+            )
+            .with_floor(floor),
+        );
     }
 
     let dp = r.datapath.as_ref();
     out.push(TargetCheck::new(
-        "xlb new-connection rate at 10k Services >= 0.95x the no-translation baseline",
+        format!(
+            "real traffic: from_pod <= {:.0} ns and to_pod <= {:.0} ns per run (half of issue 12's {:.0} / {:.0} ns; kernel run statistics, xlb connection-rate traffic)",
+            FROM_POD_BEFORE_NS / 2.0,
+            TO_POD_BEFORE_NS / 2.0,
+            FROM_POD_BEFORE_NS,
+            TO_POD_BEFORE_NS
+        ),
         dp.and_then(|d| {
-            let n = d
-                .rows
+            let here = d
+                .prog_costs
                 .iter()
-                .filter(|r| r.mode == "xlb")
-                .map(|r| r.services)
-                .max()?;
-            let x = ratio(
-                conn_rate(&d.rows, "xlb", n),
-                conn_rate(&d.rows, "direct", n),
-            )?;
-            Some((format!("{x:.2}x at {n} Services"), x >= 0.95))
+                .filter(|c| c.mode == "xlb" && c.traffic == "ClusterIP");
+            let n = here.clone().map(|c| c.services).max()?;
+            let cost = |prog: &str| {
+                here.clone()
+                    .find(|c| c.services == n && c.program == prog)
+                    .and_then(|c| c.ns_per_run())
+            };
+            let (from, to) = (cost("from_pod")?, cost("to_pod")?);
+            Some((
+                format!("from_pod {from:.0} ns, to_pod {to:.0} ns per run ({n} Services)"),
+                from <= FROM_POD_BEFORE_NS / 2.0 && to <= TO_POD_BEFORE_NS / 2.0,
+            ))
         }),
     ));
+    let xlb_sizes = |d: &crate::datapath::DpResults| -> Vec<usize> {
+        let mut v: Vec<usize> = d
+            .rows
+            .iter()
+            .filter(|r| r.mode == "xlb")
+            .map(|r| r.services)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let note = rounds_note(r);
     out.push(TargetCheck::new(
-        "xlb new-connection rate above every netfilter mode at every size",
+        "xlb new-connection rate >= 0.95x the no-translation baseline at every size",
         dp.and_then(|d| {
-            let sizes: Vec<usize> = d
-                .rows
-                .iter()
-                .filter(|r| r.mode == "xlb")
-                .map(|r| r.services)
+            let per: Vec<(usize, f64)> = xlb_sizes(d)
+                .into_iter()
+                .filter_map(|n| {
+                    Some((
+                        n,
+                        ratio(
+                            conn_rate(&d.rows, "xlb", n),
+                            conn_rate(&d.rows, "direct", n),
+                        )?,
+                    ))
+                })
                 .collect();
-            let mut worst: Option<(f64, usize, &str)> = None;
-            for n in sizes {
-                let xlb = conn_rate(&d.rows, "xlb", n)?;
-                for m in NfMode::ALL {
-                    if let Some(x) = ratio(Some(xlb), conn_rate(&d.rows, m.label(), n)) {
-                        if worst.is_none_or(|w| x < w.0) {
-                            worst = Some((x, n, m.label()));
-                        }
+            let (wn, worst) = per.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))?;
+            let all: Vec<String> = per.iter().map(|(n, x)| format!("{n}: {x:.2}x")).collect();
+            Some((
+                format!(
+                    "worst {worst:.2}x at {wn} Services ({}{note})",
+                    all.join(", ")
+                ),
+                worst >= 0.95,
+            ))
+        }),
+    ));
+    // The closest netfilter mode over all sizes, among `modes`.
+    let above = |modes: &[NfMode]| -> Option<(String, bool)> {
+        let d = dp?;
+        let mut worst: Option<(f64, usize, &str)> = None;
+        for n in xlb_sizes(d) {
+            let xlb = conn_rate(&d.rows, "xlb", n)?;
+            for m in modes {
+                if let Some(x) = ratio(Some(xlb), conn_rate(&d.rows, m.label(), n)) {
+                    if worst.is_none_or(|w| x < w.0) {
+                        worst = Some((x, n, m.label()));
                     }
                 }
             }
-            let (x, n, m) = worst?;
-            Some((format!("closest: {x:.2}x of {m} at {n} Services"), x > 1.0))
-        }),
+        }
+        let (x, n, m) = worst?;
+        Some((
+            format!("closest: {x:.2}x of {m} at {n} Services{note}"),
+            x > 1.0,
+        ))
+    };
+    out.push(TargetCheck::new(
+        "xlb new-connection rate above nftables at every size",
+        above(&[NfMode::Nftables]),
+    ));
+    out.push(TargetCheck::new(
+        "xlb new-connection rate above every netfilter mode at every size",
+        above(&NfMode::ALL),
     ));
 
     let cold = r.cold.as_ref();
+    let size = |c: &crate::control::ColdResults| {
+        format!("{} Services / {} endpoints", c.services, c.endpoints)
+    };
     out.push(TargetCheck::new(
         "programming 10k Services / 100k endpoints >= 10x faster than iptables-legacy-restore",
         cold.and_then(|c| {
             let legacy = c.netfilter(NfMode::IptablesLegacy)?;
             let x = ratio(Some(legacy), c.xlb_s)?;
             Some((
-                format!(
-                    "{x:.1}x ({:.2} s vs {legacy:.2} s, {} Services / {} endpoints)",
-                    c.xlb_s?, c.services, c.endpoints
-                ),
+                format!("{x:.1}x ({:.2} s vs {legacy:.2} s, {})", c.xlb_s?, size(c)),
                 x >= 10.0,
+            ))
+        }),
+    ));
+    // What a batched update costs per entry on this kernel (the conntrack fill of the sweep
+    // phase), times the first sync's map operations. An estimate, not a proven floor: the
+    // conntrack map is an LRU hash, the Service maps are plain hashes and arrays (cheaper per
+    // entry), so it is never called impossible on its strength.
+    let write_floor = cold.and_then(|c| {
+        let s = r.sweep.as_ref().filter(|s| s.entries > 0 && s.fill_s > 0.0)?;
+        let ops = c.xlb_apply_ops?;
+        let per = s.fill_s / s.entries as f64;
+        Some(format!(
+            "estimate {:.3} s: {ops} map operations x {:.0} ns, a batched update into the LRU conntrack map (plain hash maps cost less)",
+            per * ops as f64,
+            per * 1e9,
+        ))
+    });
+    out.push(
+        TargetCheck::new(
+            "map writes of the first sync alone <= 0.15 s at 10k Services / 100k endpoints",
+            cold.and_then(|c| {
+                let s = c.xlb_apply_s?;
+                Some((format!("{s:.3} s ({})", size(c)), s <= 0.15))
+            }),
+        )
+        .with_floor(write_floor),
+    );
+    out.push(TargetCheck::new(
+        "agent memory under 100 MiB at 10k Services / 100k endpoints",
+        cold.and_then(|c| {
+            let mib = c.xlb_rss_mib?;
+            Some((format!("{mib:.1} MiB ({})", size(c)), mib < 100.0))
+        }),
+    ));
+    out.push(TargetCheck::new(
+        "restart read-back of the pinned maps <= 0.5 s at 10k Services / 100k endpoints",
+        cold.and_then(|c| {
+            let s = c.readback_s?;
+            Some((
+                format!(
+                    "{s:.3} s ({}; restart spawn to ready {})",
+                    size(c),
+                    c.restart_s
+                        .map(|r| format!("{r:.2} s"))
+                        .unwrap_or_else(|| "–".into())
+                ),
+                s <= 0.5,
             ))
         }),
     ));
@@ -197,19 +348,6 @@ pub fn evaluate(r: &Results) -> Vec<TargetCheck> {
             )
         }),
     ));
-    out.push(TargetCheck::new(
-        "agent memory under 100 MiB at 10k Services / 100k endpoints",
-        cold.and_then(|c| {
-            let mib = c.xlb_rss_mib?;
-            Some((
-                format!(
-                    "{mib:.1} MiB ({} Services / {} endpoints)",
-                    c.services, c.endpoints
-                ),
-                mib < 100.0,
-            ))
-        }),
-    ));
     out
 }
 
@@ -218,7 +356,8 @@ mod tests {
     use super::*;
     use crate::control::{ChangeResults, ColdResults};
     use crate::datapath::DpResults;
-    use crate::pkt::{PktResults, PktRow};
+    use crate::pkt::{PktFloor, PktResults, PktRow};
+    use crate::progstats::ProgCost;
     use crate::stats::Latency;
     use crate::traffic::ConnResult;
 
@@ -230,8 +369,22 @@ mod tests {
                 conns_per_s: rate,
                 ..Default::default()
             },
+            round_rates: vec![rate],
             setup_s: 0.0,
             agent_rss_mib: None,
+        }
+    }
+
+    fn cost(program: &str, services: usize, ns: u64) -> ProgCost {
+        ProgCost {
+            services,
+            mode: "xlb".into(),
+            traffic: "ClusterIP".into(),
+            program: program.into(),
+            runs: 1000,
+            run_time_ns: ns * 1000,
+            connections: 250,
+            conns_per_s: 10_000.0,
         }
     }
 
@@ -247,6 +400,11 @@ mod tests {
             per_packet: Some(PktResults {
                 noop_ns: 30.0,
                 rows: vec![pkt(1, 80.0, 140.0), pkt(100_000, 85.0, 160.0)],
+                floors: vec![PktFloor {
+                    kind: "syn".into(),
+                    what: "two LRU inserts".into(),
+                    ns: 180.0,
+                }],
                 ..Default::default()
             }),
             datapath: Some(DpResults {
@@ -254,6 +412,7 @@ mod tests {
                     row("direct", 1, 1000.0),
                     row("xlb", 1, 990.0),
                     row("iptables-legacy", 1, 900.0),
+                    row("nftables", 1, 800.0),
                     row("direct", 10_000, 1000.0),
                     row("xlb", 10_000, 900.0),
                     row("iptables-legacy", 10_000, 400.0),
@@ -269,19 +428,32 @@ mod tests {
                     },
                     new_backend_served: true,
                 }),
+                rounds: 5,
+                prog_costs: vec![
+                    // The largest size decides.
+                    cost("from_pod", 1, 900),
+                    cost("to_pod", 1, 450),
+                    cost("from_pod", 10_000, 440),
+                    cost("to_pod", 10_000, 230),
+                ],
                 ..Default::default()
             }),
             cold: Some(ColdResults {
                 services: 10_000,
                 endpoints: 100_000,
                 xlb_s: Some(1.0),
+                xlb_apply_s: Some(0.12),
+                xlb_apply_ops: Some(400_000),
                 xlb_rss_mib: Some(40.0),
+                readback_s: Some(0.7),
+                restart_s: Some(1.1),
                 netfilter_s: vec![("iptables-legacy".into(), 25.0)],
                 ..Default::default()
             }),
             sweep: Some(crate::sweep::SweepResults {
                 entries: 1_000_000,
                 deleted: 500_000,
+                fill_s: 0.5,
                 sweep_s: 1.2,
                 batched: true,
                 ..Default::default()
@@ -290,41 +462,100 @@ mod tests {
         }
     }
 
+    fn find<'a>(t: &'a [TargetCheck], s: &str) -> &'a TargetCheck {
+        t.iter()
+            .find(|c| c.target.contains(s))
+            .unwrap_or_else(|| panic!("no target {s}: {t:#?}"))
+    }
+
     #[test]
     fn every_target_is_judged_from_the_numbers() {
         let t = evaluate(&sample());
         let met: Vec<Option<bool>> = t.iter().map(|c| c.met).collect();
-        // 160/140 = 1.14 (flat); 85/30 = 2.8 (<3); 160/30 = 5.3 (>5); 0.90 (<0.95);
-        // nftables 950 beats xlb 900; 25x faster; p99 12 ms; sweep 1.2 s; 40 MiB.
+        // 160/140 = 1.14 (flat); 85/30 = 2.8 (<3); 160/30 = 5.3 (>5); 40/30 = 1.33 (<1.5);
+        // to_pod 230 > 225; 0.90 at 10k (<0.95); nftables 950 beats xlb 900; so does not
+        // every netfilter mode; 25x faster; writes 0.12 s; 40 MiB; read-back 0.7 s;
+        // p99 12 ms; sweep 1.2 s.
         assert_eq!(
             met,
             vec![
                 Some(true),
                 Some(true),
                 Some(false),
-                Some(false),
-                Some(false),
                 Some(true),
                 Some(false),
                 Some(false),
-                Some(true)
+                Some(false),
+                Some(false),
+                Some(true),
+                Some(true),
+                Some(true),
+                Some(false),
+                Some(false),
+                Some(false),
             ]
         );
         assert!(t[0].measured.contains("new flow"), "{}", t[0].measured);
+        let every = find(&t, ">= 0.95x");
         assert!(
-            t[4].measured.contains("nftables at 10000"),
+            every.measured.contains("worst 0.90x at 10000 Services (1: 0.99x, 10000: 0.90x; medians of 5 interleaved rounds)"),
             "{}",
-            t[4].measured
+            every.measured
         );
-        assert_eq!(t[2].verdict(), "not met");
+        let nft = find(&t, "above nftables");
+        assert!(
+            nft.measured.contains("0.95x of nftables at 10000"),
+            "{}",
+            nft.measured
+        );
+        let real = find(&t, "real traffic");
+        assert_eq!(
+            real.measured,
+            "from_pod 440 ns, to_pod 230 ns per run (10000 Services)"
+        );
+        assert_eq!(find(&t, "SYN").verdict(), "not met");
+        // The SYN floor of the probe: 180/30 = 6x, above the 5x target.
+        let syn_floor = find(&t, "SYN").floor.clone().unwrap();
+        assert!(
+            syn_floor.contains("6.00x") && syn_floor.contains("below the floor"),
+            "{syn_floor}"
+        );
+        assert!(find(&t, "established-flow").floor.is_none());
+        // 400k operations at 500 ns each (0.5 s for 1M entries): 0.2 s, an estimate only.
+        let wf = find(&t, "map writes").floor.clone().unwrap();
+        assert!(
+            wf.starts_with("estimate 0.200 s") && !wf.contains("below the floor"),
+            "{wf}"
+        );
+        assert!(
+            find(&t, "read-back")
+                .measured
+                .contains("restart spawn to ready 1.10 s"),
+            "{:?}",
+            find(&t, "read-back")
+        );
     }
 
     #[test]
     fn missing_phases_are_not_measured_rather_than_failed() {
         let t = evaluate(&Results::default());
-        assert_eq!(t.len(), 9);
+        assert_eq!(t.len(), 14);
         assert!(t
             .iter()
-            .all(|c| c.met.is_none() && c.verdict() == "not measured"));
+            .all(|c| c.met.is_none() && c.verdict() == "not measured" && c.floor.is_none()));
+    }
+
+    /// An agent without helper B's log lines: the writes alone and the read-back stay "not
+    /// measured" while the rest of the cold phase is judged.
+    #[test]
+    fn an_older_agent_leaves_its_new_figures_unmeasured() {
+        let mut r = sample();
+        let c = r.cold.as_mut().unwrap();
+        c.xlb_apply_s = None;
+        c.readback_s = None;
+        let t = evaluate(&r);
+        assert_eq!(find(&t, "map writes").met, None);
+        assert_eq!(find(&t, "read-back").met, None);
+        assert_eq!(find(&t, "programming").met, Some(true));
     }
 }

@@ -80,8 +80,11 @@ pub struct ConnResult {
     pub errors: usize,
 }
 
+/// Untimed requests before each measured point.
+pub const WARM_UP: usize = 50;
+
 /// Sequential fresh-connection requests from `client` to `addr` for `duration` (at most `max`
-/// requests), after an untimed warm-up that must succeed.
+/// requests), after an untimed warm-up ([`WARM_UP`] requests) that must succeed.
 pub fn conn_rate(
     client: &NetNs,
     addr: SocketAddr,
@@ -89,7 +92,7 @@ pub fn conn_rate(
     max: usize,
 ) -> anyhow::Result<ConnResult> {
     client.run(|| -> anyhow::Result<ConnResult> {
-        for i in 0..50 {
+        for i in 0..WARM_UP {
             request(addr).with_context(|| format!("warm-up request {i} to {addr}"))?;
         }
         let mut lat = Vec::with_capacity(max.min(1 << 20));

@@ -47,9 +47,16 @@ pub mod map_names {
     /// LRU hash: (socket cookie, backend) -> frontend, written by the connect / sendmsg socket
     /// hooks so recvmsg and getpeername show the Service address.
     pub const SOCK_REV: &str = "XLB_SOCKREV_V1";
-    pub const ALL: [&str; 12] = [
+    /// Array of [`crate::FEFILTER_WORDS`] `u64`: the frontend pre-filter, one bit per
+    /// [`crate::fefilter_bit`] of an address. A set bit: the address may be a frontend (or a
+    /// live flow's original destination) outside the Service CIDR; clear: it is neither, and a
+    /// packet to it outside the Service CIDR passes without a map lookup. Bits are set before a
+    /// master with the address is written and cleared only by the agent's sweep; pinned, so a
+    /// restarted agent keeps them.
+    pub const FEFILTER: &str = "XLB_FEFILTER_V1";
+    pub const ALL: [&str; 13] = [
         SERVICES, BACKENDS, CONNTRACK, STATS, AFFINITY, MEMBERS, FRAGS, SRC_RANGES, DEVICES,
-        MAGLEV, RR, SOCK_REV,
+        MAGLEV, RR, SOCK_REV, FEFILTER,
     ];
 }
 
@@ -92,6 +99,24 @@ pub mod global_names {
     /// `--socket-lb host`: the network-namespace cookie of the node's own namespace (`u64`);
     /// the socket hooks translate only sockets of that namespace. 0 (`all`): every socket.
     pub const HOST_NETNS_COOKIE: &str = "XLB_HOST_NETNS_COOKIE";
+    /// `u32`: 1 when the agent maintains [`crate::map_names::FEFILTER`], so the datapath may
+    /// trust a clear bit; 0 (the object's default): the filter is not consulted.
+    pub const FEFILTER_ON: &str = "XLB_FEFILTER_ON";
+}
+
+/// Words (`u64`) of the frontend pre-filter [`map_names::FEFILTER`]: 65536 bits.
+pub const FEFILTER_WORDS: u32 = 1024;
+
+/// The pre-filter bit (`0..FEFILTER_WORDS * 64`) of an IPv4 address given as it sits in a
+/// packet or a map key (`addr_be`: the network-order bytes read as a native `u32`, e.g.
+/// `u32::from_ne_bytes(ip.octets())`). A fold of the high half into the low half, then a
+/// multiplicative mix whose top 16 bits are the bit: the addresses of one subnet (which differ
+/// in their last octets) spread over the whole filter.
+/// The word is `bit / 64`, the bit in it `bit % 64`. One definition for the datapath and the
+/// agent.
+#[inline(always)]
+pub const fn fefilter_bit(addr_be: u32) -> u32 {
+    (addr_be ^ (addr_be >> 16)).wrapping_mul(0x9E37_79B1) >> 16
 }
 
 /// An inclusive range of ports, host byte order (a load-time global).

@@ -7,6 +7,10 @@
 //! LLVM reuse bounds checks across re-derived packet pointers, which the verifier rejects), and
 //! updates checksums in software (RFC 1624) with the same flag semantics as the tc helpers: XDP
 //! frames are never CHECKSUM_PARTIAL.
+//!
+//! The common shape (no IP options, TCP/UDP, headers linear) is read and rewritten with direct
+//! packet access at fixed offsets on both hooks ([`Frame::direct`], `parse::parse_direct`,
+//! `nat::rewrite_direct`); XDP then updates the L4 checksum on the packet itself too.
 
 use aya_ebpf::{
     bindings::{
@@ -45,6 +49,13 @@ pub trait Frame {
     fn ifindex(&self) -> u32;
     /// `bpf_fib_lookup` on this context.
     fn fib_lookup(&self, params: &mut FibParams, flags: u32) -> i64;
+    /// The start of the frame for direct reads and writes, when its first `n` bytes are in the
+    /// linear part (tc pulls them in with `bpf_skb_pull_data` when the frame is long enough but
+    /// they are not), else `None`: use [`Frame::load`] / [`Frame::store`]. The pointer is valid
+    /// only until the next helper call that may change the packet (the csum helpers, stores,
+    /// pulls): callers take it again after those. `n` must be a constant, so the verifier sees
+    /// every access at a fixed offset below it.
+    fn direct(&self, n: usize) -> Option<*mut u8>;
 }
 
 impl Frame for TcContext {
@@ -76,6 +87,21 @@ impl Frame for TcContext {
     fn ifindex(&self) -> u32 {
         // SAFETY: reading a field of the program's own context.
         unsafe { (*self.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn direct(&self, n: usize) -> Option<*mut u8> {
+        if self.data() + n <= self.data_end() {
+            return Some(self.data() as *mut u8);
+        }
+        // Not linear (GRO'd or paged skbs): pull the headers in once, if the frame has them.
+        if (TcContext::len(self) as usize) < n || self.pull_data(n as u32).is_err() {
+            return None;
+        }
+        // The pull invalidated the old pointers: take them again.
+        if self.data() + n <= self.data_end() {
+            return Some(self.data() as *mut u8);
+        }
+        None
     }
     #[inline(always)]
     fn fib_lookup(&self, params: &mut FibParams, flags: u32) -> i64 {
@@ -156,6 +182,16 @@ impl Frame for XdpContext {
         unsafe { (*self.ctx).ingress_ifindex }
     }
     #[inline(always)]
+    fn direct(&self, n: usize) -> Option<*mut u8> {
+        // Only at constant offsets below `n` (the direct parser's fixed-offset headers), which
+        // the verifier checks against this one bound; variable offsets keep the helpers.
+        // Multi-buffer frames whose headers are not in the first buffer fall back too.
+        if self.data() + n <= self.data_end() {
+            return Some(self.data() as *mut u8);
+        }
+        None
+    }
+    #[inline(always)]
     fn fib_lookup(&self, params: &mut FibParams, flags: u32) -> i64 {
         // SAFETY: as for tc.
         unsafe {
@@ -173,7 +209,7 @@ impl Frame for XdpContext {
 /// native u16) when a `size`-byte field (2 or 4) changes from `from` to `to` (both given as
 /// the field's in-memory bytes, as the tc helpers take them).
 #[inline(always)]
-fn csum_update(old: u16, from: u64, to: u64, size: u64) -> u16 {
+pub fn csum_update(old: u16, from: u64, to: u64, size: u64) -> u16 {
     // One's-complement arithmetic is byte-order independent as long as every 16-bit word is
     // taken the same way: here, all as native reads of in-memory bytes.
     let mut sum = u32::from(!old);

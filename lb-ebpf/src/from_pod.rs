@@ -11,7 +11,7 @@ use lb_common::{CtKey, CtValue, Stat, CT_F_HAIRPIN, PROTO_SCTP};
 use crate::{
     conntrack::{self, alive, answer_key_of, forward_key, now_ns, reply_key_of, Dir, HAIRPIN},
     fault::{Fault, PASS},
-    icmp,
+    fefilter, icmp,
     lb::{self, Client},
     maps::CONNTRACK,
     nat, parse,
@@ -57,6 +57,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
     }
     if pkt.daddr == HAIRPIN {
         return hairpin_reply(ctx, &pkt);
+    }
+    if !in_service_cidr(pkt.daddr) && !fefilter::may_be_frontend(pkt.daddr) {
+        // No frontend and no live translated flow has this destination (the pre-filter): not
+        // ours, without a map lookup. A direct SYN still drops a stale Service flow whose
+        // answer tuple it re-uses, as on the full path.
+        if pkt.is_syn_only() {
+            forget_stale_reply(&pkt);
+        }
+        return Ok(PASS);
     }
     let key = forward_key(&pkt);
     let mut reason = None;

@@ -25,6 +25,10 @@ mod csum;
 #[cfg(target_arch = "bpf")]
 mod fault;
 #[cfg(target_arch = "bpf")]
+mod fefilter;
+#[cfg(target_arch = "bpf")]
+mod floor;
+#[cfg(target_arch = "bpf")]
 mod frame;
 #[cfg(target_arch = "bpf")]
 mod from_net;

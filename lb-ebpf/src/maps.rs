@@ -12,7 +12,7 @@ use lb_common::{
     SrcRangeKey, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
     DEFAULT_DEVICES_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MAGLEV_M, DEFAULT_MAGLEV_TABLES,
     DEFAULT_MEMBERS_MAX, DEFAULT_RR_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_MAX,
-    DEFAULT_SRC_RANGES_MAX, STATS_SLOTS,
+    DEFAULT_SRC_RANGES_MAX, FEFILTER_WORDS, STATS_SLOTS,
 };
 
 /// Frontends: master entries (slot 0) and backend slots `1..=count`. A reply is restored from
@@ -76,6 +76,10 @@ pub static RR: LruPerCpuHashMap<u32, u32> = LruPerCpuHashMap::with_max_entries(D
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(DEFAULT_SOCK_REV_MAX, 0);
 
+/// The frontend pre-filter (see `fefilter`), written by the agent.
+#[map(name = "XLB_FEFILTER_V1")]
+pub static FEFILTER: Array<u64> = Array::with_max_entries(FEFILTER_WORDS, 0);
+
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
@@ -104,3 +108,4 @@ const _: () = assert!(same("XLB_MEMBER_V1", map_names::MEMBERS));
 const _: () = assert!(same("XLB_FRAG_V1", map_names::FRAGS));
 const _: () = assert!(same("XLB_AFF_V1", map_names::AFFINITY));
 const _: () = assert!(same("XLB_STATS_V3", map_names::STATS));
+const _: () = assert!(same("XLB_FEFILTER_V1", map_names::FEFILTER));

@@ -61,6 +61,9 @@ pub struct Packet {
     /// False for a non-first fragment: the ports came from `FRAGS`, there is no L4 header to
     /// rewrite (the first fragment's checksum update covers the whole datagram).
     pub has_l4: bool,
+    /// Parsed by the direct path: IPv4 without options (L4 at [`L4_OFF_DIRECT`]), the L4 header
+    /// in the linear part, so the NAT may write it with direct stores (see `nat`).
+    pub direct: bool,
 }
 
 impl Packet {
@@ -135,9 +138,99 @@ impl Skip {
     }
 }
 
+/// Offset of the L4 header when the IPv4 header has no options (the direct path).
+pub const L4_OFF_DIRECT: usize = L3_OFF + Ipv4Hdr::LEN;
+/// Bytes the direct path needs linear: up to the end of the UDP header (both ports).
+pub const DIRECT_UDP_LEN: usize = L4_OFF_DIRECT + 8;
+/// The same up to the end of a TCP header without options (flags at 13, checksum at 16).
+pub const DIRECT_TCP_LEN: usize = L4_OFF_DIRECT + 20;
+
 /// Parses Ethernet + IPv4 (options allowed) + the L4 ports (and TCP flags), or an ICMP error.
+///
+/// The common shape (an unfragmented TCP/UDP packet without IP options, headers in the linear
+/// part) is read with direct packet access at fixed offsets (tc; [`Frame::direct`]); anything
+/// else, and XDP, goes through [`parse_slow`], which reads with the load helpers.
 #[inline(always)]
 pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Skip> {
+    if let Some(parsed) = parse_direct(ctx) {
+        return parsed;
+    }
+    parse_slow(ctx)
+}
+
+/// The direct path of [`parse`]: `None` hands the packet to [`parse_slow`] (which gives the
+/// same answer for every packet the direct path answers: it is only faster).
+#[inline(always)]
+fn parse_direct<C: Frame>(ctx: &C) -> Option<Result<Parsed, Skip>> {
+    let p = ctx.direct(DIRECT_UDP_LEN)?;
+    // SAFETY: `direct` checked that DIRECT_UDP_LEN bytes from `p` are in the packet; every
+    // read below is at a constant offset under it. Reads are unaligned-safe per field size on
+    // BPF (the verifier allows them on packet pointers).
+    let (ether_type, vihl, tot_len, frags, proto, saddr, daddr, sport, dport) = unsafe {
+        (
+            p.add(12).cast::<u16>().read(),
+            p.add(L3_OFF).read(),
+            u16::from_be(p.add(L3_OFF + 2).cast::<u16>().read()),
+            u16::from_be(p.add(L3_OFF + 6).cast::<u16>().read()),
+            p.add(L3_OFF + 9).read(),
+            p.add(IP_SRC_OFF).cast::<u32>().read(),
+            p.add(IP_DST_OFF).cast::<u32>().read(),
+            p.add(L4_OFF_DIRECT).cast::<u16>().read(),
+            p.add(L4_OFF_DIRECT + 2).cast::<u16>().read(),
+        )
+    };
+    if ether_type != ETH_P_IPV4_BE {
+        return Some(Err(Skip::NotOurs));
+    }
+    // IPv4 without options, not a fragment, TCP or UDP: everything else takes the slow path.
+    if vihl != 0x45 || frags & (IP_MF | IP_OFFSET_MASK) != 0 {
+        return None;
+    }
+    let min_l4 = match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        PROTO_SCTP | PROTO_ICMP => return None,
+        _ => return Some(Err(Skip::NotOurs)),
+    };
+    let tot = usize::from(tot_len);
+    if tot < Ipv4Hdr::LEN + min_l4 || L3_OFF + tot > ctx.len() {
+        return None;
+    }
+    let mut pkt = Packet {
+        ip_hlen: Ipv4Hdr::LEN,
+        ip_tot_len: tot_len,
+        l4_off: L4_OFF_DIRECT,
+        proto,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        tcp_flags: 0,
+        tcp_hlen: 0,
+        has_l4: true,
+        direct: true,
+    };
+    if proto == PROTO_TCP {
+        let p = ctx.direct(DIRECT_TCP_LEN)?;
+        // SAFETY: as above, for DIRECT_TCP_LEN bytes.
+        let (off, flags) = unsafe {
+            (
+                p.add(L4_OFF_DIRECT + 12).read(),
+                p.add(L4_OFF_DIRECT + 13).read(),
+            )
+        };
+        pkt.tcp_hlen = usize::from(off >> 4) * 4;
+        if pkt.tcp_hlen < 20 || pkt.tcp_hlen > tot - Ipv4Hdr::LEN {
+            return None;
+        }
+        pkt.tcp_flags = flags;
+    }
+    Some(Ok(Parsed::L4(pkt)))
+}
+
+/// [`parse`] with the load helpers: IP options, fragments, ICMP errors, SCTP, XDP.
+#[inline(always)]
+fn parse_slow<C: Frame>(ctx: &C) -> Result<Parsed, Skip> {
     let ether_type: u16 = ctx.load(12).map_err(|_| Skip::NotOurs)?;
     if ether_type != ETH_P_IPV4_BE {
         return Err(Skip::NotOurs);
@@ -166,6 +259,7 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Skip> {
         tcp_flags: 0,
         tcp_hlen: 0,
         has_l4: true,
+        direct: false,
     };
     let frags = u16::from_be_bytes(ip.frags);
     let min_l4 = match ip.proto {

@@ -199,6 +199,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         tcp_flags: 0,
         tcp_hlen: 0,
         has_l4: true,
+        direct: false,
     };
     let Some((master_key, master)) = lb::frontend(&pkt, Client::Pod) else {
         // An unallocated Service address fails at once, as on the tc path.

@@ -87,6 +87,9 @@ pub struct Applied {
     pub rev_nat: BTreeMap<u32, Frontend>,
     /// The Maglev tables ([`AppliedFrontend::table`] says which master names which).
     pub maglev: AppliedTables,
+    /// The frontend pre-filter's words and the clears a sweep decided (not compared: the
+    /// filter is a cache of the other maps and the conntrack table).
+    pub filter: crate::fefilter::Filter,
     index: OnceLock<Index>,
     /// Where new ids are searched from. History, not map content: it survives
     /// [`Applied::reindex`] and is not compared. `None` until the first [`Applied::apply`]
@@ -421,6 +424,12 @@ impl Applied {
     /// Drop the derived index; call after editing the public fields directly.
     pub fn reindex(&mut self) {
         self.index = OnceLock::new();
+    }
+
+    /// Build the private index now rather than at the first plan (the agent does it as part of
+    /// its read-back, so the first plan after a restart does not pay for it).
+    pub fn build_index(&self) {
+        self.index();
     }
 
     pub(crate) fn index(&self) -> &Index {

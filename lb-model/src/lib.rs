@@ -23,6 +23,7 @@
 pub mod applied;
 pub mod cidr;
 pub mod desired;
+pub mod fefilter;
 pub mod health;
 mod ids;
 mod kube_proxy;

@@ -3,7 +3,7 @@
 //! and in tests. [`ReadBack::read`] reads a [`MapStore`]; the entry-by-entry methods are there
 //! for tests that build odd map contents by hand. Linear in the number of entries.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
 
@@ -13,10 +13,17 @@ use crate::store::MapStore;
 use crate::{BackendAddr, Frontend};
 
 /// Map entries read so far. Entries with an unknown protocol number are skipped.
+///
+/// Slots, backends and members are collected as they come (hash order) and sorted once in
+/// [`ReadBack::finish`], which then builds each frontend in one pass: at 100k endpoints that is
+/// several times faster than inserting every entry into ordered maps as it arrives.
 #[derive(Debug, Default)]
 pub struct ReadBack {
     applied: Applied,
-    slots: BTreeMap<Frontend, BTreeMap<u16, u32>>,
+    /// (frontend, slot >= 1, backend id).
+    slots: Vec<(Frontend, u16, u32)>,
+    /// (id, address, state), in the order read.
+    backends: Vec<(u32, BackendAddr, u8)>,
     members: Vec<(Frontend, u32, MemberValue)>,
 }
 
@@ -37,6 +44,11 @@ impl ReadBack {
         Self::maglev_tables(&mut applied, store.maglev_geometry(), |t| {
             store.read_maglev_table(t)
         })?;
+        // The frontend pre-filter: kept as pinned, never cleared on start (see `fefilter`).
+        applied.filter = crate::fefilter::Filter::from_words(
+            &store.read_filter_words()?,
+            !applied.frontends.is_empty(),
+        );
         Ok(applied)
     }
 
@@ -94,17 +106,14 @@ impl ReadBack {
             e.count = v.count;
             e.table = maglev::names_table(v.flags, v.count).then_some(v.backend_id);
         } else {
-            self.slots
-                .entry(fe)
-                .or_default()
-                .insert(k.slot, v.backend_id);
+            self.slots.push((fe, k.slot, v.backend_id));
         }
     }
 
     /// A BACKENDS entry.
     pub fn backend(&mut self, id: u32, b: &Backend) {
         if let Some(addr) = BackendAddr::from_map(b) {
-            self.applied.backends.insert(id, (addr, b.state));
+            self.backends.push((id, addr, b.state));
         }
     }
 
@@ -142,25 +151,46 @@ impl ReadBack {
     pub fn finish(self) -> Applied {
         let ReadBack {
             mut applied,
-            slots,
-            members,
+            mut slots,
+            mut backends,
+            mut members,
         } = self;
-        for (fe, s) in slots {
-            let e: &mut AppliedFrontend = applied.frontends.entry(fe).or_default();
-            let max = s.keys().copied().max().unwrap_or(0);
-            e.slots = (1..=max).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
+        // Sorted by id (stable: of two entries with one id, the one read last wins, as a map
+        // insert would have it), then built in one go from the sorted run.
+        backends.sort_by_key(|(id, _, _)| *id);
+        let mut last: Vec<(u32, (BackendAddr, u8))> = Vec::with_capacity(backends.len());
+        for (id, addr, state) in backends {
+            match last.last_mut() {
+                Some((lid, v)) if *lid == id => *v = (addr, state),
+                _ => last.push((id, (addr, state))),
+            }
+        }
+        applied.backends = last.into_iter().collect();
+        // Stable for the same reason: the slot read last wins.
+        slots.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        for run in slots.chunk_by(|a, b| a.0 == b.0) {
+            let max = run.last().map_or(0, |(_, slot, _)| usize::from(*slot));
+            let mut ids = vec![0; max];
+            for (_, slot, id) in run {
+                ids[usize::from(*slot) - 1] = *id;
+            }
+            let e: &mut AppliedFrontend = applied.frontends.entry(run[0].0).or_default();
+            e.slots = ids;
         }
         for (fe, af) in applied.frontends.iter().filter(|(_, af)| af.has_master()) {
             applied.rev_nat.entry(af.rev_nat_id).or_insert(*fe);
         }
-        for (fe, id, v) in members {
-            let right = applied
-                .backends
-                .get(&id)
-                .is_some_and(|(b, _)| b.to_member() == v);
-            let e = applied.frontends.entry(fe).or_default();
-            if right || !e.slots.contains(&id) {
-                e.members.insert(id);
+        members.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        for run in members.chunk_by(|a, b| a.0 == b.0) {
+            let e = applied.frontends.entry(run[0].0).or_default();
+            for (_, id, v) in run {
+                let right = applied
+                    .backends
+                    .get(id)
+                    .is_some_and(|(b, _)| b.to_member() == *v);
+                if right || !e.slots.contains(id) {
+                    e.members.insert(*id);
+                }
             }
         }
         applied

@@ -258,6 +258,7 @@ impl ClusterState {
     /// produce no change (a manifests rescan or a relist that changed nothing costs nothing).
     pub fn apply(&mut self, event: SourceEvent) -> Changes {
         let mut changes = Changes::default();
+        let event = compact_event(event);
         match event {
             SourceEvent::ServiceUpsert(svc) => self.upsert_service(svc, &mut changes),
             SourceEvent::ServiceDelete { namespace, name } => {
@@ -426,4 +427,80 @@ fn differing_keys<V: PartialEq>(
         .map(|(k, _)| k);
     let added = new.keys().filter(|k| !old.contains_key(*k));
     removed_or_changed.chain(added).cloned().collect()
+}
+
+/// `event` with its objects made compact ([`compact_service`], [`compact_slice`]): the state
+/// holds every object of the cluster for as long as it exists, so what the model never reads is
+/// dropped before it is stored (and before it is compared with what is held, so both sides of
+/// an equality check are compact).
+fn compact_event(event: SourceEvent) -> SourceEvent {
+    match event {
+        SourceEvent::ServiceUpsert(mut svc) => {
+            compact_service(&mut svc);
+            SourceEvent::ServiceUpsert(svc)
+        }
+        SourceEvent::SliceUpsert(mut slice) => {
+            compact_slice(&mut slice);
+            SourceEvent::SliceUpsert(slice)
+        }
+        SourceEvent::Resync {
+            mut services,
+            mut slices,
+        } => {
+            services.iter_mut().flatten().for_each(compact_service);
+            slices.iter_mut().flatten().for_each(compact_slice);
+            SourceEvent::Resync { services, slices }
+        }
+        other => other,
+    }
+}
+
+/// The annotation `kubectl apply` leaves on objects: a JSON copy of the whole manifest.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drop the parts of an object's metadata no rule of the model reads (managed fields, owner
+/// references, the last-applied copy of the object, finalizers).
+fn compact_meta(m: &mut ObjectMeta) {
+    m.managed_fields = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    if let Some(a) = &mut m.annotations {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+/// A Service as the model keeps it: metadata compacted, status conditions dropped, lists
+/// without spare capacity.
+pub fn compact_service(svc: &mut Service) {
+    compact_meta(&mut svc.metadata);
+    if let Some(spec) = &mut svc.spec {
+        if let Some(p) = &mut spec.ports {
+            p.shrink_to_fit();
+        }
+    }
+    if let Some(st) = &mut svc.status {
+        st.conditions = None;
+    }
+}
+
+/// An EndpointSlice as the model keeps it. Per endpoint the model reads its addresses, its
+/// conditions and its node name; the pod reference, hostname, zone, hints and deprecated
+/// topology are dropped (at 100k endpoints they are tens of MiB), and the lists lose their
+/// spare capacity (a slice of 10 endpoints decoded into a vector of 16).
+pub fn compact_slice(slice: &mut EndpointSlice) {
+    compact_meta(&mut slice.metadata);
+    for ep in slice.endpoints.iter_mut().flatten() {
+        ep.target_ref = None;
+        ep.hostname = None;
+        ep.hints = None;
+        ep.zone = None;
+        ep.deprecated_topology = None;
+        ep.addresses.shrink_to_fit();
+    }
+    if let Some(e) = &mut slice.endpoints {
+        e.shrink_to_fit();
+    }
+    if let Some(p) = &mut slice.ports {
+        p.shrink_to_fit();
+    }
 }

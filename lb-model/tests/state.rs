@@ -503,3 +503,45 @@ fn config_defaults_to_every_node_address_and_the_api_servers_node_port_range() {
     assert!(!only.is_nodeport_address("10.0.0.10".parse().unwrap()));
     assert!(only.is_nodeport_in_range(80) && !only.is_nodeport_in_range(81));
 }
+
+/// Compaction drops only what no rule reads: the desired state is the same, an upsert of the
+/// full object after the compact one is no change, and the dropped parts are gone.
+#[test]
+fn compacted_objects_give_the_same_frontends_and_compare_equal() {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    let mut full = simple_slice("web-1", "web", &["10.244.1.5", "10.244.2.7"]);
+    for ep in full.endpoints.iter_mut().flatten() {
+        ep.target_ref = Some(ObjectReference {
+            kind: Some("Pod".into()),
+            name: Some("pod-x".into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        });
+        ep.hostname = Some("pod-x".into());
+    }
+    let svc = cluster_svc("web", "10.96.0.10");
+    let plain = state_with(vec![
+        SourceEvent::ServiceUpsert(svc.clone()),
+        SourceEvent::SliceUpsert(simple_slice("web-1", "web", &["10.244.1.5", "10.244.2.7"])),
+    ]);
+    let mut st = state_with(vec![
+        SourceEvent::ServiceUpsert(svc),
+        SourceEvent::SliceUpsert(full.clone()),
+    ]);
+    let kept = st
+        .slices_of(&plain.services.keys().next().unwrap().clone())
+        .next()
+        .unwrap()
+        .clone();
+    assert!(kept
+        .endpoints
+        .iter()
+        .flatten()
+        .all(|e| e.target_ref.is_none() && e.hostname.is_none()));
+    assert_eq!(
+        DesiredState::rebuild(&st, &cfg()).0.frontends,
+        DesiredState::rebuild(&plain, &cfg()).0.frontends
+    );
+    // The same full object again changes nothing.
+    assert!(st.apply(SourceEvent::SliceUpsert(full)).services.is_empty());
+}

@@ -516,3 +516,121 @@ fn a_failed_locality_rewrite_reports_the_frontends_keeping_that_backend() {
     assert!(execute(&mut maps, &retry, &mut applied).is_clean());
     assert_eq!(maps.backends[&1].state, BACKEND_F_LOCAL);
 }
+
+/// The writes of executing `p` from empty maps, in the order the store saw them, with `fail`
+/// choosing writes that fail.
+fn write_order(
+    d: &DesiredState,
+    fail: impl Fn(&MapWrite) -> bool + 'static,
+) -> (
+    Vec<MapWrite>,
+    lb_model::store::ExecReport,
+    MemStore,
+    Applied,
+) {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let log = seen.clone();
+    let mut applied = Applied::default();
+    let mut maps = MemStore::default();
+    let p = plan(&applied, d, &all_frontends(&applied, d));
+    let mut store = FaultStore::new(&mut maps, move |_, w| {
+        log.borrow_mut().push(w.clone());
+        fail(w)
+    });
+    let report = execute(&mut store, &p, &mut applied);
+    let seen = seen.borrow().clone();
+    (seen, report, maps, applied)
+}
+
+#[test]
+fn frontends_are_written_in_stages_of_one_class_each_in_their_own_order() {
+    let names: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let eps: Vec<Vec<String>> = (0..40)
+        .map(|i| (0..3).map(|k| format!("10.244.{i}.{}", k + 1)).collect())
+        .collect();
+    let eps: Vec<Vec<&str>> = eps
+        .iter()
+        .map(|v| v.iter().map(String::as_str).collect())
+        .collect();
+    let eps: Vec<&[&str]> = eps.iter().map(Vec::as_slice).collect();
+    let d = desired(&names, &eps);
+    let (order, report, maps, applied) = write_order(&d, |_| false);
+    assert!(report.is_clean(), "{report:?}");
+    // A cold plan is three batches: every backend, every member, then every frontend's
+    // slots and master (one SERVICES batch): not 40 alternations of MEMBERS and SERVICES.
+    let classes: Vec<_> = order.iter().map(MapWrite::batch_class).collect();
+    let mut runs = classes.clone();
+    runs.dedup();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    // Each master comes after its slots and members.
+    for (i, w) in order.iter().enumerate() {
+        let MapWrite::PutService(k, _) = w else {
+            continue;
+        };
+        if k.slot != 0 {
+            continue;
+        }
+        let fe = Frontend::from_key(k).unwrap();
+        let before = &order[..i];
+        for id in applied.frontends[&fe].members.iter() {
+            assert!(before.contains(&MapWrite::PutMember(
+                fe.member_key(*id),
+                maps.members[&fe.member_key(*id)]
+            )));
+        }
+        for s in 1..=applied.frontends[&fe].count as u16 {
+            assert!(before
+                .iter()
+                .any(|b| matches!(b, MapWrite::PutService(bk, _) if *bk == fe.key(s))));
+        }
+    }
+    assert_eq!(ReadBack::read(&maps).unwrap(), applied);
+}
+
+#[test]
+fn a_write_failing_inside_a_batch_stops_its_frontend_and_the_others_complete() {
+    let d = desired(
+        &["a", "b", "c"],
+        &[
+            &["10.244.0.1", "10.244.0.2"],
+            &["10.244.0.3", "10.244.0.4"],
+            &["10.244.0.5"],
+        ],
+    );
+    let b = fe("10.96.0.2", 80, Proto::Tcp);
+    // b's second slot fails: in the middle of the one SERVICES batch of the three frontends.
+    let (order, report, maps, applied) = write_order(
+        &d,
+        move |w| matches!(w, MapWrite::PutService(k, _) if *k == b.key(2)),
+    );
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].0, b);
+    assert!(
+        !maps.services.contains_key(&b.key(0)),
+        "no master for a half-written frontend"
+    );
+    for a in [
+        fe("10.96.0.1", 80, Proto::Tcp),
+        fe("10.96.0.3", 80, Proto::Tcp),
+    ] {
+        assert!(maps.services.contains_key(&a.key(0)), "{order:?}");
+    }
+    // Nothing of b after the failure was attempted.
+    let at = order
+        .iter()
+        .position(|w| matches!(w, MapWrite::PutService(k, _) if *k == b.key(2)))
+        .unwrap();
+    assert!(!order[at + 1..]
+        .iter()
+        .any(|w| matches!(w, MapWrite::PutService(k, _) if Frontend::from_key(k) == Some(b))));
+    assert_eq!(ReadBack::read(&maps).unwrap(), applied);
+    // The retry completes it.
+    let mut applied = applied;
+    let mut maps = maps;
+    let p = plan(&applied, &d, &BTreeSet::from([b]));
+    assert!(execute(&mut maps, &p, &mut applied).is_clean());
+    assert!(maps.services.contains_key(&b.key(0)));
+}

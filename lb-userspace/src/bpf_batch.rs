@@ -349,6 +349,112 @@ impl<K: Pod, V: Pod> BatchMap<K, V> {
     }
 }
 
+/// Insert or overwrite `keys[i] -> values[i]` (`BPF_ANY`) in the hash map `map`, in order, with
+/// `BPF_MAP_UPDATE_BATCH`. On error: how many were written before the failing key (which is
+/// `keys[n]`; nothing after it was attempted), and the error. `K` and `V` must have the map's
+/// key and value sizes (the kernel reads `count` of each): callers take them from an aya
+/// `HashMap<_, K, V>`, which checked them when it was opened.
+pub fn hash_update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> Result<(), (usize, io::Error)> {
+    if keys.len() != values.len() {
+        return Err((0, io::Error::new(io::ErrorKind::InvalidInput, "keys and values differ in length")));
+    }
+    let mut written = 0;
+    for (ks, vs) in keys.chunks(WRITE_CHUNK).zip(values.chunks(WRITE_CHUNK)) {
+        let mut attr = BatchAttr {
+            keys: ks.as_ptr() as u64,
+            values: vs.as_ptr() as u64,
+            count: ks.len() as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
+        let done = (attr.count as usize).min(ks.len());
+        if let Err(e) = res {
+            return Err((written + done, e));
+        }
+        written += ks.len();
+    }
+    Ok(())
+}
+
+/// Delete `keys` from the hash map `map`, in order, with `BPF_MAP_DELETE_BATCH`; a key already
+/// gone is skipped (success). On error: how many keys were processed before the failing one
+/// (`keys[n]`), and the error.
+pub fn hash_delete<K: Pod>(map: &MapData, keys: &[K]) -> Result<(), (usize, io::Error)> {
+    let mut done_total = 0;
+    while done_total < keys.len() {
+        let rest = &keys[done_total..];
+        let n = rest.len().min(WRITE_CHUNK);
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: n as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = sys_bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let done = (attr.count as usize).min(n);
+        match res {
+            Ok(()) => done_total += n,
+            // Key `done` is already gone: skip it, go on after it.
+            Err(e) if errno(&e) == Some(libc::ENOENT) => done_total += done + 1,
+            Err(e) => return Err((done_total + done, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Every entry of the hash map `map` with `BPF_MAP_LOOKUP_BATCH` (a few syscalls for the whole
+/// map, where iterating costs two per entry). Not a snapshot (see the module docs); the agent
+/// reads its own Service maps, which nothing else writes meanwhile.
+pub fn hash_lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<(Vec<K>, Vec<V>)> {
+    let mut keys: Vec<K> = Vec::new();
+    let mut values: Vec<V> = Vec::new();
+    let mut chunk: u32 = 16_384;
+    let tlen = std::mem::size_of::<K>().max(8);
+    let mut token = vec![0u8; tlen];
+    let mut out_token = vec![0u8; tlen];
+    let mut started = false;
+    loop {
+        let filled = keys.len();
+        keys.reserve(chunk as usize);
+        values.reserve(chunk as usize);
+        let mut attr = BatchAttr {
+            in_batch: if started { token.as_ptr() as u64 } else { 0 },
+            out_batch: out_token.as_mut_ptr() as u64,
+            // SAFETY of the pointers: `reserve` above left room for `chunk` more entries.
+            keys: unsafe { keys.as_mut_ptr().add(filled) } as u64,
+            values: unsafe { values.as_mut_ptr().add(filled) } as u64,
+            count: chunk,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let res = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(chunk as usize);
+        let last = match res {
+            Ok(()) => false,
+            Err(e) if errno(&e) == Some(libc::ENOENT) => true,
+            Err(e) if errno(&e) == Some(libc::ENOSPC) && chunk < MAX_CHUNK => {
+                // One bucket is larger than the buffer: grow and retry from the same cursor.
+                chunk = (chunk * 2).min(MAX_CHUNK);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        // SAFETY: the kernel wrote `n` (<= chunk) whole keys and values after the `filled` ones,
+        // and any byte pattern is a valid `Pod`.
+        unsafe {
+            keys.set_len(filled + n);
+            values.set_len(filled + n);
+        }
+        if last {
+            return Ok((keys, values));
+        }
+        std::mem::swap(&mut token, &mut out_token);
+        started = true;
+    }
+}
+
 /// Write `values` to the entries `start, start + 1, ...` of the array map `map` (element size
 /// `size_of::<V>()`) with `BPF_MAP_UPDATE_BATCH`. On error nothing says how far it got.
 pub fn array_update<V: Pod>(map: &MapData, start: u32, values: &[V]) -> io::Result<()> {
@@ -535,6 +641,37 @@ mod tests {
         assert_eq!(all.len(), 2500);
         assert!(all.iter().all(|(k, _)| k % 2 == 1));
         assert_eq!(m.batched(), !per_entry);
+    }
+
+    #[test]
+    #[ignore = "needs root"]
+    fn hash_update_delete_and_lookup_all_in_order() {
+        let m = create(1, 4096).unwrap(); // BPF_MAP_TYPE_HASH
+        let map = m.map.map();
+        let keys: Vec<u64> = (0..3000).collect();
+        let values: Vec<u64> = keys.iter().map(|k| k * 10).collect();
+        hash_update(map, &keys, &values).unwrap();
+        // A later write of the same key in one batch wins: keys are processed in order.
+        hash_update(map, &[7u64, 7], &[1u64, 2]).unwrap();
+        let (mut k, v) = hash_lookup_all::<u64, u64>(map).unwrap();
+        let mut all: Vec<(u64, u64)> = k.iter().copied().zip(v).collect();
+        all.sort_unstable();
+        k.sort_unstable();
+        assert_eq!(k, keys);
+        assert_eq!(all[7], (7, 2));
+        assert_eq!(all[2999], (2999, 29990));
+        // Deleting keys that are gone is success, and the others still go.
+        hash_delete(map, &[5u64, 5, 100_000, 6]).unwrap();
+        let (k, _) = hash_lookup_all::<u64, u64>(map).unwrap();
+        assert_eq!(k.len(), 2998);
+        assert!(!k.contains(&5) && !k.contains(&6));
+        // A full map: the batch stops at the first key that does not fit and says where.
+        let more: Vec<u64> = (10_000..12_000).collect();
+        let (n, e) = hash_update::<u64, u64>(map, &more, &more).unwrap_err();
+        assert_eq!(n, 4096 - 2998, "{e}");
+        // An empty map reads as empty.
+        let empty = create(1, 16).unwrap();
+        assert!(hash_lookup_all::<u64, u64>(empty.map.map()).unwrap().0.is_empty());
     }
 
     #[test]

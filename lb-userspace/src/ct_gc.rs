@@ -180,6 +180,9 @@ pub struct SweepReport {
     pub deleted: u64,
     /// Live conntrack entries by state.
     pub live: StateCounts,
+    /// The original destinations (network order) of the live forward entries: the addresses
+    /// the frontend pre-filter must keep (`lb_model::fefilter`).
+    pub destinations: std::collections::BTreeSet<u32>,
     pub affinity_scanned: u64,
     pub affinity_deleted: u64,
     pub max_entries: u32,
@@ -352,6 +355,11 @@ impl CtGc {
                 run.ct_doomed.clear();
                 run.report.scanned += run.ct.keys().len() as u64;
                 classify_ct(run.ct.keys(), run.ct.values(), now, &mut run.report.live, &mut run.ct_doomed);
+                for (k, v) in run.ct.keys().iter().zip(run.ct.values()) {
+                    if k.dir == lb_common::CT_FORWARD && !ct_expired(v, now) {
+                        run.report.destinations.insert(k.daddr);
+                    }
+                }
                 if !run.ct_doomed.is_empty() {
                     run.report.deleted += self.ct.delete(&run.ct_doomed)? as u64;
                 }

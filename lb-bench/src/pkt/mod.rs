@@ -79,6 +79,46 @@ const TC_ACT_REDIRECT: u32 = 7;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 
+/// Probe programs of the eBPF object that measure the floors under the packet kinds
+/// (`lb-ebpf/src/floor.rs`): each parses the frame as the real programs do, then does one
+/// primitive (nothing; one conntrack lookup; the two conntrack inserts of a new flow; the
+/// DNAT rewrite). Measured when present, at the largest size, on fresh tuples.
+pub const FLOOR_PROBES: [&str; 4] = [
+    "floor_parse",
+    "floor_ct_lookup",
+    "floor_ct_pair",
+    "floor_nat",
+];
+
+/// The floors of the packet kinds from the probes' figures (ns, test-run overhead included):
+/// each kind's floor is one probe whose work is a strict part of that kind's work on the same
+/// kind of tuple, so the kind cannot cost less: a new flow not less than its parse and the two
+/// conntrack inserts (fresh tuples, as the SYN rows); an established packet not less than its
+/// parse and the DNAT rewrite; a non-Service packet not less than the parse. Probes are not
+/// added up: a lookup of a fresh tuple (`floor_ct_lookup`) meets cache-cold buckets that the
+/// established row's one repeated tuple never does, so sums would overshoot the rows.
+pub fn floors_of(probes: &[(String, f64)]) -> Vec<PktFloor> {
+    let get = |n: &str| probes.iter().find(|(p, _)| p == n).map(|(_, ns)| *ns);
+    [
+        (
+            "syn",
+            "floor_ct_pair",
+            "parse and the two conntrack inserts of a new flow",
+        ),
+        ("established", "floor_nat", "parse and the DNAT rewrite"),
+        ("non_service", "floor_parse", "the parse alone"),
+    ]
+    .into_iter()
+    .filter_map(|(kind, probe, what)| {
+        Some(PktFloor {
+            kind: kind.into(),
+            what: format!("{what}, probe {probe}"),
+            ns: get(probe)?,
+        })
+    })
+    .collect()
+}
+
 /// How many samples to take.
 #[derive(Clone, Copy, Debug)]
 pub struct PktPlan {
@@ -131,6 +171,24 @@ pub struct PktResults {
     /// Why the external path was not (fully) measured.
     #[serde(default)]
     pub external_error: Option<String>,
+    /// Floors of packet kinds measured with probe programs (what a kind cannot go below on
+    /// this kernel), shown next to the targets.
+    #[serde(default)]
+    pub floors: Vec<PktFloor>,
+    /// The probe programs' own figures (ns per run), measured like the rows at the largest size.
+    #[serde(default)]
+    pub probes: Vec<(String, f64)>,
+}
+
+/// The least a packet kind can cost here: a probe program doing only the unavoidable part.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PktFloor {
+    /// "established", "syn" or "non_service".
+    pub kind: String,
+    /// What the probe does.
+    pub what: String,
+    /// Median ns per run, measured like the rows (no-op overhead included).
+    pub ns: f64,
 }
 
 /// The object loaded unpinned with maps big enough for the largest size, programmed as the
@@ -183,6 +241,14 @@ impl Loaded {
             ],
         )
         .map_err(|e| anyhow!("{e}"))?;
+        // The floor probes, where the object has them (never attached by the agent).
+        for name in FLOOR_PROBES {
+            if ebpf.program(name).is_some() {
+                if let Err(e) = load_programs(&mut ebpf, &[name]) {
+                    tracing::warn!(program = name, error = %e, "floor probe not loaded");
+                }
+            }
+        }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("no map {name} in the object"))
@@ -550,6 +616,22 @@ fn run_in_namespace(
         }
         progress(&format!("per-packet at {n} Services"));
     }
+
+    // The probes, with the maps as full as the largest size left them; SYNs to the probe
+    // Service from sources no row used (salt 100).
+    let dst = cluster_ip(max - 1).octets();
+    for name in FLOOR_PROBES {
+        let Ok(p) = l.prog(name) else { continue };
+        let ns = measure(plan, |k| {
+            let (src, sport) = new_flow_src(k, 100);
+            Ok(run_once(p, &frame::tcp(src, sport, dst, SERVICE_PORT, frame::SYN))?.0)
+        });
+        match ns {
+            Ok(ns) => res.probes.push((name.to_string(), ns)),
+            Err(e) => tracing::warn!(program = name, error = %e, "floor probe"),
+        }
+    }
+    res.floors = floors_of(&res.probes);
     Ok(res)
 }
 
@@ -715,6 +797,28 @@ fn external_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_floor_is_one_probe_of_a_part_of_the_kind() {
+        let probes = |names: &[(&str, f64)]| -> Vec<(String, f64)> {
+            names.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+        };
+        let f = floors_of(&probes(&[
+            ("floor_parse", 100.0),
+            ("floor_ct_lookup", 150.0),
+            ("floor_ct_pair", 400.0),
+            ("floor_nat", 160.0),
+        ]));
+        let ns = |k: &str| f.iter().find(|x| x.kind == k).map(|x| x.ns);
+        assert_eq!(ns("syn"), Some(400.0));
+        assert_eq!(ns("established"), Some(160.0));
+        assert_eq!(ns("non_service"), Some(100.0));
+        assert!(f[0].what.contains("floor_ct_pair"), "{:?}", f[0]);
+        // Only what the probes present can say.
+        let f = floors_of(&probes(&[("floor_parse", 90.0)]));
+        assert_eq!(f.len(), 1);
+        assert!(floors_of(&[]).is_empty());
+    }
 
     #[test]
     fn new_flow_sources_are_distinct() {

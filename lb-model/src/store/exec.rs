@@ -1,8 +1,8 @@
 //! The executor: a [`Plan`] written into a [`MapStore`] in the planner's order.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::{MapStore, MapWrite};
+use super::{BatchClass, MapStore, MapWrite};
 use crate::applied::Applied;
 use crate::planner::{MapOp, Plan};
 use crate::Frontend;
@@ -44,6 +44,16 @@ impl ExecReport {
 ///
 /// The planner's order guarantees that after every single write each master's slots
 /// `1..=count` name existing backends that are members of the frontend, whichever write fails.
+///
+/// Batching ([`MapStore::write_batch`], one syscall for thousands of entries): consecutive ops of
+/// one [`BatchClass`] go out together. The frontends advance in stages: a frontend's ops are cut
+/// into runs of one class (e.g. its MEMBERS puts, then its slots and master, which are all
+/// SERVICES puts), and stage `i` writes the `i`-th run of every frontend still going, one batch
+/// per class, in plan order. So each frontend's ops are still written strictly in its order (a
+/// master after everything it names, within one batch too: the kernel processes keys in
+/// order), only interleaved with other frontends', whose entries are independent. A failing
+/// write stops its frontend; the writes after it in the batch that belong to other frontends
+/// are sent again without it.
 pub fn execute<S: MapStore + ?Sized>(
     store: &mut S,
     plan: &Plan,
@@ -52,30 +62,24 @@ pub fn execute<S: MapStore + ?Sized>(
     let mut report = ExecReport::default();
     // Entries the planner left out (no free Maglev table): nothing of them is written.
     report.failed.extend(plan.unplanned.iter().cloned());
-    let mut write = |op: &MapOp, applied: &mut Applied| -> Result<(), String> {
-        tracing::debug!(?op, "map op");
-        if let MapOp::PutMaglevTable { table, .. } = op {
-            // Half-written if the write fails: its old content is no longer known.
-            applied.forget_table(*table);
-        }
-        MapWrite::of(op)
-            .apply_to(store)
-            .map_err(|e| format!("{op:?}: {e}"))?;
-        applied.apply(op);
-        Ok(())
-    };
+    // The frontend pre-filter bits of the plan's masters before anything of the plan.
+    let filter_blocked = crate::fefilter::write_before(store, plan, &mut applied.filter);
     let mut failed_prepare = Vec::new();
-    for op in &plan.prepare {
-        match write(op, applied) {
-            Ok(()) => report.ops_ok += 1,
-            Err(e) => {
-                report.prepare_failed.push(e);
-                failed_prepare.push(op.clone());
-            }
-        }
-    }
+    let prepare: Vec<&MapOp> = plan.prepare.iter().collect();
+    write_independent(
+        store,
+        &prepare,
+        applied,
+        |op, e| {
+            report.prepare_failed.push(e);
+            failed_prepare.push(op.clone());
+        },
+        &mut report.ops_ok,
+    );
     // A slot or member must never name a backend that was not written: skip those frontends.
-    let blocked: BTreeSet<Frontend> = plan.blocked_by(&failed_prepare, applied);
+    let mut blocked: BTreeSet<Frontend> = plan.blocked_by(&failed_prepare, applied);
+    // Nor may a master be written whose frontend pre-filter bit could not be set.
+    blocked.extend(filter_blocked);
     // Frontends without ops that keep a backend whose rewrite failed: report them, so the
     // retry of the failed frontends writes the backend again (nothing else would).
     if !failed_prepare.is_empty() {
@@ -100,29 +104,130 @@ pub fn execute<S: MapStore + ?Sized>(
                 .push((fe, "a backend it uses could not be updated".into()));
         }
     }
-    for (fe, ops) in &plan.frontends {
+    // Plan index -> why that frontend stopped (reported in plan order).
+    let mut fe_failed: BTreeMap<usize, String> = BTreeMap::new();
+    // (plan index, position of its next op) of the frontends still going.
+    let mut going: Vec<(usize, usize)> = Vec::new();
+    for (i, (fe, ops)) in plan.frontends.iter().enumerate() {
         if blocked.contains(fe) {
-            report.failed.push((
-                *fe,
-                "skipped: a backend it uses could not be written".into(),
-            ));
-            continue;
+            fe_failed.insert(i, "skipped: a backend it uses could not be written".into());
+        } else if !ops.is_empty() {
+            going.push((i, 0));
         }
-        for op in ops {
-            match write(op, applied) {
-                Ok(()) => report.ops_ok += 1,
-                Err(e) => {
-                    report.failed.push((*fe, e));
-                    break;
+    }
+    while !going.is_empty() {
+        // This stage: the next run of each frontend still going, grouped by class in plan order.
+        let mut stage: BTreeMap<BatchClass, Vec<(usize, &MapOp)>> = BTreeMap::new();
+        for (i, pos) in &mut going {
+            let ops = &plan.frontends[*i].1;
+            let class = class_of(&ops[*pos]);
+            let mut end = *pos + 1;
+            if class != BatchClass::Single {
+                while end < ops.len() && class_of(&ops[end]) == class {
+                    end += 1;
                 }
             }
+            let batch = stage.entry(class).or_default();
+            batch.extend(ops[*pos..end].iter().map(|op| (*i, op)));
+            *pos = end;
         }
-    }
-    for op in applied.gc() {
-        match write(&op, applied) {
-            Ok(()) => report.ops_ok += 1,
-            Err(e) => tracing::debug!(error = %e, "gc delete failed; the next plan retries it"),
+        for (_, mut batch) in stage {
+            while !batch.is_empty() {
+                let ops: Vec<&MapOp> = batch.iter().map(|(_, op)| *op).collect();
+                let (n, err) = write_run(store, &ops, applied);
+                report.ops_ok += n;
+                let Some(e) = err else { break };
+                let dead = batch[n].0;
+                fe_failed.insert(dead, e);
+                batch = batch.split_off(n + 1);
+                batch.retain(|(i, _)| *i != dead);
+                going.retain(|(i, _)| *i != dead);
+            }
         }
+        going.retain(|(i, pos)| *pos < plan.frontends[*i].1.len());
     }
     report
+        .failed
+        .extend(fe_failed.into_iter().map(|(i, e)| (plan.frontends[i].0, e)));
+    let gc = applied.gc();
+    let gc: Vec<&MapOp> = gc.iter().collect();
+    write_independent(
+        store,
+        &gc,
+        applied,
+        |_, e| tracing::debug!(error = %e, "gc delete failed; the next plan retries it"),
+        &mut report.ops_ok,
+    );
+    report
+}
+
+/// Which batch `op` may share.
+fn class_of(op: &MapOp) -> BatchClass {
+    match op {
+        MapOp::PutBackend { .. } => BatchClass::PutBackend,
+        MapOp::DeleteBackend { .. } => BatchClass::DeleteBackend,
+        MapOp::PutMember { .. } => BatchClass::PutMember,
+        MapOp::DeleteMember { .. } => BatchClass::DeleteMember,
+        MapOp::PutSlot { .. } | MapOp::PutMaster { .. } => BatchClass::PutService,
+        MapOp::DeleteSlot { .. } | MapOp::DeleteMaster { .. } => BatchClass::DeleteService,
+        #[allow(unreachable_patterns)]
+        _ => BatchClass::Single,
+    }
+}
+
+/// Write `ops` (one class, or one `Single` op) as one batch and record the performed ones in
+/// `applied`. Returns how many were performed and, when not all, the error of the next one.
+fn write_run<S: MapStore + ?Sized>(
+    store: &mut S,
+    ops: &[&MapOp],
+    applied: &mut Applied,
+) -> (usize, Option<String>) {
+    for op in ops {
+        tracing::debug!(?op, "map op");
+        if let MapOp::PutMaglevTable { table, .. } = op {
+            // Half-written if the write fails: its old content is no longer known.
+            applied.forget_table(*table);
+        }
+    }
+    let writes: Vec<MapWrite> = ops.iter().map(|op| MapWrite::of(op)).collect();
+    let (n, err) = store.write_batch(&writes);
+    let n = n.min(ops.len());
+    for op in &ops[..n] {
+        applied.apply(op);
+    }
+    let err = match err {
+        Some(e) if n < ops.len() => Some(format!("{:?}: {e}", ops[n])),
+        _ => None,
+    };
+    (n, err)
+}
+
+/// Write ops that do not depend on each other's success (prepare, gc) in order, consecutive
+/// ops of one class in one batch; a failed op is handed to `failed` and the rest go on.
+fn write_independent<S: MapStore + ?Sized>(
+    store: &mut S,
+    ops: &[&MapOp],
+    applied: &mut Applied,
+    mut failed: impl FnMut(&MapOp, String),
+    ops_ok: &mut usize,
+) {
+    let mut start = 0;
+    while start < ops.len() {
+        let class = class_of(ops[start]);
+        let mut end = start + 1;
+        if class != BatchClass::Single {
+            while end < ops.len() && class_of(ops[end]) == class {
+                end += 1;
+            }
+        }
+        let (n, err) = write_run(store, &ops[start..end], applied);
+        *ops_ok += n;
+        match err {
+            Some(e) => {
+                failed(ops[start + n], e);
+                start += n + 1;
+            }
+            None => start = end,
+        }
+    }
 }

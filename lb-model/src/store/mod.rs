@@ -18,6 +18,7 @@ mod fault;
 mod mem;
 
 pub use exec::{execute, ExecReport};
+
 pub use fault::{FaultError, FaultStore};
 pub use mem::MemStore;
 
@@ -81,6 +82,33 @@ pub trait MapStore {
     fn put_maglev_table(&mut self, table: u32, entries: &[u32]) -> Result<(), Self::Error>;
     /// The `m` entries of Maglev table `table` (`< tables`); an entry never written reads 0.
     fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, Self::Error>;
+
+    /// Write word `word` of the frontend pre-filter (`lb_common::map_names::FEFILTER`, see
+    /// [`crate::fefilter`]). The default keeps nothing (stores without the filter map: the
+    /// in-memory one, whose plans and read-backs the filter does not change).
+    fn put_filter_word(&mut self, _word: u32, _value: u64) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    /// Every word of the frontend pre-filter (empty: the store keeps none).
+    fn read_filter_words(&self) -> Result<Vec<u64>, Self::Error> {
+        Ok(Vec::new())
+    }
+
+    /// Perform `writes` strictly in order. The executor only passes writes of one
+    /// [`BatchClass`] (one map, all puts or all deletes), so a real store can hand them to the
+    /// kernel in one `BPF_MAP_*_BATCH` syscall, which also processes keys in order and stops at
+    /// the first failing one. Returns how many writes were performed; when that is fewer than
+    /// all, the error of the write at that index (nothing after it was attempted). The default
+    /// performs them one by one, so the in-memory and fault-injecting stores see every single
+    /// write as before.
+    fn write_batch(&mut self, writes: &[MapWrite]) -> (usize, Option<Self::Error>) {
+        for (i, w) in writes.iter().enumerate() {
+            if let Err(e) = w.apply_to(self) {
+                return (i, Some(e));
+            }
+        }
+        (writes.len(), None)
+    }
 }
 
 impl<S: MapStore + ?Sized> MapStore for &mut S {
@@ -133,6 +161,30 @@ impl<S: MapStore + ?Sized> MapStore for &mut S {
     fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, S::Error> {
         (**self).read_maglev_table(table)
     }
+    fn put_filter_word(&mut self, word: u32, value: u64) -> Result<(), S::Error> {
+        (**self).put_filter_word(word, value)
+    }
+    fn read_filter_words(&self) -> Result<Vec<u64>, S::Error> {
+        (**self).read_filter_words()
+    }
+    fn write_batch(&mut self, writes: &[MapWrite]) -> (usize, Option<S::Error>) {
+        (**self).write_batch(writes)
+    }
+}
+
+/// Which writes may share one batch: the same map, and all puts or all deletes. SRC_RANGES
+/// (an LPM trie, rare) and Maglev tables (one batch of their own already) are never batched
+/// with other writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BatchClass {
+    PutService,
+    DeleteService,
+    PutBackend,
+    DeleteBackend,
+    PutMember,
+    DeleteMember,
+    /// Written on its own.
+    Single,
 }
 
 /// One map write: a [`MapOp`] as the entry it puts or the key it deletes.
@@ -225,6 +277,21 @@ impl MapWrite {
             MapWrite::PutSrcRange(len, k) => store.put_src_range(*len, k),
             MapWrite::DeleteSrcRange(len, k) => store.delete_src_range(*len, k),
             MapWrite::PutMaglevTable(t, e) => store.put_maglev_table(*t, e),
+        }
+    }
+
+    /// The batch this write may share (see [`MapStore::write_batch`]).
+    pub fn batch_class(&self) -> BatchClass {
+        match self {
+            MapWrite::PutService(..) => BatchClass::PutService,
+            MapWrite::DeleteService(_) => BatchClass::DeleteService,
+            MapWrite::PutBackend(..) => BatchClass::PutBackend,
+            MapWrite::DeleteBackend(_) => BatchClass::DeleteBackend,
+            MapWrite::PutMember(..) => BatchClass::PutMember,
+            MapWrite::DeleteMember(_) => BatchClass::DeleteMember,
+            // SRC_RANGES, MAGLEV and whatever else: one by one.
+            #[allow(unreachable_patterns)]
+            _ => BatchClass::Single,
         }
     }
 

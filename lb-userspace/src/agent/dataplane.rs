@@ -101,8 +101,25 @@ impl BpfDataplane {
             })?;
         }
         attach_socket_lb(&mut datapath, cfg, host_netns_cookie)?;
+        let read_started = Instant::now();
         let mut applied = datapath.read_applied().context("reading the pinned maps back")?;
-        if let Some(old) = stale_maglev {
+        // The whole read-back into `Applied` (every Service map, the Maglev tables the masters
+        // name, the id index): what a restart costs before the first plan. The bench parses it.
+        applied.build_index();
+        tracing::info!(
+            micros = read_started.elapsed().as_micros() as u64,
+            frontends = applied.frontends.len(),
+            backends = applied.backends.len(),
+            "maps read back"
+        );
+        // The frontend pre-filter: addresses in the Service CIDR need no bit. Pinned by an agent
+        // that did not keep it (all zero next to frontends): every bit is set now, before the
+        // new programs, which trust it, are attached (the sweeps clear what is not needed).
+        applied.filter.service_cidr = cfg.service_cidr;
+        if applied.filter.fill {
+            datapath.execute(&lb_model::Plan::default(), &mut applied);
+        }
+                if let Some(old) = stale_maglev {
             // No program reads the new array yet: the tables the masters name go in place.
             let plan = lb_model::planner::restore_tables(&applied);
             let report = datapath.execute(&plan, &mut applied);

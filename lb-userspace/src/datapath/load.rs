@@ -122,7 +122,10 @@ impl LoadOptions {
             .override_global(global_names::CT_TIMEOUTS, &self.ct_timeouts, true)
             .override_global(global_names::SNAT_PORTS, &self.snat_ports, true)
             .override_global(global_names::MAGLEV_M, &self.maglev_m, true)
-            .override_global(global_names::HOST_NETNS_COOKIE, &self.host_netns_cookie, true);
+            .override_global(global_names::HOST_NETNS_COOKIE, &self.host_netns_cookie, true)
+            // Every writer of the Service maps goes through `lb_model::store::execute`, which
+            // keeps the frontend pre-filter: the programs may trust it.
+            .override_global(global_names::FEFILTER_ON, &1u32, true);
         Ok(loader.load(obj)?)
     }
 }

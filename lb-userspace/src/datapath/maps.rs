@@ -21,7 +21,7 @@ use lb_common::{
     ServiceKey, ServiceValue, SrcRangeKey, Stat, STAT_COUNT,
 };
 use lb_model::maglev::Geometry;
-use lb_model::store::MapStore;
+use lb_model::store::{BatchClass, MapStore, MapWrite};
 use lb_model::{Applied, ReadBack};
 
 use super::{Error, PinLayout, Result};
@@ -34,6 +34,8 @@ pub struct AyaStore<'m, T> {
     members: &'m mut HashMap<T, MemberKey, MemberValue>,
     src_ranges: &'m mut LpmTrie<T, SrcRangeKey, u8>,
     maglev: &'m mut Array<T, u32>,
+    /// The frontend pre-filter (`None`: a handle without it, which cannot write it).
+    fefilter: Option<&'m mut Array<T, u64>>,
     geometry: Geometry,
 }
 
@@ -72,12 +74,21 @@ fn ignore_missing(r: Result<(), MapError>, name: &'static str) -> Result<()> {
     }
 }
 
-/// Every entry of `map`, each handed to `f`.
+/// Every entry of `map`, each handed to `f`: one `BPF_MAP_LOOKUP_BATCH` per 16k entries, or
+/// aya's iterator (two syscalls per entry) on a kernel without batch lookups.
 fn for_each<T: BorrowMut<MapData>, K: aya::Pod, V: aya::Pod>(
     map: &HashMap<T, K, V>,
     name: &'static str,
     mut f: impl FnMut(K, V),
 ) -> Result<()> {
+    match crate::bpf_batch::hash_lookup_all::<K, V>(IterableMap::map(map)) {
+        Ok((keys, values)) => {
+            keys.into_iter().zip(values).for_each(|(k, v)| f(k, v));
+            return Ok(());
+        }
+        Err(e) if crate::bpf_batch::is_unsupported(&e) => {}
+        Err(e) => return Err(batch_err_of(name, e)),
+    }
     for item in map.iter() {
         let (k, v) = item.map_err(map_err(name))?;
         f(k, v);
@@ -156,6 +167,65 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
         }
         Ok(())
     }
+    fn write_batch(&mut self, writes: &[MapWrite]) -> (usize, Option<Error>) {
+        let Some(first) = writes.first() else { return (0, None) };
+        let class = first.batch_class();
+        let done = match class {
+            BatchClass::PutService | BatchClass::DeleteService => batch_parts(writes, |w| match w {
+                MapWrite::PutService(k, v) if class == BatchClass::PutService => Some((*k, Some(*v))),
+                MapWrite::DeleteService(k) if class == BatchClass::DeleteService => Some((*k, None)),
+                _ => None,
+            })
+            .and_then(|(k, v): (Vec<ServiceKey>, Vec<ServiceValue>)| {
+                let map: &MapData = IterableMap::map(&*self.services);
+                hash_batch(map, map_names::SERVICES, &k, &v, class == BatchClass::DeleteService)
+            }),
+            BatchClass::PutBackend | BatchClass::DeleteBackend => batch_parts(writes, |w| match w {
+                MapWrite::PutBackend(id, v) if class == BatchClass::PutBackend => Some((*id, Some(*v))),
+                MapWrite::DeleteBackend(id) if class == BatchClass::DeleteBackend => Some((*id, None)),
+                _ => None,
+            })
+            .and_then(|(k, v): (Vec<u32>, Vec<Backend>)| {
+                let map: &MapData = IterableMap::map(&*self.backends);
+                hash_batch(map, map_names::BACKENDS, &k, &v, class == BatchClass::DeleteBackend)
+            }),
+            BatchClass::PutMember | BatchClass::DeleteMember => batch_parts(writes, |w| match w {
+                MapWrite::PutMember(k, v) if class == BatchClass::PutMember => Some((*k, Some(*v))),
+                MapWrite::DeleteMember(k) if class == BatchClass::DeleteMember => Some((*k, None)),
+                _ => None,
+            })
+            .and_then(|(k, v): (Vec<MemberKey>, Vec<MemberValue>)| {
+                let map: &MapData = IterableMap::map(&*self.members);
+                hash_batch(map, map_names::MEMBERS, &k, &v, class == BatchClass::DeleteMember)
+            }),
+            _ => None,
+        };
+        if let Some(done) = done {
+            return done;
+        }
+        // Another class, a mixed slice, or no batch operations in this kernel: one by one.
+        for (i, w) in writes.iter().enumerate() {
+            if let Err(e) = w.apply_to(self) {
+                return (i, Some(e));
+            }
+        }
+        (writes.len(), None)
+    }
+    fn put_filter_word(&mut self, word: u32, value: u64) -> Result<()> {
+        let name = map_names::FEFILTER;
+        let Some(f) = self.fefilter.as_mut() else {
+            return Err(Error::Map { name, source: MapError::InvalidName { name: name.into() } });
+        };
+        f.set(word, value, 0).map_err(map_err(name))
+    }
+    fn read_filter_words(&self) -> Result<Vec<u64>> {
+        let Some(f) = self.fefilter.as_ref() else {
+            return Ok(Vec::new());
+        };
+        (0..f.len())
+            .map(|i| f.get(&i, 0).map_err(map_err(map_names::FEFILTER)))
+            .collect()
+    }
     fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>> {
         let start = table_range(self.geometry, table)?;
         let m = self.geometry.m;
@@ -172,9 +242,49 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
 
 /// A batch syscall's error as a map error of MAGLEV.
 fn batch_err(e: std::io::Error) -> Error {
-    Error::Map {
-        name: map_names::MAGLEV,
-        source: MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_batch", io_error: e }),
+    batch_err_of(map_names::MAGLEV, e)
+}
+
+/// A batch syscall's error as a map error of `name`.
+fn batch_err_of(name: &'static str, e: std::io::Error) -> Error {
+    Error::Map { name, source: MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_batch", io_error: e }) }
+}
+
+/// `writes` (all of one [`BatchClass`]) as the keys and values of one batch: puts give both,
+/// deletes keys only. None for a write of another class (never passed by the executor).
+fn batch_parts<K: Copy, V: Copy>(
+    writes: &[MapWrite],
+    part: impl Fn(&MapWrite) -> Option<(K, Option<V>)>,
+) -> Option<(Vec<K>, Vec<V>)> {
+    let mut keys = Vec::with_capacity(writes.len());
+    let mut values = Vec::with_capacity(writes.len());
+    for w in writes {
+        let (k, v) = part(w)?;
+        keys.push(k);
+        values.extend(v);
+    }
+    Some((keys, values))
+}
+
+/// One batch update (`delete == false`) or delete of `keys` (`values`) in the hash map `map`:
+/// `Some((performed, error))`, or None when the kernel has no batch operation for it (the
+/// caller then writes entry by entry).
+fn hash_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+    delete: bool,
+) -> Option<(usize, Option<Error>)> {
+    let r = if delete {
+        crate::bpf_batch::hash_delete(map, keys)
+    } else {
+        crate::bpf_batch::hash_update(map, keys, values)
+    };
+    match r {
+        Ok(()) => Some((keys.len(), None)),
+        Err((0, e)) if crate::bpf_batch::is_unsupported(&e) => None,
+        Err((n, e)) => Some((n, Some(batch_err_of(name, e)))),
     }
 }
 
@@ -185,6 +295,8 @@ pub struct ObjectMaps<'a> {
     pub members: HashMap<&'a mut MapData, MemberKey, MemberValue>,
     pub src_ranges: LpmTrie<&'a mut MapData, SrcRangeKey, u8>,
     pub maglev: Array<&'a mut MapData, u32>,
+    /// The frontend pre-filter (absent from an object built without it).
+    pub fefilter: Option<Array<&'a mut MapData, u64>>,
     /// MAGLEV's shape (from its length).
     pub maglev_geometry: Geometry,
 }
@@ -196,6 +308,7 @@ impl<'a> ObjectMaps<'a> {
         let mut members = None;
         let mut src_ranges = None;
         let mut maglev = None;
+        let mut fefilter = None;
         for (name, map) in ebpf.maps_mut() {
             match name {
                 n if n == map_names::SERVICES => services = Some(map),
@@ -203,6 +316,7 @@ impl<'a> ObjectMaps<'a> {
                 n if n == map_names::MEMBERS => members = Some(map),
                 n if n == map_names::SRC_RANGES => src_ranges = Some(map),
                 n if n == map_names::MAGLEV => maglev = Some(map),
+                n if n == map_names::FEFILTER => fefilter = Some(map),
                 _ => {}
             }
         }
@@ -226,6 +340,10 @@ impl<'a> ObjectMaps<'a> {
                 .map_err(map_err(map_names::SRC_RANGES))?,
             maglev,
             maglev_geometry,
+            fefilter: match fefilter {
+                Some(m) => Some(Array::try_from(m).map_err(map_err(map_names::FEFILTER))?),
+                None => None,
+            },
         })
     }
 
@@ -236,6 +354,7 @@ impl<'a> ObjectMaps<'a> {
             members: &mut self.members,
             src_ranges: &mut self.src_ranges,
             maglev: &mut self.maglev,
+            fefilter: self.fefilter.as_mut(),
             geometry: self.maglev_geometry,
         }
     }
@@ -295,6 +414,7 @@ impl PinnedMaps {
             members: &mut self.members,
             src_ranges: &mut self.src_ranges,
             maglev: &mut self.maglev,
+            fefilter: None,
             geometry: self.maglev_geometry,
         }
     }

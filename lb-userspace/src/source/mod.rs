@@ -8,10 +8,26 @@
 pub mod watch_dir;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context as _;
 use lb_model::{Problem, SourceEvent};
 use tokio::sync::mpsc;
+
+/// How long the source's first full read took, in microseconds (0 until it finished, and for a
+/// source without such a read): the `parse_micros` of the agent's `startup phases` line. A
+/// process-wide value rather than an event field, so the event contract stays as it is.
+static FIRST_READ_MICROS: AtomicU64 = AtomicU64::new(0);
+
+/// See [`FIRST_READ_MICROS`].
+pub fn first_read_micros() -> u64 {
+    FIRST_READ_MICROS.load(Ordering::Relaxed)
+}
+
+/// Record the duration of the source's first full read (see [`first_read_micros`]).
+pub(crate) fn set_first_read(took: std::time::Duration) {
+    FIRST_READ_MICROS.store(took.as_micros() as u64, Ordering::Relaxed);
+}
 
 /// Queued events of the manifests source (a scan is a few events, a burst of file writes more).
 const DIR_QUEUE: usize = 1024;
