@@ -58,6 +58,8 @@ const TARGET_PORT: u16 = 8080;
 const CLIENT: [u8; 4] = [10, 244, 1, 2];
 /// A pod address that is no frontend.
 const NON_SERVICE: [u8; 4] = [10, 244, 1, 99];
+/// The Service CIDR the object is loaded with: every `rules::cluster_ip` is in it.
+const SERVICE_CIDR: (std::net::Ipv4Addr, u8) = (std::net::Ipv4Addr::new(10, 96, 0, 0), 12);
 
 /// The node's address on its uplink `ext0` in the measurement namespace (the NodePort address).
 const NODE_ADDR: [u8; 4] = [192, 168, 77, 1];
@@ -226,6 +228,9 @@ impl Loaded {
                 members: (eps + 1024) as u32,
                 ..MapSizes::default()
             },
+            // As a cluster configures it (`--service-cidr`): ClusterIPs need no pre-filter bit,
+            // so the non-Service row sees the filter as a node does.
+            service_cidr: Some(SERVICE_CIDR),
             ..LoadOptions::default()
         };
         let mut ebpf = opts.load_object(None).context("loading the eBPF object")?;
@@ -259,7 +264,11 @@ impl Loaded {
             ebpf,
             conntrack,
             devices,
-            applied: Applied::default(),
+            applied: {
+                let mut applied = Applied::default();
+                applied.filter.service_cidr = Some(SERVICE_CIDR);
+                applied
+            },
             desired: DesiredState::default(),
             filled: 0,
             next_backend: 1,
