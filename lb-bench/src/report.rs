@@ -384,8 +384,12 @@ pub fn render(r: &Results) -> String {
         }
         if !d.streams.is_empty() {
             let _ = writeln!(md, "## One long TCP stream\n");
-            let _ = writeln!(md, "| mode | Services | Gbit/s | vs direct |");
-            let _ = writeln!(md, "|---|---:|---:|---:|");
+            let _ = writeln!(
+                md,
+                "Median of the samples of one long stream per mode (range: lowest and highest).\n"
+            );
+            let _ = writeln!(md, "| mode | Services | Gbit/s | range | vs direct |");
+            let _ = writeln!(md, "|---|---:|---:|---:|---:|");
             let direct = d
                 .streams
                 .iter()
@@ -394,10 +398,13 @@ pub fn render(r: &Results) -> String {
             for s in &d.streams {
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {:.2} | {} |",
+                    "| {} | {} | {:.2} | {} | {} |",
                     s.mode,
                     s.services,
                     s.gbit_s,
+                    s.range
+                        .map(|(lo, hi)| format!("{lo:.2}–{hi:.2}"))
+                        .unwrap_or_default(),
                     opt(ratio(Some(s.gbit_s), direct), 2, "x")
                 );
             }
