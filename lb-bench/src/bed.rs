@@ -213,6 +213,9 @@ impl Bed {
             xdp_mode,
             "--ct-timeout-tcp-close",
             "1",
+            // As deploy/daemonset.yaml runs it: every `rules::cluster_ip` is in this range.
+            "--service-cidr",
+            crate::rules::SERVICE_CIDR,
         ];
         start_agent_spec(
             &node.ns,

@@ -127,7 +127,12 @@ pub fn cold(
             &scratch.path().join("agent.log"),
             Duration::from_secs(600),
             // A bare namespace: no default route, so no external device to look for.
-            &["--devices".to_string(), "none".to_string()],
+            &[
+                "--devices".to_string(),
+                "none".to_string(),
+                "--service-cidr".to_string(),
+                crate::rules::SERVICE_CIDR.to_string(),
+            ],
         );
         let agent = match agent {
             Ok(a) => a,

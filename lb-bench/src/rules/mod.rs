@@ -20,6 +20,9 @@ pub const SERVICE_PORT: u16 = 80;
 /// Where made-up endpoint addresses start.
 const FAKE_ENDPOINT_BASE: u32 = u32::from_be_bytes([10, 128, 0, 0]);
 /// Where ClusterIPs start (10.96.0.0/12 is kube's default service CIDR; .0.0 and .0.1 skipped).
+/// The Service CIDR the agents run with (`--service-cidr`, as deploy/daemonset.yaml passes
+/// it): every [`cluster_ip`] is in it.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 const CLUSTER_IP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 10]);
 /// Pod CIDR (kube-proxy's --cluster-cidr): traffic from outside it to a ClusterIP is masqueraded.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
