@@ -328,24 +328,7 @@ impl<K: Pod, V: Pod> BatchMap<K, V> {
     }
 
     fn update_batch(&self, keys: &[K], values: &[V], flags: u64) -> Result<usize, (usize, io::Error)> {
-        let mut written = 0;
-        for (ks, vs) in keys.chunks(WRITE_CHUNK).zip(values.chunks(WRITE_CHUNK)) {
-            let mut attr = BatchAttr {
-                keys: ks.as_ptr() as u64,
-                values: vs.as_ptr() as u64,
-                count: ks.len() as u32,
-                map_fd: self.fd().as_raw_fd() as u32,
-                elem_flags: flags,
-                ..Default::default()
-            };
-            let res = sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
-            let done = (attr.count as usize).min(ks.len());
-            if let Err(e) = res {
-                return Err((written + done, e));
-            }
-            written += ks.len();
-        }
-        Ok(written)
+        update_chunks(self.fd().as_raw_fd(), keys, values, flags)
     }
 }
 
@@ -358,13 +341,26 @@ pub fn hash_update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> R
     if keys.len() != values.len() {
         return Err((0, io::Error::new(io::ErrorKind::InvalidInput, "keys and values differ in length")));
     }
+    update_chunks(map.fd().as_fd().as_raw_fd(), keys, values, 0).map(|_| ())
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `keys[i] -> values[i]` into the map `fd`, in chunks, in order
+/// (`elem_flags`: `BPF_ANY`, ...). Ok: how many were written; on error: how many were written
+/// before the failing key, and the error.
+fn update_chunks<K: Pod, V: Pod>(
+    fd: std::os::fd::RawFd,
+    keys: &[K],
+    values: &[V],
+    elem_flags: u64,
+) -> Result<usize, (usize, io::Error)> {
     let mut written = 0;
     for (ks, vs) in keys.chunks(WRITE_CHUNK).zip(values.chunks(WRITE_CHUNK)) {
         let mut attr = BatchAttr {
             keys: ks.as_ptr() as u64,
             values: vs.as_ptr() as u64,
             count: ks.len() as u32,
-            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            map_fd: fd as u32,
+            elem_flags,
             ..Default::default()
         };
         let res = sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
@@ -374,7 +370,7 @@ pub fn hash_update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> R
         }
         written += ks.len();
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Delete `keys` from the hash map `map`, in order, with `BPF_MAP_DELETE_BATCH`; a key already
