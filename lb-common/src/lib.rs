@@ -23,7 +23,9 @@ pub const PROTO_SCTP: u8 = 132;
 /// Bump the suffix of a name whenever its key or value layout changes, so an upgraded agent
 /// finds no incompatible pin under the same name (Cilium's `_v2` practice).
 pub mod map_names {
-    pub const SERVICES: &str = "XLB_SVC_V1";
+    /// V2: the value ends with `svc_port_id` (the master's Service port, [`crate::SvcName`]);
+    /// a V1 value is the first 20 bytes of a V2 one.
+    pub const SERVICES: &str = "XLB_SVC_V2";
     pub const BACKENDS: &str = "XLB_BE_V1";
     /// V3: the value also carries a second address and port (the SNAT of a flow from outside
     /// the node to a backend on another node). V2: a state and an expiry.
@@ -54,10 +56,21 @@ pub mod map_names {
     /// master with the address is written and cleared only by the agent's sweep; pinned, so a
     /// restarted agent keeps them.
     pub const FEFILTER: &str = "XLB_FEFILTER_V1";
-    pub const ALL: [&str; 13] = [
+    /// Hash: Service port id (`u32`, [`crate::ServiceValue::svc_port_id`]) ->
+    /// [`crate::SvcName`]. Written by the agent before a master names the id; pinned, so
+    /// `xlb inspect` shows names while the agent is down. Never read by the datapath.
+    pub const SVCNAME: &str = "XLB_SVCNAME_V1";
+    /// Per-CPU array of [`crate::SvcStats`], [`crate::DEFAULT_SVC_PORTS_MAX`] + 1 entries,
+    /// index: Service port id (0 collects flows of frontends without an id).
+    pub const SVCSTATS: &str = "XLB_SVCSTATS_V1";
+    pub const ALL: [&str; 15] = [
         SERVICES, BACKENDS, CONNTRACK, STATS, AFFINITY, MEMBERS, FRAGS, SRC_RANGES, DEVICES,
-        MAGLEV, RR, SOCK_REV, FEFILTER,
+        MAGLEV, RR, SOCK_REV, FEFILTER, SVCNAME, SVCSTATS,
     ];
+    /// Per-CPU array of one [`crate::TraceRecord`]: what a packet run by `xlb trace` (global
+    /// `XLB_DRY_RUN` = 1) did. Written only in dry run; deliberately not in [`ALL`]: never
+    /// pinned, so each trace gets a private, zeroed record.
+    pub const TRACE: &str = "XLB_TRACE";
 }
 
 /// Names of the programs in the eBPF object.
@@ -102,6 +115,11 @@ pub mod global_names {
     /// `u32`: 1 when the agent maintains [`crate::map_names::FEFILTER`], so the datapath may
     /// trust a clear bit; 0 (the object's default): the filter is not consulted.
     pub const FEFILTER_ON: &str = "XLB_FEFILTER_ON";
+    /// `u32`: 1 in the copy of the object `xlb trace` loads to run a packet through with
+    /// BPF_PROG_TEST_RUN: the programs read every map but write none (no conntrack, affinity,
+    /// round-robin, fragment or counter update). 0 (the object's default, the attached
+    /// programs): the verifier sees a constant and drops the dry-run branches.
+    pub const DRY_RUN: &str = "XLB_DRY_RUN";
 }
 
 /// Words (`u64`) of the frontend pre-filter [`map_names::FEFILTER`]: 65536 bits.
@@ -157,6 +175,102 @@ pub const DEFAULT_MAGLEV_M: u32 = 16_381;
 pub const DEFAULT_MAGLEV_TABLES: u32 = 128;
 pub const DEFAULT_RR_MAX: u32 = 65_536;
 pub const DEFAULT_SOCK_REV_MAX: u32 = 262_144;
+/// Service ports (namespace, name, port name) that can have an id (`--service-ports-max`):
+/// the entries of [`map_names::SVCNAME`] and, plus one, of [`map_names::SVCSTATS`]. Ids must
+/// fit the `u16` [`CtValue::svc_port_id`], so the flag is capped at [`SVC_PORTS_LIMIT`].
+pub const DEFAULT_SVC_PORTS_MAX: u32 = 16_384;
+/// The largest `--service-ports-max` (ids are `u16` in conntrack entries).
+pub const SVC_PORTS_LIMIT: u32 = u16::MAX as u32;
+
+/// Bytes of [`SvcName::namespace`] / [`SvcName::name`] (Kubernetes names are at most 63) and
+/// [`SvcName::port_name`] (an IANA service name, at most 15).
+pub const SVC_NAME_LEN: usize = 64;
+pub const SVC_PORT_NAME_LEN: usize = 32;
+
+/// Value of [`map_names::SVCNAME`]: the Service port an id stands for, NUL-padded UTF-8.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SvcName {
+    pub namespace: [u8; SVC_NAME_LEN],
+    pub name: [u8; SVC_NAME_LEN],
+    /// Empty for a Service's only, unnamed port.
+    pub port_name: [u8; SVC_PORT_NAME_LEN],
+}
+
+impl Default for SvcName {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
+}
+
+/// Value of [`map_names::SVCSTATS`] (per CPU; userspace sums the CPUs): what the datapath did
+/// with the packets of one Service port's frontends. Counted in the forward direction only
+/// (client -> frontend). A packet is counted once, whichever path (XDP or tc) translated it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
+pub struct SvcStats {
+    /// New flows given a backend (a conntrack pair written, or a flow without one).
+    pub new_flows: u64,
+    /// Translated packets (the first of a flow and established ones).
+    pub packets: u64,
+    /// Bytes of those packets (the IP datagram, header included).
+    pub bytes: u64,
+    /// New flows refused: the Service port has no endpoints (TCP RST / ICMP unreachable, or
+    /// a socket call failed with ECONNREFUSED).
+    pub refused_no_endpoints: u64,
+    /// Dropped: externalTrafficPolicy Local and no endpoint on this node.
+    pub dropped_no_local_endpoint: u64,
+    /// Dropped: the client is outside the loadBalancerSourceRanges.
+    pub dropped_source_range: u64,
+    /// Dropped (or, at the socket hooks, failed with EAGAIN): a slot or backend vanished
+    /// mid-update.
+    pub dropped_no_backend: u64,
+    /// Dropped: no free SNAT port for a flow to a backend on another node.
+    pub dropped_snat_ports_exhausted: u64,
+}
+
+impl SvcStats {
+    /// `self + o`, field by field (wrapping): summing the CPUs' slots.
+    pub const fn plus(&self, o: &SvcStats) -> SvcStats {
+        SvcStats {
+            new_flows: self.new_flows.wrapping_add(o.new_flows),
+            packets: self.packets.wrapping_add(o.packets),
+            bytes: self.bytes.wrapping_add(o.bytes),
+            refused_no_endpoints: self.refused_no_endpoints.wrapping_add(o.refused_no_endpoints),
+            dropped_no_local_endpoint: self
+                .dropped_no_local_endpoint
+                .wrapping_add(o.dropped_no_local_endpoint),
+            dropped_source_range: self.dropped_source_range.wrapping_add(o.dropped_source_range),
+            dropped_no_backend: self.dropped_no_backend.wrapping_add(o.dropped_no_backend),
+            dropped_snat_ports_exhausted: self
+                .dropped_snat_ports_exhausted
+                .wrapping_add(o.dropped_snat_ports_exhausted),
+        }
+    }
+}
+
+/// Value of [`map_names::TRACE`]: what one dry-run packet did (`xlb trace`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Pod, Zeroable)]
+pub struct TraceRecord {
+    /// Bit `s` set: the run counted [`Stat`] `s` (in dry run `stats::bump` lands here, not
+    /// in `STATS`): the reasons behind the verdict.
+    pub stats: u64,
+    /// The conntrack entry the packet followed ([`TRACE_FLOW_EXISTING`]) or the forward entry
+    /// it would have created ([`TRACE_FLOW_NEW`]): backend, rev-NAT id, Service port id.
+    pub flow: CtValue,
+    /// `TRACE_FLOW_*`.
+    pub flow_kind: u32,
+    /// `CT_FORWARD` / `CT_REPLY`: which entry `flow` is.
+    pub flow_dir: u32,
+}
+
+/// [`TraceRecord::flow_kind`]: no flow was looked up or set up.
+pub const TRACE_FLOW_NONE: u32 = 0;
+/// A new flow: `flow` is the forward entry the packet would have written.
+pub const TRACE_FLOW_NEW: u32 = 1;
+/// A live conntrack entry carried the packet: `flow` is that entry.
+pub const TRACE_FLOW_EXISTING: u32 = 2;
 
 /// Scope of a frontend entry. `SCOPE_EXT` holds every frontend. An external frontend (NodePort,
 /// LoadBalancer, externalIP) of an externalTrafficPolicy Local Service has a second entry with
@@ -238,6 +352,10 @@ pub struct ServiceValue {
     pub flags: u32,
     /// Session affinity timeout in seconds (sessionAffinity ClientIP).
     pub affinity_timeout: u32,
+    /// Master only: the Service port (namespace, name, port name) this frontend belongs to,
+    /// `1..=`[`DEFAULT_SVC_PORTS_MAX`] (its name in [`map_names::SVCNAME`], its counters at that
+    /// index of [`map_names::SVCSTATS`]); 0: none (no id was free). Slots: 0.
+    pub svc_port_id: u32,
 }
 
 /// Backend state: selectable for new flows.
@@ -368,7 +486,10 @@ pub struct CtValue {
     pub snat_addr: u32,
     /// With [`CT_F_SNAT`] only: the port that goes with `snat_addr`. Network byte order.
     pub snat_port: u16,
-    pub _pad: u16,
+    /// The frontend's `ServiceValue::svc_port_id` when the flow was set up (per-Service
+    /// counters of established packets). 0: unknown (entries of older builds) or none. Ids
+    /// above `u16::MAX` are not recorded (0).
+    pub svc_port_id: u16,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) after which the entry is dead.
     /// Refreshed at most once a second per flow, so busy flows do not write the map per packet.
     pub expires_ns: u64,
@@ -844,12 +965,15 @@ mod user {
         PortRange,
         SockRevKey,
         SockRevValue,
+        SvcName,
+        SvcStats,
+        TraceRecord,
     );
 }
 
 // Layout guards: a change here is an ABI change with the kernel side (bump map names).
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
@@ -864,6 +988,9 @@ const _: () = assert!(core::mem::size_of::<SrcRangeKey>() == 12);
 const _: () = assert!(core::mem::size_of::<DeviceValue>() == 8);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
+const _: () = assert!(core::mem::size_of::<SvcName>() == 160);
+const _: () = assert!(core::mem::size_of::<SvcStats>() == 64);
+const _: () = assert!(core::mem::size_of::<TraceRecord>() == 48);
 
 #[cfg(test)]
 mod tests {

@@ -155,6 +155,11 @@ pub fn alive(v: &CtValue, now: u64) -> bool {
 pub fn update(key: &CtKey, entry: *mut CtValue, pkt: &Packet, dir: Dir, now: u64, force_pair: bool) {
     // SAFETY: `entry` is a live map value returned by a lookup in this program run.
     let cur = unsafe { *entry };
+    if crate::trace::dry_run() {
+        // `xlb trace`: the flow is what the packet followed; its entries stay as they are.
+        crate::trace::existing(&cur, key.dir);
+        return;
+    }
     let (state, flags) = next_state(cur.state, cur.flags, pkt, dir);
     let expires_ns = now + lifetime_ns(state);
     let changed = state != cur.state || flags != cur.flags;
@@ -218,6 +223,8 @@ pub struct Target {
     pub snat_addr: u32,
     pub snat_port: u16,
     pub rev_nat_id: u32,
+    /// The master's `svc_port_id` (per-Service counters of the flow's established packets).
+    pub svc_port_id: u32,
     pub flags: u8,
 }
 
@@ -235,9 +242,15 @@ pub fn create(pkt: &Packet, t: &Target, now: u64) -> bool {
         rev_nat_id: t.rev_nat_id,
         snat_addr: t.snat_addr,
         snat_port: t.snat_port,
-        _pad: 0,
+        // Ids above u16::MAX cannot be recorded (the agent caps --service-ports-max below it).
+        svc_port_id: if t.svc_port_id > u16::MAX as u32 { 0 } else { t.svc_port_id as u16 },
         expires_ns: now + lifetime_ns(state),
     };
+    if crate::trace::dry_run() {
+        // `xlb trace`: record the flow it would be, write nothing.
+        crate::trace::new_flow(&forward);
+        return true;
+    }
     let key = forward_key(pkt);
     let fwd_ok = CONNTRACK.insert(&key, &forward, BPF_ANY.into()).is_ok();
     let rep_ok = CONNTRACK
@@ -249,6 +262,9 @@ pub fn create(pkt: &Packet, t: &Target, now: u64) -> bool {
 /// Removes the entry at `key` (holding `v`) and its pair. Missing entries are fine.
 #[inline(always)]
 pub fn remove_flow(key: &CtKey, v: &CtValue) {
+    if crate::trace::dry_run() {
+        return;
+    }
     let _ = CONNTRACK.remove(&key.pair(v));
     let _ = CONNTRACK.remove(key);
 }

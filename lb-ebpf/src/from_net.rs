@@ -41,6 +41,7 @@ use crate::{
     parse::{Packet, Parsed, Skip},
     refuse::refuse,
     stats::bump,
+    svcstats::{self, Drop},
 };
 
 /// See `lb_common::global_names::SNAT_PORTS`: set by the agent at load time.
@@ -286,19 +287,28 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     if let Some(stat) = reason {
         bump(stat);
     }
+    let id = master.svc_port_id;
     if !lb::source_allowed(&pkt, &master) {
         bump(Stat::DropSourceRange);
+        svcstats::dropped(id, Drop::SourceRange);
         return Ok(C::DROP);
     }
     if master.count == 0 {
         if master.flags & SVC_FLAG_DROP_NO_LOCAL != 0 {
             bump(Stat::DropNoLocalEndpoint);
+            svcstats::dropped(id, Drop::NoLocalEndpoint);
             return Ok(C::DROP);
+        }
+        if !C::XDP {
+            // XDP hands the refusal to tc, which counts it.
+            svcstats::dropped(id, Drop::Refused);
         }
         return ctx.refuse_flow(&pkt);
     }
     let now = now_ns();
-    let selected = lb::select(&pkt, &master_key, &master, now)?;
+    let selected = lb::select(&pkt, &master_key, &master, now).inspect_err(|_| {
+        svcstats::dropped(id, Drop::NoBackend);
+    })?;
     let mut target = Target {
         backend_id: selected.id,
         addr: selected.addr,
@@ -306,6 +316,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
         snat_addr: 0,
         snat_port: 0,
         rev_nat_id: master.rev_nat_id,
+        svc_port_id: master.svc_port_id,
         flags: 0,
     };
     if !selected.local {
@@ -324,6 +335,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     if snat {
         let Some(port) = snat_port(&pkt, &target, now) else {
             bump(Stat::DropSnatPortsExhausted);
+            svcstats::dropped(id, Drop::SnatPortsExhausted);
             return Ok(C::DROP);
         };
         target.snat_port = port;
@@ -332,14 +344,17 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
         bump(Stat::CtInsertFailed);
     }
     bump(Stat::NewFlow);
+    svcstats::new_flow(id);
     if snat {
         bump(Stat::Snat);
     }
     if let Some(verdict) = stay::<C>(&exit) {
         // XDP cannot send it: the flow is set up (so the backend stays the one chosen here and
-        // the choice stays uniform), and tc sends this packet as the flow's first.
+        // the choice stays uniform), and tc sends this packet as the flow's first (and counts
+        // it as an established packet).
         return Ok(verdict);
     }
+    svcstats::first_packet(id, pkt.ip_tot_len);
     nat::dnat(ctx, &pkt, target.addr, target.port)?;
     if snat {
         nat::snat(ctx, &pkt, target.snat_addr, target.snat_port)?;
@@ -368,6 +383,7 @@ fn established<C: Hook>(
         bump(Stat::FragmentTranslated);
     }
     bump(Stat::Established);
+    svcstats::packet(ct.svc_port_id, pkt.ip_tot_len);
     nat::dnat(ctx, pkt, ct.nat_addr, ct.nat_port)?;
     if snat {
         nat::snat(ctx, pkt, ct.snat_addr, ct.snat_port)?;

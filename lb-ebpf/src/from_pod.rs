@@ -18,6 +18,7 @@ use crate::{
     parse::{Packet, Parsed, Skip},
     refuse::{bounce, refuse, swap_macs},
     stats::bump,
+    svcstats::{self, Drop},
 };
 
 /// See `lb_common::global_names`: set by the agent at load time, read-only afterwards.
@@ -85,6 +86,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
                         bump(Stat::FragmentTranslated);
                     }
                     bump(Stat::Established);
+                    svcstats::packet(ct.svc_port_id, pkt.ip_tot_len);
                     return forward(ctx, &pkt, &ct);
                 }
                 Some(stat) => reason = Some(stat),
@@ -192,15 +194,20 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
         }
         return Ok(PASS);
     };
+    let id = master.svc_port_id;
     if !lb::source_allowed(pkt, &master) {
         bump(Stat::DropSourceRange);
+        svcstats::dropped(id, Drop::SourceRange);
         return Ok(TC_ACT_SHOT);
     }
     if master.count == 0 {
+        svcstats::dropped(id, Drop::Refused);
         return refuse(ctx, pkt);
     }
     let now = now_ns();
-    let selected = lb::select(pkt, &master_key, &master, now)?;
+    let selected = lb::select(pkt, &master_key, &master, now).inspect_err(|_| {
+        svcstats::dropped(id, Drop::NoBackend);
+    })?;
     let flags = if selected.addr == pkt.saddr {
         CT_F_HAIRPIN
     } else {
@@ -213,12 +220,15 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
         snat_addr: 0,
         snat_port: 0,
         rev_nat_id: master.rev_nat_id,
+        svc_port_id: master.svc_port_id,
         flags,
     };
     if !conntrack::create(pkt, &target, now) {
         bump(Stat::CtInsertFailed);
     }
     bump(Stat::NewFlow);
+    svcstats::new_flow(id);
+    svcstats::first_packet(id, pkt.ip_tot_len);
     let ct = CtValue {
         nat_addr: selected.addr,
         nat_port: selected.port,

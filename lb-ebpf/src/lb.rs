@@ -127,7 +127,9 @@ pub fn select(
         last_used_ns: now,
     };
     // Losing the affinity record only costs stickiness for the next flow.
-    let _ = AFFINITY.insert(&key, &value, BPF_ANY.into());
+    if !crate::trace::dry_run() {
+        let _ = AFFINITY.insert(&key, &value, BPF_ANY.into());
+    }
     Ok(selected)
 }
 
@@ -184,14 +186,18 @@ fn rr_next(rev_nat_id: u32) -> u32 {
         // meanwhile (preemption is off while a program runs).
         unsafe {
             let n = *c;
-            *c = n.wrapping_add(1);
+            if !crate::trace::dry_run() {
+                *c = n.wrapping_add(1);
+            }
             return n;
         }
     }
     // SAFETY: no arguments, always callable.
     let n = unsafe { bpf_get_prandom_u32() };
     // A lost counter (map full, a race with another CPU's insert) only costs evenness.
-    let _ = RR.insert(&rev_nat_id, &n.wrapping_add(1), BPF_ANY.into());
+    if !crate::trace::dry_run() {
+        let _ = RR.insert(&rev_nat_id, &n.wrapping_add(1), BPF_ANY.into());
+    }
     n
 }
 

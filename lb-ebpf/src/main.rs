@@ -52,8 +52,14 @@ mod refuse;
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod stats;
+// Per-Service counters (new flows, packets, bytes, refusals and drops by reason).
+#[cfg(target_arch = "bpf")]
+mod svcstats;
 #[cfg(target_arch = "bpf")]
 mod to_pod;
+// `xlb trace`: the dry-run switch (no map writes) and what a traced packet recorded.
+#[cfg(target_arch = "bpf")]
+mod trace;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -9,16 +9,16 @@ use aya_ebpf::{
 use lb_common::{
     map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, DeviceValue, FragKey,
     FragValue, MemberKey, MemberValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    SrcRangeKey, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
+    SrcRangeKey, SvcName, SvcStats, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
     DEFAULT_DEVICES_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MAGLEV_M, DEFAULT_MAGLEV_TABLES,
     DEFAULT_MEMBERS_MAX, DEFAULT_RR_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_MAX,
-    DEFAULT_SRC_RANGES_MAX, FEFILTER_WORDS, STATS_SLOTS,
+    DEFAULT_SRC_RANGES_MAX, DEFAULT_SVC_PORTS_MAX, FEFILTER_WORDS, STATS_SLOTS,
 };
 
 /// Frontends: master entries (slot 0) and backend slots `1..=count`. A reply is restored from
 /// the frontend its conntrack entry carries; the master's `rev_nat_id` only tells one
 /// incarnation of a frontend from the next (there is no reverse-NAT map).
-#[map(name = "XLB_SVC_V1")]
+#[map(name = "XLB_SVC_V2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
 
@@ -76,9 +76,26 @@ pub static RR: LruPerCpuHashMap<u32, u32> = LruPerCpuHashMap::with_max_entries(D
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(DEFAULT_SOCK_REV_MAX, 0);
 
+/// `xlb trace`: what a dry-run packet did (see `trace`). Written only in dry run, never
+/// pinned (not in `map_names::ALL`): each trace's copy of the object has its own.
+#[map(name = "XLB_TRACE")]
+pub static TRACE: PerCpuArray<lb_common::TraceRecord> = PerCpuArray::with_max_entries(1, 0);
+
 /// The frontend pre-filter (see `fefilter`), written by the agent.
 #[map(name = "XLB_FEFILTER_V1")]
 pub static FEFILTER: Array<u64> = Array::with_max_entries(FEFILTER_WORDS, 0);
+
+/// Service port id -> (namespace, name, port name). Written by the agent, read by `xlb
+/// inspect` / `xlb trace`; the programs never read it (declared here so it is created and
+/// pinned with the others).
+#[map(name = "XLB_SVCNAME_V1")]
+pub static SVCNAME: HashMap<u32, SvcName> = HashMap::with_max_entries(DEFAULT_SVC_PORTS_MAX, 0);
+
+/// Per-CPU counters per Service port, indexed by `svc_port_id` (see `svcstats`); the agent
+/// sizes it to `--service-ports-max + 1` at load time.
+#[map(name = "XLB_SVCSTATS_V1")]
+pub static SVCSTATS: PerCpuArray<SvcStats> =
+    PerCpuArray::with_max_entries(DEFAULT_SVC_PORTS_MAX + 1, 0);
 
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -96,7 +113,7 @@ const fn same(a: &str, b: &str) -> bool {
 }
 
 // The literals above must match the shared names userspace looks up.
-const _: () = assert!(same("XLB_SVC_V1", map_names::SERVICES));
+const _: () = assert!(same("XLB_SVC_V2", map_names::SERVICES));
 const _: () = assert!(same("XLB_BE_V1", map_names::BACKENDS));
 const _: () = assert!(same("XLB_CT_V3", map_names::CONNTRACK));
 const _: () = assert!(same("XLB_SRCRANGE_V1", map_names::SRC_RANGES));
@@ -109,3 +126,6 @@ const _: () = assert!(same("XLB_FRAG_V1", map_names::FRAGS));
 const _: () = assert!(same("XLB_AFF_V1", map_names::AFFINITY));
 const _: () = assert!(same("XLB_STATS_V3", map_names::STATS));
 const _: () = assert!(same("XLB_FEFILTER_V1", map_names::FEFILTER));
+const _: () = assert!(same("XLB_SVCNAME_V1", map_names::SVCNAME));
+const _: () = assert!(same("XLB_SVCSTATS_V1", map_names::SVCSTATS));
+const _: () = assert!(same("XLB_TRACE", map_names::TRACE));

@@ -310,7 +310,9 @@ fn parse_slow<C: Frame>(ctx: &C) -> Result<Parsed, Skip> {
             sport: pkt.sport,
             dport: pkt.dport,
         };
-        let _ = FRAGS.insert(&frag_key(), &ports, BPF_ANY.into());
+        if !crate::trace::dry_run() {
+            let _ = FRAGS.insert(&frag_key(), &ports, BPF_ANY.into());
+        }
     }
     Ok(Parsed::L4(pkt))
 }

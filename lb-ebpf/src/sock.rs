@@ -56,6 +56,7 @@ use crate::{
     maps::{MEMBERS, SERVICES, SOCK_REV},
     parse::Packet,
     stats::bump,
+    svcstats::{self, Drop},
 };
 
 /// See `lb_common::global_names::HOST_NETNS_COOKIE`: set by the agent at load time.
@@ -217,6 +218,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     }
     if master.count == 0 {
         bump(Stat::SockRefused);
+        svcstats::dropped(master.svc_port_id, Drop::Refused);
         return fail(ECONNREFUSED);
     }
     // SAFETY: a sock_addr context is a valid argument of this helper.
@@ -245,8 +247,11 @@ fn translate(ctx: &SockAddrContext) -> i32 {
             let Ok(selected) = lb::select(&pkt, &master_key, &master, now_ns()) else {
                 // A slot or backend vanished mid-update: the caller may retry at once.
                 bump(Stat::DropNoBackend);
+                svcstats::dropped(master.svc_port_id, Drop::NoBackend);
                 return fail(EAGAIN);
             };
+            // A socket-LB flow: counted once per selection (its packets bypass the tc path).
+            svcstats::new_flow(master.svc_port_id);
             if udp {
                 let id = SockRevValue {
                     addr: selected.id,

@@ -20,6 +20,9 @@
 //!   update); only a 410 Gone makes it relist.
 //! - Objects that do not decode are sent as [`Event::Problem`] and treated as absent (see
 //!   [`lenient`] for why kube-rs alone would let one bad object block a whole kind).
+//! - The API server address is chosen by [`client_config`]: `--api-server` (the API server's own
+//!   address, so a node without kube-proxy never depends on the `kubernetes` Service's ClusterIP),
+//!   else KUBERNETES_SERVICE_HOST/PORT, with the pod's service account either way.
 
 pub mod lenient;
 mod watch_events;
@@ -54,6 +57,10 @@ pub enum Error {
     Client(#[from] kube::Error),
     #[error("the node name is empty (pass --node-name or set NODE_NAME)")]
     NoNodeName,
+    #[error("invalid --api-server {url:?}: {why}")]
+    ApiServer { url: String, why: String },
+    #[error("the in-cluster API server address: {0}")]
+    Environment(String),
 }
 
 /// What the source sends.
@@ -69,6 +76,257 @@ pub enum Event {
     /// A list or watch call of `kind` failed; the watcher retries after its backoff. Already
     /// logged (with the detail a 410 Gone relist deserves).
     ApiError { kind: &'static str, error: String },
+    /// Whether this node may take load-balancer traffic, after each change of its Node object
+    /// (see [`node_eligible`]): kube-proxy's health port answers 503 on `/healthz` otherwise.
+    NodeEligible(bool),
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// kube-proxy's node eligibility: not being deleted and not tainted
+/// [`TO_BE_DELETED_TAINT`], so load balancers drain the node before it goes.
+pub fn node_eligible(node: &Node) -> bool {
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    node.metadata.deletion_timestamp.is_none() && !tainted
+}
+
+/// The eligibility an update of this node's Node object says (None: not about the Node, or an
+/// object that did not decode). A deleted Node is not eligible.
+fn node_eligibility(update: &Update) -> Option<bool> {
+    match update {
+        Update::Node(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+            n.parsed.as_ref().ok().map(node_eligible)
+        }
+        Update::Node(watcher::Event::Delete(_)) => Some(false),
+        _ => None,
+    }
+}
+
+/// Where the agent's service-account credentials are mounted in a pod (token, ca.crt,
+/// namespace), as client-go and kube-rs read them.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// How to reach the API server (`--kubeconfig`, `--api-server`, the environment).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// `--kubeconfig`: this file's current context.
+    pub kubeconfig: Option<PathBuf>,
+    /// `--api-server URL`: this address, whatever the kubeconfig or `KUBERNETES_SERVICE_HOST`
+    /// say. On a node without kube-proxy the in-cluster address (the `kubernetes` Service's
+    /// ClusterIP) only works once xlb itself runs, so the agent must be told the API server's
+    /// own address (Cilium's k8sServiceHost / k8sServicePort).
+    pub api_server: Option<String>,
+}
+
+/// Where the API server address in use came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `--api-server`.
+    Flag,
+    /// `KUBERNETES_SERVICE_HOST` / `KUBERNETES_SERVICE_PORT`.
+    Environment,
+    /// The `--kubeconfig` file.
+    Kubeconfig,
+    /// Inferred as kubectl does (`$KUBECONFIG`, `~/.kube/config`).
+    Inferred,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Flag => "--api-server",
+            Origin::Environment => "KUBERNETES_SERVICE_HOST/PORT",
+            Origin::Kubeconfig => "--kubeconfig",
+            Origin::Inferred => "KUBECONFIG or ~/.kube/config",
+        })
+    }
+}
+
+/// The client configuration [`client_config`] chose, and why.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub config: kube::Config,
+    pub origin: Origin,
+    /// Which credentials it carries: "service account", "kubeconfig" or "none".
+    pub credentials: &'static str,
+}
+
+/// The host of deploy/daemonset.yaml's `--api-server` placeholder: an agent started with it
+/// refuses to run and says what to fill in, rather than retrying a name that never resolves.
+pub const PLACEHOLDER_HOST: &str = "replace-with-the-api-server-address";
+
+/// `--api-server`'s value: an `http://` or `https://` URL with a host (e.g.
+/// `https://10.0.0.10:6443`). A bare `HOST:PORT` is refused: the scheme says whether TLS is used.
+pub fn parse_api_server(s: &str) -> Result<http::Uri, Error> {
+    let bad = |why: &str| Error::ApiServer {
+        url: s.to_string(),
+        why: why.to_string(),
+    };
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => {
+            return Err(bad(
+                "expected a URL with http:// or https://, e.g. https://10.0.0.10:6443",
+            ))
+        }
+    }
+    match uri.host() {
+        None | Some("") => return Err(bad("no host")),
+        Some(h) if h.eq_ignore_ascii_case(PLACEHOLDER_HOST) => return Err(bad(
+            "this is deploy/daemonset.yaml's placeholder: put the API server's own address there \
+                 (not the `kubernetes` Service's ClusterIP; see docs/replacing-kube-proxy.md)",
+        )),
+        Some(_) => {}
+    }
+    Ok(uri)
+}
+
+/// The API server address of the in-cluster environment: `https://HOST:PORT` from
+/// `KUBERNETES_SERVICE_HOST` / `KUBERNETES_SERVICE_PORT` (both required, as client-go requires;
+/// None when neither is set). `env` reads a variable (the process environment in [`client_config`]).
+pub fn env_api_server(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<http::Uri>, Error> {
+    let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let (host, port) = match (
+        get("KUBERNETES_SERVICE_HOST"),
+        get("KUBERNETES_SERVICE_PORT"),
+    ) {
+        (None, None) => return Ok(None),
+        (Some(h), Some(p)) => (h.trim().to_string(), p.trim().to_string()),
+        (h, _) => {
+            let (set, unset) = if h.is_some() {
+                ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
+            } else {
+                ("KUBERNETES_SERVICE_PORT", "KUBERNETES_SERVICE_HOST")
+            };
+            return Err(Error::Environment(format!(
+                "{set} is set but {unset} is not: set both"
+            )));
+        }
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|e| Error::Environment(format!("KUBERNETES_SERVICE_PORT={port:?}: {e}")))?;
+    // An IPv6 literal needs brackets in a URL.
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let url = format!("https://{host}:{port}");
+    parse_api_server(&url)
+        .map(Some)
+        .map_err(|e| Error::Environment(format!("KUBERNETES_SERVICE_HOST/PORT give {url}: {e}")))
+}
+
+/// The client configuration of `opts`, in this order:
+///
+/// 1. `--kubeconfig`: that file (its server replaced by `--api-server` when given);
+/// 2. `--api-server URL`;
+/// 3. `KUBERNETES_SERVICE_HOST` / `KUBERNETES_SERVICE_PORT` (a pod's environment; a DaemonSet
+///    that replaces kube-proxy sets them to the API server's own address);
+/// 4. else inferred as kubectl does (`$KUBECONFIG`, `~/.kube/config`).
+///
+/// In cases 2 and 3 the service account mounted in the pod ([`SERVICE_ACCOUNT_DIR`]) supplies
+/// the token (re-read as the kubelet rotates it), the CA and the namespace; without a token the
+/// client is unauthenticated (a test's plain-HTTP server, or a local proxy).
+pub async fn client_config(opts: &ClientOptions) -> Result<Resolved, Error> {
+    let env = |k: &str| std::env::var(k).ok();
+    client_config_with(opts, &env, Path::new(SERVICE_ACCOUNT_DIR)).await
+}
+
+/// [`client_config`] with the environment and the service-account directory given (tests).
+pub async fn client_config_with(
+    opts: &ClientOptions,
+    env: &dyn Fn(&str) -> Option<String>,
+    service_account: &Path,
+) -> Result<Resolved, Error> {
+    let flag = opts
+        .api_server
+        .as_deref()
+        .map(parse_api_server)
+        .transpose()?;
+    if let Some(path) = &opts.kubeconfig {
+        let err = |source| Error::Kubeconfig {
+            path: path.to_path_buf(),
+            source,
+        };
+        let kc = Kubeconfig::read_from(path).map_err(err)?;
+        let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(err)?;
+        let origin = match flag {
+            Some(url) => {
+                config.cluster_url = url;
+                Origin::Flag
+            }
+            None => Origin::Kubeconfig,
+        };
+        return Ok(Resolved {
+            config,
+            origin,
+            credentials: "kubeconfig",
+        });
+    }
+    let url = match flag {
+        Some(url) => Some((url, Origin::Flag)),
+        None => env_api_server(env)?.map(|u| (u, Origin::Environment)),
+    };
+    let Some((url, origin)) = url else {
+        let config = kube::Config::infer().await?;
+        return Ok(Resolved {
+            config,
+            origin: Origin::Inferred,
+            credentials: "kubeconfig",
+        });
+    };
+    let token = service_account.join("token");
+    if !token.is_file() {
+        return Ok(Resolved {
+            config: kube::Config::new(url),
+            origin,
+            credentials: "none",
+        });
+    }
+    // The service account's files as a kubeconfig: kube-rs then loads the CA and keeps
+    // re-reading the token file (bound tokens are rotated), exactly as for its in-cluster config.
+    let ca = service_account.join("ca.crt");
+    let namespace = std::fs::read_to_string(service_account.join("namespace"))
+        .ok()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty());
+    let mut cluster = serde_json::json!({ "server": url.to_string() });
+    if ca.is_file() {
+        cluster["certificate-authority"] = ca.display().to_string().into();
+    }
+    let kc: Kubeconfig = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": "xlb", "cluster": cluster }],
+        "users": [{ "name": "xlb", "user": { "tokenFile": token.display().to_string() } }],
+        "contexts": [{ "name": "xlb", "context": { "cluster": "xlb", "user": "xlb", "namespace": namespace } }],
+        "current-context": "xlb",
+    }))
+    .map_err(|e| Error::Environment(format!("service account kubeconfig: {e}")))?;
+    let err = |source| Error::Kubeconfig {
+        path: service_account.to_path_buf(),
+        source,
+    };
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(err)?;
+    Ok(Resolved {
+        config,
+        origin,
+        credentials: "service account",
+    })
 }
 
 /// A client from the kubeconfig at `path`, or (None) inferred as kubectl does: the in-cluster
@@ -121,10 +379,12 @@ where
     while let Some(update) = updates.next().await {
         let events = match update {
             Ok(update) => {
+                let eligible = node_eligibility(&update);
                 let (events, problems) = sources.on_update(update);
                 let problems = problems.into_iter().map(Event::Problem);
                 problems
                     .chain(events.into_iter().map(Event::Cluster))
+                    .chain(eligible.map(Event::NodeEligible))
                     .collect()
             }
             Err((kind, e)) => {

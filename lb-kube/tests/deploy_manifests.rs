@@ -272,3 +272,40 @@ fn rbac_is_read_only_and_covers_what_is_watched() {
         && Some(&s.name) == sa.metadata.name.as_ref()
         && s.namespace == sa.metadata.namespace));
 }
+
+/// The DaemonSet names the API server by `--api-server`, not by the `kubernetes` Service's
+/// ClusterIP (which works only once xlb runs), and ships a placeholder the agent refuses, so an
+/// unedited manifest fails loudly instead of retrying a name that never resolves.
+#[test]
+fn daemonset_names_the_api_server_with_a_placeholder_to_fill_in() {
+    let d = load();
+    let c = agent(&d.daemonsets[0]);
+    let args = c.args.as_ref().unwrap();
+    let i = args
+        .iter()
+        .position(|a| a == "--api-server")
+        .expect("--api-server");
+    let url = &args[i + 1];
+    let err = lb_kube::parse_api_server(url).expect_err("the placeholder must be refused");
+    assert!(err.to_string().contains("placeholder"), "{url}: {err}");
+    let filled = url.replace(lb_kube::PLACEHOLDER_HOST, "10.0.0.10");
+    assert!(lb_kube::parse_api_server(&filled).is_ok(), "{filled}");
+}
+
+/// kube-proxy's health port is served and declared (load balancers probe it).
+#[test]
+fn daemonset_serves_kube_proxys_health_port() {
+    let d = load();
+    let c = agent(&d.daemonsets[0]);
+    let args = c.args.as_ref().unwrap();
+    let addr = args
+        .iter()
+        .position(|a| a == "--healthz-addr")
+        .map(|i| args[i + 1].as_str());
+    assert!(
+        addr.is_none_or(|a| a.ends_with(":10256")),
+        "kube-proxy's port: {addr:?}"
+    );
+    let ports = c.ports.as_ref().unwrap();
+    assert!(ports.iter().any(|p| p.container_port == 10256), "{ports:?}");
+}

@@ -7,9 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::OnceLock;
 
-use crate::ids::{advance, Cursors, IdSpace};
+use crate::ids::{advance, Cursors, IdPool, IdSpace};
 use crate::maglev::{self, Geometry};
 use crate::planner::MapOp;
+use crate::svcport::SvcPortName;
 use crate::{BackendAddr, Cidr, Frontend};
 
 /// One frontend as it is in the maps.
@@ -43,6 +44,8 @@ pub struct AppliedFrontend {
     /// master is never written: a changed backend set is written whole into a free table,
     /// then the master is switched to it, which frees the old one.
     pub table: Option<u32>,
+    /// The Service port id the master carries ([`crate::svcport`]); 0: none.
+    pub svc_port_id: u32,
 }
 
 impl AppliedFrontend {
@@ -90,6 +93,11 @@ pub struct Applied {
     /// The frontend pre-filter's words and the clears a sweep decided (not compared: the
     /// filter is a cache of the other maps and the conntrack table).
     pub filter: crate::fefilter::Filter,
+    /// SVCNAME: Service port id -> its name.
+    pub svc_names: BTreeMap<u32, SvcPortName>,
+    /// The Service port ids SVCNAME / SVCSTATS have room for (`1..=` this; the maps' size,
+    /// `--service-ports-max`). 0: [`lb_common::DEFAULT_SVC_PORTS_MAX`].
+    pub svc_ports_max: u32,
     index: OnceLock<Index>,
     /// Where new ids are searched from. History, not map content: it survives
     /// [`Applied::reindex`] and is not compared. `None` until the first [`Applied::apply`]
@@ -102,6 +110,7 @@ impl PartialEq for Applied {
         self.frontends == other.frontends
             && self.backends == other.backends
             && self.rev_nat == other.rev_nat
+            && self.svc_names == other.svc_names
             && self.maglev.geometry == other.maglev.geometry
             // The content of tables no master names is history (kept for re-use), not state.
             && self.frontends.values().filter_map(|af| af.table).all(|t| {
@@ -122,6 +131,10 @@ pub(crate) struct Index {
     pub revs: IdSpace,
     /// Maglev table index -> how many masters name it (absent: free).
     pub tables: HashMap<u32, u32>,
+    /// Service port name -> id (the smallest id when a read-back map holds a name twice).
+    pub svc_of: HashMap<SvcPortName, u32>,
+    /// Service port ids (bounded); referrers are masters, the entry is the SVCNAME one.
+    pub svcs: IdSpace,
     /// Past the largest ids present (entries or references) when the index was built.
     pub cursors: Cursors,
 }
@@ -153,13 +166,33 @@ impl Index {
         for id in a.backends.keys() {
             backends.refresh(*id, true);
         }
-        let mut cursors = Cursors::past(max_backend, max_rev);
+        let mut svcs = IdSpace::with_pool(IdPool::bounded(a.svc_ports_max()));
+        let mut svc_of = HashMap::new();
+        let mut max_svc = a.svc_names.keys().next_back().copied().unwrap_or(0);
+        for (id, name) in &a.svc_names {
+            svc_of.entry(name.clone()).or_insert(*id);
+        }
+        for af in a.frontends.values() {
+            svcs.add_ref(af.svc_port_id, a.svc_names.contains_key(&af.svc_port_id));
+            max_svc = max_svc.max(af.svc_port_id);
+        }
+        for id in a.svc_names.keys() {
+            svcs.refresh(*id, true);
+        }
+        let max_svc = if max_svc >= a.svc_ports_max() {
+            0
+        } else {
+            max_svc
+        };
+        let mut cursors = Cursors::past(max_backend, max_rev).with_svc_port(max_svc);
         cursors.table = max_table.map_or(0, |t| next_table(t, a.maglev.geometry));
         Index {
             backend_of,
             backends,
             revs,
             tables,
+            svc_of,
+            svcs,
             cursors,
         }
     }
@@ -272,12 +305,14 @@ impl Applied {
                 flags,
                 affinity_timeout,
                 table,
+                svc_port_id,
             } => {
                 if let Some(c) = &mut self.cursors {
                     advance(&mut c.rev_nat, rev_nat_id);
                 }
                 let e = self.frontends.entry(frontend).or_default();
                 let old = std::mem::replace(&mut e.rev_nat_id, rev_nat_id);
+                let old_svc = std::mem::replace(&mut e.svc_port_id, svc_port_id);
                 e.count = count;
                 e.flags = flags;
                 e.affinity_timeout = affinity_timeout;
@@ -290,6 +325,12 @@ impl Applied {
                 if let Some(ix) = ix {
                     ix.revs.drop_ref(old, false);
                     ix.revs.add_ref(rev_nat_id, false);
+                    if old_svc != svc_port_id {
+                        ix.svcs
+                            .drop_ref(old_svc, self.svc_names.contains_key(&old_svc));
+                        ix.svcs
+                            .add_ref(svc_port_id, self.svc_names.contains_key(&svc_port_id));
+                    }
                     if old_table != new_table {
                         unuse_table(&mut ix.tables, old_table);
                         if let Some(t) = new_table {
@@ -306,6 +347,28 @@ impl Applied {
                 self.maglev.content.insert(table, backends.clone());
                 if let Some(c) = &mut self.cursors {
                     c.table = next_table(table, self.maglev.geometry);
+                }
+            }
+            MapOp::PutSvcName { id, ref name } => {
+                if let Some(c) = &mut self.cursors {
+                    advance_svc(&mut c.svc_port, id, self.svc_ports_max);
+                }
+                let old = self.svc_names.insert(id, name.clone());
+                if let Some(ix) = ix {
+                    if let Some(old) = old.filter(|o| o != name) {
+                        forget(&mut ix.svc_of, &old, id);
+                    }
+                    ix.svc_of.entry(name.clone()).or_insert(id);
+                    ix.svcs.refresh(id, true);
+                }
+            }
+            MapOp::DeleteSvcName { id } => {
+                let old = self.svc_names.remove(&id);
+                if let Some(ix) = ix {
+                    if let Some(old) = old {
+                        forget(&mut ix.svc_of, &old, id);
+                    }
+                    ix.svcs.refresh(id, false);
                 }
             }
             MapOp::PutSrcRange { frontend, range } => {
@@ -329,6 +392,7 @@ impl Applied {
                     return;
                 };
                 let old = std::mem::take(&mut e.rev_nat_id);
+                let old_svc = std::mem::take(&mut e.svc_port_id);
                 e.count = 0;
                 e.flags = 0;
                 e.affinity_timeout = 0;
@@ -339,6 +403,8 @@ impl Applied {
                 unindex_master(&mut self.rev_nat, old, &frontend);
                 if let Some(ix) = ix {
                     ix.revs.drop_ref(old, false);
+                    ix.svcs
+                        .drop_ref(old_svc, self.svc_names.contains_key(&old_svc));
                     unuse_table(&mut ix.tables, old_table);
                 }
             }
@@ -384,12 +450,28 @@ impl Applied {
     /// Deletes of backends no slot or member entry refers to any more. Run after the frontend
     /// ops of a plan, so nothing in use is removed.
     pub fn gc(&self) -> Vec<MapOp> {
-        self.index()
-            .backends
+        let ix = self.index();
+        ix.backends
             .unused
             .iter()
             .map(|&id| MapOp::DeleteBackend { id })
+            .chain(ix.svcs.unused.iter().map(|&id| MapOp::DeleteSvcName { id }))
             .collect()
+    }
+
+    /// The Service port ids SVCNAME has room for (see [`Applied::svc_ports_max`] field).
+    pub fn svc_ports_max(&self) -> u32 {
+        if self.svc_ports_max == 0 {
+            lb_common::DEFAULT_SVC_PORTS_MAX
+        } else {
+            self.svc_ports_max
+        }
+    }
+
+    /// The name of the Service port a frontend's master names, if any.
+    pub fn svc_name_of(&self, fe: &Frontend) -> Option<&SvcPortName> {
+        let id = self.frontends.get(fe)?.svc_port_id;
+        self.svc_names.get(&id)
     }
 
     /// Backend id for an address: the existing one (ids are stable), else the id a plan would
@@ -438,6 +520,18 @@ impl Applied {
 
     pub(crate) fn cursors(&self) -> Cursors {
         self.cursors.unwrap_or_else(|| self.index().cursors)
+    }
+}
+
+/// Move the Service port cursor past `id` when it lies at or ahead of it, wrapping at `max`.
+fn advance_svc(cursor: &mut u32, id: u32, max: u32) {
+    let max = if max == 0 {
+        lb_common::DEFAULT_SVC_PORTS_MAX
+    } else {
+        max
+    };
+    if id != 0 && id >= *cursor && id <= max {
+        *cursor = if id == max { 1 } else { id + 1 };
     }
 }
 

@@ -54,15 +54,27 @@ pub(crate) struct Cursors {
     /// again only after every other free one was, long after any packet that read its old
     /// master finished.
     pub table: u32,
+    /// The next Service port id to try (`1..=max`, wrapping to 1 in the bounded pool).
+    pub svc_port: u32,
 }
 
 impl Cursors {
-    /// Cursors past the largest ids present (the table cursor at 0).
+    /// Cursors past the largest ids present (the table cursor at 0, the Service port cursor
+    /// at 1: [`Cursors::with_svc_port`] sets it).
     pub fn past(max_backend: u32, max_rev_nat: u32) -> Self {
         Cursors {
             backend: id_after(max_backend),
             rev_nat: id_after(max_rev_nat),
             table: 0,
+            svc_port: 1,
+        }
+    }
+
+    /// The same with the Service port cursor past `max_svc_port`.
+    pub fn with_svc_port(self, max_svc_port: u32) -> Self {
+        Cursors {
+            svc_port: id_after(max_svc_port),
+            ..self
         }
     }
 }
@@ -73,17 +85,27 @@ impl Cursors {
 #[derive(Clone, Debug)]
 pub(crate) struct IdPool {
     free: BTreeMap<u32, u32>,
+    /// The largest id handed out (`u32::MAX`, or the size of a bounded space such as the
+    /// Service port ids). Ids above it may be in use (read back) but are never free.
+    max: u32,
 }
 
 impl Default for IdPool {
     fn default() -> Self {
-        IdPool {
-            free: BTreeMap::from([(1, u32::MAX)]),
-        }
+        Self::bounded(u32::MAX)
     }
 }
 
 impl IdPool {
+    /// A pool of the ids `1..=max` (at least 1).
+    pub fn bounded(max: u32) -> Self {
+        let max = max.max(1);
+        IdPool {
+            free: BTreeMap::from([(1, max)]),
+            max,
+        }
+    }
+
     /// Mark `id` used.
     pub fn take(&mut self, id: u32) {
         let Some((&start, &end)) = self.free.range(..=id).next_back() else {
@@ -103,7 +125,7 @@ impl IdPool {
 
     /// Mark `id` free again.
     pub fn give(&mut self, id: u32) {
-        if id == 0 || self.is_free(id) {
+        if id == 0 || id > self.max || self.is_free(id) {
             return;
         }
         let mut start = id;
@@ -114,7 +136,7 @@ impl IdPool {
                 start = ps;
             }
         }
-        if id < u32::MAX {
+        if id < self.max {
             if let Some(ne) = self.free.remove(&(id + 1)) {
                 end = ne;
             }
@@ -147,6 +169,22 @@ impl IdPool {
         *cursor = id_after(id);
         reserved.insert(id);
         id
+    }
+
+    /// [`IdPool::hand_out`] in a bounded space that may be full: `None` when no id is free.
+    /// The cursor wraps from `max` back to 1.
+    pub fn try_hand_out(&self, cursor: &mut u32, reserved: &mut BTreeSet<u32>) -> Option<u32> {
+        let from = if *cursor > self.max {
+            1
+        } else {
+            (*cursor).max(1)
+        };
+        let id = self
+            .first_free_from(from, reserved)
+            .or_else(|| self.first_free_from(1, reserved))?;
+        *cursor = if id >= self.max { 1 } else { id + 1 };
+        reserved.insert(id);
+        Some(id)
     }
 
     /// The first free id `>= from` not in `reserved`, if any before the end of the id space.
@@ -189,6 +227,14 @@ pub(crate) struct IdSpace {
 }
 
 impl IdSpace {
+    /// An empty space over `pool` (e.g. a bounded one).
+    pub fn with_pool(pool: IdPool) -> Self {
+        IdSpace {
+            pool,
+            ..IdSpace::default()
+        }
+    }
+
     /// Re-derive the state of `id` after its entry (`present`) or its references changed.
     pub fn refresh(&mut self, id: u32, present: bool) {
         if id == 0 {
@@ -302,8 +348,34 @@ mod tests {
                 backend: 1,
                 rev_nat: 5,
                 table: 0,
+                svc_port: 1,
             }
         );
+    }
+
+    #[test]
+    fn bounded_pool_wraps_at_its_size_and_runs_out() {
+        let mut p = IdPool::bounded(3);
+        let mut reserved = BTreeSet::new();
+        let mut cursor = 2;
+        assert_eq!(p.try_hand_out(&mut cursor, &mut reserved), Some(2));
+        assert_eq!(p.try_hand_out(&mut cursor, &mut reserved), Some(3));
+        assert_eq!(cursor, 1, "wraps to 1 after the last id");
+        assert_eq!(p.try_hand_out(&mut cursor, &mut reserved), Some(1));
+        assert_eq!(
+            p.try_hand_out(&mut cursor, &mut reserved),
+            None,
+            "all taken"
+        );
+        for id in [1, 2, 3] {
+            p.take(id);
+        }
+        p.take(7); // read back above the size: in use, never free
+        p.give(7);
+        assert!(!p.is_free(7));
+        p.give(2);
+        let mut cursor = 3;
+        assert_eq!(p.try_hand_out(&mut cursor, &mut BTreeSet::new()), Some(2));
     }
 
     #[test]

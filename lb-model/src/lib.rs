@@ -33,6 +33,7 @@ pub mod readback;
 mod slots;
 pub mod state;
 pub mod store;
+pub mod svcport;
 pub mod yaml_docs;
 
 use std::fmt;
@@ -43,6 +44,7 @@ pub use cidr::Cidr;
 pub use desired::{DesiredState, FrontendState};
 pub use planner::{MapOp, Plan};
 pub use readback::ReadBack;
+pub use svcport::SvcPortName;
 pub use state::{
     Algorithm, Changes, ClusterState, Config, NodeInfo, ServiceKey as SvcKey, SourceEvent,
     ALGORITHM_ANNOTATION,

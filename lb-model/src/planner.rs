@@ -52,6 +52,7 @@ use crate::desired::{DesiredState, FrontendState};
 use crate::ids::Cursors;
 use crate::maglev::{self, Entries};
 use crate::slots;
+use crate::svcport::SvcPortName;
 use crate::{cidr, BackendAddr, Cidr, Frontend};
 
 /// One map write or delete. Executed strictly in order.
@@ -97,6 +98,9 @@ pub enum MapOp {
         flags: u32,
         affinity_timeout: u32,
         table: u32,
+        /// The frontend's Service port ([`crate::svcport`]); 0: none. Its SVCNAME entry is
+        /// written before (a prepare op).
+        svc_port_id: u32,
     },
     DeleteMaster {
         frontend: Frontend,
@@ -122,6 +126,17 @@ pub enum MapOp {
         backends: Vec<u32>,
         entries: Entries,
     },
+    /// SVCNAME: Service port id `id` is `name`. A prepare op, before the masters that name
+    /// the id; writing it also starts the id's per-Service counters from zero (the id may
+    /// have counted for an earlier Service port).
+    PutSvcName {
+        id: u32,
+        name: SvcPortName,
+    },
+    /// A gc op: no master names the id any more.
+    DeleteSvcName {
+        id: u32,
+    },
 }
 
 impl MapOp {
@@ -130,7 +145,9 @@ impl MapOp {
         match self {
             MapOp::PutBackend { .. }
             | MapOp::DeleteBackend { .. }
-            | MapOp::PutMaglevTable { .. } => None,
+            | MapOp::PutMaglevTable { .. }
+            | MapOp::PutSvcName { .. }
+            | MapOp::DeleteSvcName { .. } => None,
             MapOp::PutMember { frontend, .. }
             | MapOp::DeleteMember { frontend, .. }
             | MapOp::PutSlot { frontend, .. }
@@ -158,6 +175,9 @@ pub struct Plan {
     /// free Maglev table. Nothing of them is in the plan (they keep their state in the maps);
     /// the executor reports them failed, so the agent retries them.
     pub unplanned: Vec<(Frontend, String)>,
+    /// Service ports that got no id because every id of `1..=--service-ports-max` is in use:
+    /// their frontends are written with id 0 (no name, no per-Service counters).
+    pub svc_ids_exhausted: Vec<SvcPortName>,
 }
 
 impl Plan {
@@ -193,7 +213,14 @@ impl Plan {
                 _ => None,
             })
             .collect();
-        if ids.is_empty() && tables.is_empty() {
+        let svc_ids: BTreeSet<u32> = failed
+            .iter()
+            .filter_map(|op| match *op {
+                MapOp::PutSvcName { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() && tables.is_empty() && svc_ids.is_empty() {
             return BTreeSet::new();
         }
         let names = |op: &MapOp| match op {
@@ -204,8 +231,12 @@ impl Plan {
                 flags,
                 count,
                 table,
+                svc_port_id,
                 ..
-            } => maglev::names_table(*flags, *count) && tables.contains(table),
+            } => {
+                (maglev::names_table(*flags, *count) && tables.contains(table))
+                    || svc_ids.contains(svc_port_id)
+            }
             _ => false,
         };
         let holds = |fe: &Frontend| {
@@ -247,6 +278,10 @@ pub fn plan(applied: &Applied, desired: &DesiredState, touched: &BTreeSet<Fronte
         table_of: HashMap::new(),
         table_reserved: BTreeSet::new(),
         known: None,
+        svc_ids: HashMap::new(),
+        svc_reserved: BTreeSet::new(),
+        names: Vec::new(),
+        svc_ids_exhausted: Vec::new(),
     };
     let mut frontends = Vec::new();
     let mut unplanned = Vec::new();
@@ -295,13 +330,15 @@ pub fn plan(applied: &Applied, desired: &DesiredState, touched: &BTreeSet<Fronte
             frontends.push((label, ops));
         }
     }
-    let mut prepare = p.prepare;
+    let mut prepare = p.names;
+    prepare.extend(p.prepare);
     // Tables after the backends they name.
     prepare.extend(p.tables);
     Plan {
         prepare,
         frontends,
         unplanned,
+        svc_ids_exhausted: p.svc_ids_exhausted,
     }
 }
 
@@ -331,6 +368,13 @@ struct Planner<'a> {
     table_reserved: BTreeSet<u32>,
     /// Backend set -> a table of `applied` known to hold it (built on first use).
     known: Option<HashMap<Vec<u32>, u32>>,
+    /// The id this plan gives each Service port (kept, found, or handed out).
+    svc_ids: HashMap<SvcPortName, u32>,
+    /// Service port ids handed out in this plan.
+    svc_reserved: BTreeSet<u32>,
+    /// `PutSvcName` ops of new ids: the first prepare ops.
+    names: Vec<MapOp>,
+    svc_ids_exhausted: Vec<SvcPortName>,
 }
 
 impl Planner<'_> {
@@ -355,6 +399,7 @@ impl Planner<'_> {
             .collect();
         let ids: Vec<u32> = wanted.iter().map(|(id, _)| *id).collect();
         let rev = self.rev_nat(fe, cur);
+        let svc_port_id = self.svc_port(st, cur);
         self.restate_leaving(cur);
         let new = slots::assign(old, &ids);
         let n = new.len();
@@ -401,6 +446,7 @@ impl Planner<'_> {
                 && c.flags == st.flags
                 && c.affinity_timeout == st.affinity_timeout
                 && c.table == table
+                && c.svc_port_id == svc_port_id
         });
         if !master_ok {
             ops.push(MapOp::PutMaster {
@@ -410,6 +456,7 @@ impl Planner<'_> {
                 flags: st.flags,
                 affinity_timeout: st.affinity_timeout,
                 table: table.unwrap_or(0),
+                svc_port_id,
             });
         }
         delete_slots(fe, old, n, &mut ops);
@@ -575,6 +622,52 @@ impl Planner<'_> {
         };
         self.ids.insert(*b, id);
         id
+    }
+
+    /// The Service port id of a desired frontend: the one its master holds while SVCNAME
+    /// still names its Service port with it; else the id another frontend of the Service port
+    /// has (in the maps or in this plan); else a new one, whose name is written first. 0 for a
+    /// frontend without a Service, or when every id is in use.
+    fn svc_port(&mut self, st: &FrontendState, cur: Option<&AppliedFrontend>) -> u32 {
+        let Some(name) = SvcPortName::of(st) else {
+            return 0;
+        };
+        if let Some(id) = cur
+            .filter(|c| c.has_master() && c.svc_port_id != 0)
+            .map(|c| c.svc_port_id)
+            .filter(|id| self.applied.svc_names.get(id) == Some(&name))
+        {
+            return id;
+        }
+        if let Some(&id) = self.svc_ids.get(&name) {
+            return id;
+        }
+        if let Some(&id) = self.ix.svc_of.get(&name) {
+            self.svc_ids.insert(name, id);
+            return id;
+        }
+        let handed = self
+            .ix
+            .svcs
+            .pool
+            .try_hand_out(&mut self.cursors.svc_port, &mut self.svc_reserved);
+        match handed {
+            Some(id) => {
+                self.names.push(MapOp::PutSvcName {
+                    id,
+                    name: name.clone(),
+                });
+                self.svc_ids.insert(name, id);
+                id
+            }
+            None => {
+                if !self.svc_ids_exhausted.contains(&name) {
+                    self.svc_ids_exhausted.push(name.clone());
+                }
+                self.svc_ids.insert(name, 0);
+                0
+            }
+        }
     }
 
     /// The id of a desired frontend: the one its master holds (the same incarnation of the

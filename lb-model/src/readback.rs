@@ -5,11 +5,12 @@
 
 use std::collections::BTreeSet;
 
-use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
+use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey, SvcName};
 
 use crate::applied::{Applied, AppliedFrontend};
 use crate::maglev;
 use crate::store::MapStore;
+use crate::svcport::SvcPortName;
 use crate::{BackendAddr, Frontend};
 
 /// Map entries read so far. Entries with an unknown protocol number are skipped.
@@ -32,7 +33,7 @@ impl ReadBack {
         Self::default()
     }
 
-    /// Every entry of SERVICES, BACKENDS, MEMBERS and SRC_RANGES in `store`, as an [`Applied`],
+    /// Every entry of SERVICES, BACKENDS, MEMBERS, SRC_RANGES and SVCNAME in `store`, as an [`Applied`],
     /// with the Maglev tables the masters name (see [`ReadBack::maglev_tables`]).
     pub fn read<S: MapStore + ?Sized>(store: &S) -> Result<Applied, S::Error> {
         let mut r = ReadBack::new();
@@ -40,6 +41,8 @@ impl ReadBack {
         store.for_each_backend(&mut |id, b| r.backend(id, b))?;
         store.for_each_member(&mut |k, v| r.member(k, v))?;
         store.for_each_src_range(&mut |len, k| r.src_range(len, k))?;
+        store.for_each_svc_name(&mut |id, v| r.svc_name(id, v))?;
+        r.applied.svc_ports_max = store.svc_ports_max();
         let mut applied = r.finish();
         Self::maglev_tables(&mut applied, store.maglev_geometry(), |t| {
             store.read_maglev_table(t)
@@ -105,8 +108,16 @@ impl ReadBack {
             e.affinity_timeout = v.affinity_timeout;
             e.count = v.count;
             e.table = maglev::names_table(v.flags, v.count).then_some(v.backend_id);
+            e.svc_port_id = v.svc_port_id;
         } else {
             self.slots.push((fe, k.slot, v.backend_id));
+        }
+    }
+
+    /// A SVCNAME entry.
+    pub fn svc_name(&mut self, id: u32, v: &SvcName) {
+        if id != 0 {
+            self.applied.svc_names.insert(id, SvcPortName::from_map(v));
         }
     }
 

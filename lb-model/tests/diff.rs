@@ -12,7 +12,7 @@ use lb_common::*;
 use lb_model::planner::{all_frontends, plan};
 use lb_model::{
     Applied, AppliedFrontend, Cidr, ClusterState, DesiredState, Frontend, MapOp, Plan, Proto,
-    SourceEvent,
+    SourceEvent, SvcPortName,
 };
 use serde_json::json;
 
@@ -120,7 +120,8 @@ fn new_frontend_writes_backends_first_then_members_then_slots_then_master() {
                     rev_nat_id: 1,
                     flags: SVC_FLAG_CLUSTER_IP,
                     affinity_timeout: 0,
-                    table: 0
+                    table: 0,
+                    svc_port_id: 1
                 },
             ]
         )]
@@ -131,7 +132,14 @@ fn new_frontend_writes_backends_first_then_members_then_slots_then_master() {
 fn service_without_endpoints_gets_a_master_with_count_zero() {
     let mut w = World::new();
     let p = w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    assert_eq!(p.prepare, vec![], "the frontend id has no entry of its own");
+    assert_eq!(
+        p.prepare,
+        vec![MapOp::PutSvcName {
+            id: 1,
+            name: SvcPortName::new("default", "web", "")
+        }],
+        "the frontend id has no entry of its own; the Service port's name is written first"
+    );
     assert_eq!(
         p.frontends[0].1,
         vec![MapOp::PutMaster {
@@ -140,7 +148,8 @@ fn service_without_endpoints_gets_a_master_with_count_zero() {
             rev_nat_id: 1,
             flags: SVC_FLAG_CLUSTER_IP,
             affinity_timeout: 0,
-            table: 0
+            table: 0,
+            svc_port_id: 1
         }]
     );
 }
@@ -180,7 +189,8 @@ fn added_endpoint_costs_one_backend_one_slot_and_the_master() {
                 rev_nat_id: 1,
                 flags: SVC_FLAG_CLUSTER_IP,
                 affinity_timeout: 0,
-                table: 0
+                table: 0,
+                svc_port_id: 1
             },
         ]
     );
@@ -212,7 +222,8 @@ fn removed_endpoint_hole_is_filled_from_the_last_slot_and_its_backend_collected(
                 rev_nat_id: 1,
                 flags: SVC_FLAG_CLUSTER_IP,
                 affinity_timeout: 0,
-                table: 0
+                table: 0,
+                svc_port_id: 1
             },
             MapOp::DeleteSlot {
                 frontend: web(),
@@ -338,7 +349,8 @@ fn backend_state_change_is_written_in_prepare() {
             rev_nat_id: 1,
             flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_TERMINATING_FALLBACK,
             affinity_timeout: 0,
-            table: 0
+            table: 0,
+            svc_port_id: 1
         }]
     );
 }
@@ -383,6 +395,8 @@ fn removed_frontend_goes_master_first_then_slots_then_members_then_gc() {
         vec![
             MapOp::DeleteBackend { id: 1 },
             MapOp::DeleteBackend { id: 2 },
+            // The Service port's name: no master names its id any more.
+            MapOp::DeleteSvcName { id: 1 },
         ]
     );
     assert_eq!(w.applied, common::sim::empty_applied());
@@ -488,6 +502,7 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
             slots: vec![1, 0, 3, 2],
             count: 0,
             members: BTreeSet::from([1, 3, 4, 9]),
+            svc_port_id: 1,
             ..Default::default()
         },
     );
@@ -495,6 +510,7 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
         a.backends.insert(i, (b(i), BACKEND_ACTIVE));
     }
     a.rev_nat.insert(1, f);
+    a.svc_names.insert(1, SvcPortName::new("default", "web", ""));
     // What the maps should hold (built through a fresh world).
     let desired = World::web(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]).desired;
     let p = plan(&a, &desired, &all_frontends(&a, &desired));
@@ -518,7 +534,8 @@ fn read_back_state_with_holes_leftovers_and_orphans_is_repaired() {
                 rev_nat_id: 1,
                 flags: SVC_FLAG_CLUSTER_IP,
                 affinity_timeout: 0,
-                table: 0
+                table: 0,
+                svc_port_id: 1
             },
             MapOp::DeleteSlot {
                 frontend: f,
@@ -578,8 +595,8 @@ fn one_endpoint_change_among_1000_services_is_a_handful_of_ops() {
     let mut applied = Applied::default();
     let mut sim = Sim::default();
     let full = plan(&applied, &desired, &all_frontends(&applied, &desired));
-    // master, 5 slots, 5 members, 5 backends
-    assert_eq!(full.op_count(), 1000 * (1 + 5 + 5 + 5));
+    // name, master, 5 slots, 5 members, 5 backends
+    assert_eq!(full.op_count(), 1000 * (1 + 1 + 5 + 5 + 5));
     sim.run(&full, &mut applied);
 
     let mut state = state;
@@ -623,7 +640,7 @@ fn rebuild_and_full_plan_of_10k_services_is_fast() {
     let t = Instant::now();
     let p = plan(&applied, &desired, &all_frontends(&applied, &desired));
     let planning = t.elapsed();
-    assert_eq!(p.op_count(), 10_000 * (1 + 10 + 10 + 10));
+    assert_eq!(p.op_count(), 10_000 * (1 + 1 + 10 + 10 + 10));
     eprintln!("10k Services / 100k endpoints: rebuild {rebuild:?}, full plan {planning:?}");
     // Generous bounds: debug builds on a shared 2-core machine; release is far faster.
     assert!(rebuild.as_secs_f64() < 10.0 && planning.as_secs_f64() < 10.0);
@@ -739,14 +756,21 @@ fn recreated_frontend_gets_a_new_rev_nat_id() {
     });
     assert!(w.applied.rev_nat.is_empty());
     let p = w.event(SourceEvent::ServiceUpsert(cluster_svc("web", WEB)));
-    // The slice is still there: the backend comes back too, under a new id as well.
+    // The slice is still there: the backend comes back too, under a new id as well, and so
+    // does the Service port (its counters start over).
     assert_eq!(
         p.prepare,
-        vec![MapOp::PutBackend {
-            id: 2,
-            backend: be("10.244.0.1", 9376),
-            state: BACKEND_ACTIVE
-        }]
+        vec![
+            MapOp::PutSvcName {
+                id: 2,
+                name: SvcPortName::new("default", "web", "")
+            },
+            MapOp::PutBackend {
+                id: 2,
+                backend: be("10.244.0.1", 9376),
+                state: BACKEND_ACTIVE
+            }
+        ]
     );
     assert_eq!(w.applied.frontends[&web()].rev_nat_id, 2);
     assert_eq!(w.applied.rev_nat.get(&2), Some(&web()));
@@ -771,7 +795,8 @@ fn frontend_whose_master_is_gone_gets_a_new_id() {
                 rev_nat_id: 2,
                 flags: SVC_FLAG_CLUSTER_IP,
                 affinity_timeout: 0,
-                table: 0
+                table: 0,
+                svc_port_id: 1
             }]
         )]
     );
@@ -797,19 +822,36 @@ fn read_back_masters_sharing_an_id_are_given_distinct_ids() {
     w.event(SourceEvent::ServiceUpsert(cluster_svc("a", "10.96.0.1")));
     w.event(SourceEvent::ServiceUpsert(cluster_svc("b", "10.96.0.2")));
     let p = plan(&read, &w.desired, &all_frontends(&read, &w.desired));
+    // Both masters of the read-back lack a Service port (written by a build without names):
+    // both get one; the first keeps its frontend id.
     assert_eq!(
         p.frontends,
-        vec![(
-            b_fe,
-            vec![MapOp::PutMaster {
-                frontend: b_fe,
-                count: 0,
-                rev_nat_id: 6,
-                flags: SVC_FLAG_CLUSTER_IP,
-                affinity_timeout: 0,
-                table: 0
-            }]
-        )]
+        vec![
+            (
+                a_fe,
+                vec![MapOp::PutMaster {
+                    frontend: a_fe,
+                    count: 0,
+                    rev_nat_id: 5,
+                    flags: SVC_FLAG_CLUSTER_IP,
+                    affinity_timeout: 0,
+                    table: 0,
+                    svc_port_id: 1
+                }]
+            ),
+            (
+                b_fe,
+                vec![MapOp::PutMaster {
+                    frontend: b_fe,
+                    count: 0,
+                    rev_nat_id: 6,
+                    flags: SVC_FLAG_CLUSTER_IP,
+                    affinity_timeout: 0,
+                    table: 0,
+                    svc_port_id: 2
+                }]
+            )
+        ]
     );
 }
 
@@ -863,9 +905,11 @@ fn read_back_keeps_orphans_for_gc_and_repairs_wrong_members() {
             count: 1,
             rev_nat_id: 3,
             flags: SVC_FLAG_CLUSTER_IP,
+            svc_port_id: 1,
             ..Default::default()
         },
     );
+    r.svc_name(1, &SvcPortName::new("default", "web", "").to_map());
     r.service(
         &f.key(1),
         &ServiceValue {
@@ -927,6 +971,7 @@ fn failed_backend_write_blocks_the_frontend_that_would_make_it_a_member() {
         prepare: p.prepare.clone(),
         frontends: vec![(web(), vec![member(1, "10.244.0.1")])],
         unplanned: Vec::new(),
+        svc_ids_exhausted: Vec::new(),
     };
     assert_eq!(
         only_member.blocked_by(&p.prepare, &w.applied),

@@ -489,7 +489,8 @@ proptest! {
                 let report = execute(&mut store, &p, &mut c.applied);
                 prop_assert_eq!(store.injected().len(), 1);
                 let failed = store.injected()[0].clone();
-                let gc_delete = matches!(failed, MapWrite::DeleteBackend(_)) && n >= p.op_count();
+                let gc_delete = matches!(failed, MapWrite::DeleteBackend(_) | MapWrite::DeleteSvcName(_))
+                    && n >= p.op_count();
                 prop_assert_eq!(
                     report.is_clean(),
                     gc_delete,

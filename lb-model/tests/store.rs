@@ -94,6 +94,7 @@ fn each_op_is_encoded_as_one_entry_of_its_map() {
                 flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY,
                 affinity_timeout: 60,
                 table: 0,
+                svc_port_id: 4,
             },
             MapWrite::PutService(
                 web().key(0),
@@ -103,6 +104,7 @@ fn each_op_is_encoded_as_one_entry_of_its_map() {
                     rev_nat_id: 9,
                     flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY,
                     affinity_timeout: 60,
+                    svc_port_id: 4,
                 },
             ),
         ),
@@ -119,6 +121,7 @@ fn each_op_is_encoded_as_one_entry_of_its_map() {
                 flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_ALG_MAGLEV,
                 affinity_timeout: 0,
                 table: 5,
+                svc_port_id: 0,
             },
             MapWrite::PutService(
                 web().key(0),
@@ -128,6 +131,7 @@ fn each_op_is_encoded_as_one_entry_of_its_map() {
                     rev_nat_id: 9,
                     flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_ALG_MAGLEV,
                     affinity_timeout: 0,
+                    svc_port_id: 0,
                 },
             ),
         ),
@@ -139,6 +143,17 @@ fn each_op_is_encoded_as_one_entry_of_its_map() {
             },
             MapWrite::PutMaglevTable(5, vec![3, 4, 4, 3, 3].into()),
         ),
+        (
+            MapOp::PutSvcName {
+                id: 4,
+                name: lb_model::SvcPortName::new("default", "web", "http"),
+            },
+            MapWrite::PutSvcName(
+                4,
+                lb_model::SvcPortName::new("default", "web", "http").to_map(),
+            ),
+        ),
+        (MapOp::DeleteSvcName { id: 4 }, MapWrite::DeleteSvcName(4)),
     ];
     for (op, want) in cases {
         assert_eq!(MapWrite::of(&op), want, "{op:?}");
@@ -152,6 +167,7 @@ fn each_op_is_encoded_as_one_entry_of_its_map() {
         MapWrite::PutMaglevTable(0, vec![1].into()).map_name(),
         map_names::MAGLEV
     );
+    assert_eq!(MapWrite::DeleteSvcName(1).map_name(), map_names::SVCNAME);
 }
 
 #[test]
@@ -559,12 +575,14 @@ fn frontends_are_written_in_stages_of_one_class_each_in_their_own_order() {
     let d = desired(&names, &eps);
     let (order, report, maps, applied) = write_order(&d, |_| false);
     assert!(report.is_clean(), "{report:?}");
-    // A cold plan is three batches: every backend, every member, then every frontend's
-    // slots and master (one SERVICES batch): not 40 alternations of MEMBERS and SERVICES.
+    // A cold plan is four batches: every Service port name, every backend, every member,
+    // then every frontend's slots and master (one SERVICES batch): not 40 alternations of
+    // MEMBERS and SERVICES.
     let classes: Vec<_> = order.iter().map(MapWrite::batch_class).collect();
     let mut runs = classes.clone();
     runs.dedup();
-    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    assert_eq!(runs[0], lb_model::store::BatchClass::PutSvcName);
     // Each master comes after its slots and members.
     for (i, w) in order.iter().enumerate() {
         let MapWrite::PutService(k, _) = w else {

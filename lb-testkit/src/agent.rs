@@ -115,6 +115,12 @@ pub struct AgentSpec {
     /// `--socket-lb` and `--cgroup-path`. Always passed: [`SocketLb::Off`] by default, so a
     /// test agent never attaches to the machine's root cgroup.
     pub socket_lb: SocketLb,
+    /// Environment variables set for the agent process (e.g. KUBERNETES_SERVICE_HOST/PORT, as
+    /// a DaemonSet's pod has them).
+    pub env: Vec<(String, String)>,
+    /// The `xlb` binary of this agent; None: [`xlb_bin`]. The upgrade test starts an older
+    /// build's agent (`crate::oldbuild`), then the new one on the same pins.
+    pub bin: Option<PathBuf>,
 }
 
 /// Socket load balancing of a test agent (`--socket-lb`, `--cgroup-path`).
@@ -205,6 +211,8 @@ impl AgentSpec {
             devices: None,
             xdp_mode: None,
             socket_lb: SocketLb::Off,
+            env: Vec::new(),
+            bin: None,
         }
     }
 }
@@ -224,16 +232,22 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Start and wait (up to the spec's `ready_timeout`) for "agent ready".
-    pub fn start(spec: AgentSpec) -> Result<Self> {
-        let mut agent = Agent {
+    /// A handle that has not started its process yet ([`Agent::spawn`]); dropping it still
+    /// cleans up the spec's pins (e.g. a test that expects the agent to refuse them).
+    pub fn new(spec: AgentSpec) -> Self {
+        Agent {
             spec,
             child: None,
             log_start: 0,
             spawned_at: Instant::now(),
             ready_after: Duration::ZERO,
             keep: false,
-        };
+        }
+    }
+
+    /// Start and wait (up to the spec's `ready_timeout`) for "agent ready".
+    pub fn start(spec: AgentSpec) -> Result<Self> {
+        let mut agent = Agent::new(spec);
         agent.spawn()?;
         agent.wait_ready(agent.spec.ready_timeout)?;
         Ok(agent)
@@ -244,7 +258,10 @@ impl Agent {
         if self.is_running() {
             return Err(Error::Agent("already running".into()));
         }
-        let bin = xlb_bin()?;
+        let bin = match &self.spec.bin {
+            Some(b) => b.clone(),
+            None => xlb_bin()?,
+        };
         std::fs::create_dir_all(&self.spec.pin_path)
             .map_err(io_err(format!("creating {}", self.spec.pin_path.display())))?;
         let log = OpenOptions::new()
@@ -280,6 +297,7 @@ impl Agent {
             cmd.args(["--xdp-mode", m.as_arg()]);
         }
         cmd.args(self.spec.socket_lb.args());
+        cmd.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         cmd.args(&self.spec.extra_args)
             // The log is a file that is read back: no colour sequences in it.
             .env("NO_COLOR", "1")

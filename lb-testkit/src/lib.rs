@@ -10,9 +10,11 @@ pub mod agent;
 pub mod cgroup;
 pub mod client;
 pub mod cluster;
+pub mod container;
 pub mod error;
 pub mod logwatch;
 pub mod netns;
+pub mod oldbuild;
 pub mod server;
 pub mod service_yaml;
 pub mod wait;
@@ -57,12 +59,14 @@ fn embedded_pid(base: &str, name: &str) -> Option<i32> {
     name.strip_prefix(base)?.split('-').next()?.parse().ok()
 }
 
-/// Remove namespaces, pin directories and test cgroups named "<base><pid>-..." whose creating
-/// process is gone (crashed or killed test runs). Those of live processes are left alone, so
-/// concurrent runs are safe. Returns what was removed.
+/// Remove containers, namespaces, pin directories and test cgroups named "<base><pid>-..."
+/// whose creating process is gone (crashed or killed test runs). Those of live processes are
+/// left alone, so concurrent runs are safe. Returns what was removed.
 pub fn cleanup_stale(base: &str) -> Vec<String> {
     let stale = |name: &str| embedded_pid(base, name).is_some_and(|pid| !pid_alive(pid));
     let mut removed = Vec::new();
+    // Containers first: an agent left running in one would pin again.
+    removed.extend(container::remove_stale(base, stale));
     for dir in pin_dirs(base).into_iter().filter(|d| stale(d)) {
         remove_pin_root(&Path::new(cluster::BPFFS).join(&dir));
         removed.push(format!("{}/{dir}", cluster::BPFFS));

@@ -312,16 +312,20 @@ fn sink(mut stream: &TcpStream) -> std::io::Result<()> {
 fn udp_loop(s: &UdpSocket, name: &str, shared: &Shared) {
     let mut buf = [0u8; 2048];
     loop {
-        let received = s.recv_from(&mut buf);
+        // nix, not `UdpSocket::recv_from`: after the shutdown(2) in `Drop` recvfrom(2) returns
+        // with no address, which std asserts against (a panic message in every test's output).
+        let received = nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrIn>(s.as_raw_fd(), &mut buf);
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         match received {
-            Ok((_, peer)) => {
+            Ok((_, None)) => std::thread::sleep(ERROR_BACKOFF),
+            Ok((_, Some(peer))) => {
+                let peer = SocketAddr::V4(peer.into());
                 shared.record(peer);
                 let _ = s.send_to(name.as_bytes(), peer);
             }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
                 tracing::debug!(error = %e, "serve-hostname udp");
                 std::thread::sleep(ERROR_BACKOFF);

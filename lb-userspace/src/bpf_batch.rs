@@ -732,3 +732,68 @@ mod tests {
         assert!(array_update(&map, m * tables - 1, &[1u32, 2]).is_err());
     }
 }
+
+/// Zero the entries `keys` of the per-CPU array `map` (element size `value_size`, `cpus`
+/// possible CPUs) with `BPF_MAP_UPDATE_BATCH`: a per-CPU value in a batch is one slot of
+/// `round_up(value_size, 8)` bytes per possible CPU. Used to start a Service port id's
+/// counters from zero when the id gets a (new) name.
+pub fn percpu_array_zero(map: &MapData, keys: &[u32], value_size: usize, cpus: usize) -> io::Result<()> {
+    let stride = cpus.max(1) * value_size.div_ceil(8);
+    // At most ~4 MiB of zeros per syscall.
+    let per_chunk = (512 * 1024 / stride.max(1)).max(1);
+    for ks in keys.chunks(per_chunk) {
+        let zeros = vec![0u64; ks.len() * stride];
+        let mut attr = BatchAttr {
+            keys: ks.as_ptr() as u64,
+            values: zeros.as_ptr() as u64,
+            count: ks.len() as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
+}
+
+/// Read entries `0..count` of the per-CPU array `map` (element size `value_size`, `cpus`
+/// possible CPUs) with `BPF_MAP_LOOKUP_BATCH`: `count` runs of `cpus` slots of
+/// `round_up(value_size, 8) / 8` words each (entry after entry, CPU after CPU). A handful of
+/// syscalls for every Service port's counters, where a lookup per entry would be thousands.
+pub fn percpu_array_lookup(map: &MapData, count: u32, value_size: usize, cpus: usize) -> io::Result<Vec<u64>> {
+    let stride = cpus.max(1) * value_size.div_ceil(8);
+    let mut keys = vec![0u32; count as usize];
+    let mut words = vec![0u64; count as usize * stride];
+    let chunk = ((1usize << 20) / stride.max(1)).max(1) as u32;
+    let mut read: u32 = 0;
+    let mut prev: u32 = 0;
+    let mut token: u32 = 0;
+    while read < count {
+        let want = (count - read).min(chunk);
+        let mut attr = BatchAttr {
+            in_batch: if read > 0 { &prev as *const u32 as u64 } else { 0 },
+            out_batch: &mut token as *mut u32 as u64,
+            keys: keys[read as usize..].as_mut_ptr() as u64,
+            values: words[read as usize * stride..].as_mut_ptr() as u64,
+            count: want,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let res = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count.min(want);
+        read += n;
+        match res {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        if n == 0 {
+            break;
+        }
+        prev = token;
+    }
+    if read != count {
+        return Err(io::Error::other(format!("batch lookup read {read} of {count} per-CPU entries")));
+    }
+    Ok(words)
+}

@@ -1,6 +1,9 @@
-//! `xlb inspect`: read the pinned maps and print them as tables or JSON. Needs no running agent.
+//! `xlb inspect`: read the pinned maps and print them as tables or JSON. Needs no running agent:
+//! the Service names come from the pinned `XLB_SVCNAME_V1` (Service port id -> namespace, name,
+//! port name), which every master and conntrack entry names by id.
 
-use std::net::Ipv4Addr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -11,7 +14,7 @@ use lb_common::{
     SVC_FLAG_ALG_MAGLEV, SVC_FLAG_ALG_RR, SVC_FLAG_DROP_NO_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     SVC_FLAG_TERMINATING_FALLBACK, SVC_FLAG_TWO_SCOPES,
 };
-use lb_model::{Applied, Proto};
+use lb_model::{Applied, Frontend, Proto, SvcPortName};
 use serde::Serialize;
 
 use crate::datapath::PinnedMaps;
@@ -30,9 +33,72 @@ pub enum What {
     Stats,
 }
 
+/// The Service port a row belongs to (`null` in JSON when unknown: a frontend without an id,
+/// or a flow whose Service is gone).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name ("" when unnamed).
+    pub port: String,
+}
+
+impl ServiceRef {
+    fn of(n: &SvcPortName) -> Self {
+        ServiceRef { namespace: n.namespace.clone(), name: n.name.clone(), port: n.port_name.clone() }
+    }
+    /// `namespace/name:port` (`namespace/name` for an unnamed port).
+    pub fn display(&self) -> String {
+        if self.port.is_empty() {
+            format!("{}/{}", self.namespace, self.name)
+        } else {
+            format!("{}/{}:{}", self.namespace, self.name, self.port)
+        }
+    }
+    fn is(&self, ns: &str, name: &str) -> bool {
+        self.namespace == ns && self.name == name
+    }
+}
+
+/// What `--service NS/NAME`, `--frontend IP:PORT` and `--client IP` keep.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// (namespace, name).
+    pub service: Option<(String, String)>,
+    pub frontend: Option<SocketAddrV4>,
+    /// Conntrack only: flows of this client.
+    pub client: Option<Ipv4Addr>,
+}
+
+impl Filter {
+    /// Parse `NS/NAME`.
+    pub fn parse_service(s: &str) -> anyhow::Result<(String, String)> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok((ns.to_string(), name.to_string()))
+            }
+            _ => anyhow::bail!("--service wants NAMESPACE/NAME, got {s:?}"),
+        }
+    }
+
+    fn service_ok(&self, s: Option<&ServiceRef>) -> bool {
+        match &self.service {
+            None => true,
+            Some((ns, name)) => s.is_some_and(|s| s.is(ns, name)),
+        }
+    }
+
+    fn frontend_ok(&self, addr: Ipv4Addr, port: u16) -> bool {
+        self.frontend.is_none_or(|f| *f.ip() == addr && f.port() == port)
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct ServiceRow {
     pub frontend: String,
+    /// The Service port of the frontend (its master's `svc_port_id`).
+    pub service: Option<ServiceRef>,
+    pub svc_port_id: u32,
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: String,
@@ -61,6 +127,10 @@ pub struct BackendRow {
     pub port: u16,
     pub proto: String,
     pub state: &'static str,
+    /// The Service ports whose frontends have it in a slot (sorted, distinct).
+    pub services: Vec<ServiceRef>,
+    /// Those frontends.
+    pub frontends: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,6 +149,10 @@ pub struct CtRow {
     pub snat: Option<(Ipv4Addr, u16)>,
     pub backend_id: u32,
     pub rev_nat_id: u32,
+    /// The flow's Service port: by the id the entry recorded, or (entries of builds without
+    /// it) by the frontend it was translated from; `null` when that is gone.
+    pub service: Option<ServiceRef>,
+    pub svc_port_id: u16,
     /// `lb_common::ct_state::name` of the state.
     pub state: &'static str,
     /// `fin_fwd`, `fin_rev`, `hairpin`.
@@ -151,10 +225,24 @@ pub fn services(maps: &mut PinnedMaps) -> anyhow::Result<Vec<ServiceRow>> {
     Ok(service_rows(&applied))
 }
 
+/// The Service port of the frontend `fe` in `applied` (its master's id, named), if any.
+fn service_of(applied: &Applied, fe: &Frontend) -> Option<ServiceRef> {
+    applied.svc_name_of(fe).map(ServiceRef::of)
+}
+
 /// The rows of the frontends of `applied` that have a master.
 pub fn service_rows(applied: &Applied) -> Vec<ServiceRow> {
+    service_rows_filtered(applied, &Filter::default())
+}
+
+/// [`service_rows`] that `filter` keeps (`--service`, `--frontend`).
+pub fn service_rows_filtered(applied: &Applied, filter: &Filter) -> Vec<ServiceRow> {
     let mut rows = Vec::new();
     for (fe, af) in applied.frontends.iter().filter(|(_, af)| af.rev_nat_id != 0) {
+        let service = service_of(applied, fe);
+        if !filter.service_ok(service.as_ref()) || !filter.frontend_ok(fe.addr, fe.port) {
+            continue;
+        }
         let backends = (1..=af.count.min(u32::from(u16::MAX)))
             .map(|slot| {
                 let id = af.slots.get(slot as usize - 1).copied().unwrap_or(0);
@@ -171,6 +259,8 @@ pub fn service_rows(applied: &Applied) -> Vec<ServiceRow> {
             .collect();
         rows.push(ServiceRow {
             frontend: fe.to_string(),
+            service,
+            svc_port_id: af.svc_port_id,
             addr: fe.addr,
             port: fe.port,
             proto: fe.proto.to_string(),
@@ -188,24 +278,91 @@ pub fn service_rows(applied: &Applied) -> Vec<ServiceRow> {
 /// Every backend, by id.
 pub fn backends(maps: &mut PinnedMaps) -> anyhow::Result<Vec<BackendRow>> {
     let applied = maps.applied().context("reading the Service maps")?;
-    Ok(applied
-        .backends
-        .iter()
-        .map(|(id, (b, state))| BackendRow {
-            id: *id,
-            addr: b.addr,
-            port: b.port,
-            proto: b.proto.to_string(),
-            state: state_name(*state),
-        })
-        .collect())
+    Ok(backend_rows(&applied, &Filter::default()))
 }
 
-pub fn conntrack(maps: &PinnedMaps) -> anyhow::Result<Vec<CtRow>> {
+/// The backends of `applied` that `filter` keeps: with `--service` / `--frontend`, those in a
+/// slot of a matching frontend.
+pub fn backend_rows(applied: &Applied, filter: &Filter) -> Vec<BackendRow> {
+    // Backend id -> (Service ports, frontends) of the masters whose slots name it.
+    let mut users: BTreeMap<u32, (BTreeSet<ServiceRef>, BTreeSet<Frontend>)> = BTreeMap::new();
+    let mut wanted: BTreeSet<u32> = BTreeSet::new();
+    for (fe, af) in applied.frontends.iter().filter(|(_, af)| af.rev_nat_id != 0) {
+        let service = service_of(applied, fe);
+        let keep = filter.service_ok(service.as_ref()) && filter.frontend_ok(fe.addr, fe.port);
+        for id in af.slots.iter().take(af.count as usize).filter(|id| **id != 0) {
+            let u = users.entry(*id).or_default();
+            u.0.extend(service.clone());
+            u.1.insert(*fe);
+            if keep {
+                wanted.insert(*id);
+            }
+        }
+    }
+    let filtered = filter.service.is_some() || filter.frontend.is_some();
+    applied
+        .backends
+        .iter()
+        .filter(|(id, _)| !filtered || wanted.contains(id))
+        .map(|(id, (b, state))| {
+            let (services, frontends) = users.remove(id).unwrap_or_default();
+            BackendRow {
+                id: *id,
+                addr: b.addr,
+                port: b.port,
+                proto: b.proto.to_string(),
+                state: state_name(*state),
+                services: services.into_iter().collect(),
+                frontends: frontends.iter().map(Frontend::to_string).collect(),
+            }
+        })
+        .collect()
+}
+
+pub fn conntrack(maps: &mut PinnedMaps) -> anyhow::Result<Vec<CtRow>> {
+    conntrack_filtered(maps, &Filter::default())
+}
+
+/// The conntrack entries `filter` keeps: `--service` (the flow's Service), `--frontend` (the
+/// address the client used: a forward key's destination, a reply entry's restored source)
+/// and `--client` (a forward key's source, a reply entry's destination or, SNATed, the client
+/// it restores).
+pub fn conntrack_filtered(maps: &mut PinnedMaps, filter: &Filter) -> anyhow::Result<Vec<CtRow>> {
+    let applied = maps.applied().context("reading the Service maps")?;
     let now = crate::ct_gc::now_coarse_ns();
     let mut rows = Vec::new();
     for item in maps.conntrack.iter() {
         let (k, v) = item.context("reading the conntrack map")?;
+        let forward = k.dir == CT_FORWARD;
+        // The frontend the client addressed, and the client.
+        let (fe_addr, fe_port) = if forward { (k.daddr, k.dport) } else { (v.nat_addr, v.nat_port) };
+        let client = if forward {
+            k.saddr
+        } else if v.flags & CT_F_SNAT != 0 {
+            v.snat_addr
+        } else {
+            k.daddr
+        };
+        let frontend = Frontend {
+            addr: Ipv4Addr::from(ip4_from(fe_addr)),
+            port: port_from(fe_port),
+            proto: match Proto::from_number(k.proto) {
+                Some(p) => p,
+                None => continue,
+            },
+            scope: lb_common::SCOPE_EXT,
+        };
+        let service = applied
+            .svc_names
+            .get(&u32::from(v.svc_port_id))
+            .map(ServiceRef::of)
+            .or_else(|| service_of(&applied, &frontend));
+        if !filter.service_ok(service.as_ref())
+            || !filter.frontend_ok(frontend.addr, frontend.port)
+            || filter.client.is_some_and(|c| c != Ipv4Addr::from(ip4_from(client)))
+        {
+            continue;
+        }
         let left = crate::ct_gc::time_left_s(&v, now);
         rows.push(CtRow {
             dir: if k.dir == CT_FORWARD { "forward" } else { "reply" },
@@ -220,6 +377,8 @@ pub fn conntrack(maps: &PinnedMaps) -> anyhow::Result<Vec<CtRow>> {
                 .then(|| (Ipv4Addr::from(ip4_from(v.snat_addr)), port_from(v.snat_port))),
             backend_id: v.backend_id,
             rev_nat_id: v.rev_nat_id,
+            service,
+            svc_port_id: v.svc_port_id,
             state: ct_state::name(v.state),
             flags: ct_flag_names(v.flags),
             // Rounded to ms so the JSON stays readable.
@@ -252,8 +411,19 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
+/// The table cell of a row's Service ("-" when unknown).
+fn service_cell(s: &Option<ServiceRef>) -> String {
+    s.as_ref().map_or_else(|| "-".to_string(), ServiceRef::display)
+}
+
 /// Run `xlb inspect WHAT`, printing to stdout.
-pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
+pub fn run(pin_path: &Path, what: What, output: Output, filter: &Filter) -> anyhow::Result<()> {
+    if filter.client.is_some() && what != What::Conntrack {
+        anyhow::bail!("--client applies to `xlb inspect conntrack` only");
+    }
+    if (filter.service.is_some() || filter.frontend.is_some()) && what == What::Stats {
+        anyhow::bail!("--service and --frontend do not apply to `xlb inspect stats` (see the xlb_service_* metrics)");
+    }
     let mut maps = PinnedMaps::open(pin_path).with_context(|| {
         format!("opening the pinned maps under {} (is the agent running with this --pin-path?)", pin_path.display())
     })?;
@@ -263,15 +433,22 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
     };
     match what {
         What::Services => {
-            let rows = services(&mut maps)?;
+            let applied = maps.applied().context("reading the Service maps")?;
+            let rows = service_rows_filtered(&applied, filter);
             if output == Output::Json {
                 return json(&rows);
             }
-            let mut t = table(&["FRONTEND", "FLAGS", "REV-NAT", "BACKENDS", "SLOT", "BACKEND", "STATE"]);
+            let mut t = table(&["SERVICE", "FRONTEND", "FLAGS", "REV-NAT", "BACKENDS", "SLOT", "BACKEND", "STATE"]);
             for r in &rows {
                 let flags = r.flags.join(",");
                 if r.backends.is_empty() {
-                    t.add_row(vec![r.frontend.clone(), flags, r.rev_nat_id.to_string(), "0 (refuses)".into()]);
+                    t.add_row(vec![
+                        service_cell(&r.service),
+                        r.frontend.clone(),
+                        flags,
+                        r.rev_nat_id.to_string(),
+                        "0 (refuses)".into(),
+                    ]);
                     continue;
                 }
                 for (i, b) in r.backends.iter().enumerate() {
@@ -281,6 +458,7 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
                     };
                     let first = i == 0;
                     t.add_row(vec![
+                        if first { service_cell(&r.service) } else { String::new() },
                         if first { r.frontend.clone() } else { String::new() },
                         if first { flags.clone() } else { String::new() },
                         if first { r.rev_nat_id.to_string() } else { String::new() },
@@ -295,23 +473,32 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
             println!("{} frontends", rows.len());
         }
         What::Backends => {
-            let rows = backends(&mut maps)?;
+            let applied = maps.applied().context("reading the Service maps")?;
+            let rows = backend_rows(&applied, filter);
             if output == Output::Json {
                 return json(&rows);
             }
-            let mut t = table(&["ID", "ADDRESS", "PROTO", "STATE"]);
+            let mut t = table(&["ID", "ADDRESS", "PROTO", "STATE", "SERVICES"]);
             for r in &rows {
-                t.add_row(vec![r.id.to_string(), format!("{}:{}", r.addr, r.port), r.proto.clone(), r.state.into()]);
+                let services: Vec<String> = r.services.iter().map(ServiceRef::display).collect();
+                t.add_row(vec![
+                    r.id.to_string(),
+                    format!("{}:{}", r.addr, r.port),
+                    r.proto.clone(),
+                    r.state.into(),
+                    if services.is_empty() { "-".into() } else { services.join(", ") },
+                ]);
             }
             println!("{t}");
             println!("{} backends", rows.len());
         }
         What::Conntrack => {
-            let rows = conntrack(&maps)?;
+            let rows = conntrack_filtered(&mut maps, filter)?;
             if output == Output::Json {
                 return json(&rows);
             }
             let mut t = table(&[
+                "SERVICE",
                 "DIR",
                 "PROTO",
                 "SOURCE",
@@ -326,6 +513,7 @@ pub fn run(pin_path: &Path, what: What, output: Output) -> anyhow::Result<()> {
             ]);
             for r in &rows {
                 t.add_row(vec![
+                    service_cell(&r.service),
                     r.dir.to_string(),
                     r.proto.clone(),
                     format!("{}:{}", r.saddr, r.sport),
@@ -388,6 +576,8 @@ mod tests {
             snat: None,
             backend_id: 1,
             rev_nat_id: 1,
+            service: None,
+            svc_port_id: 0,
             state,
             flags: vec![],
             expires_in_s,

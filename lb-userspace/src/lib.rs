@@ -12,7 +12,10 @@ pub mod datapath;
 pub mod healthcheck;
 pub mod inspect;
 pub mod metrics;
+pub mod proxyhealth;
 pub mod source;
+pub mod status;
+pub mod trace;
 
 /// The compiled eBPF object (all programs and maps), built by `build.rs` from `lb-ebpf`.
 pub fn ebpf_object() -> &'static [u8] {

@@ -33,18 +33,69 @@ enum Cmd {
         pin_path: PathBuf,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: inspect::Output,
+        /// Only this Service's frontends, backends or flows (NAMESPACE/NAME).
+        #[arg(long, value_parser = inspect::Filter::parse_service)]
+        service: Option<(String, String)>,
+        /// Only this frontend (IP:PORT): its entries, its backends, the flows to it.
+        #[arg(long)]
+        frontend: Option<std::net::SocketAddrV4>,
+        /// conntrack: only the flows of this client address.
+        #[arg(long)]
+        client: Option<std::net::Ipv4Addr>,
     },
     /// Detach every program xlb attached and remove its pinned maps and links.
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/xlb", env = "XLB_PIN_PATH")]
         pin_path: PathBuf,
     },
+    /// Where would this packet go? Runs it through the loaded programs and maps (BPF_PROG_TEST_RUN,
+    /// a dry run that writes no map) and prints the verdict, Service, backend and rewritten headers.
+    Trace(Box<TraceArgs>),
+    /// Attached devices and cgroups, programs, map fill, agent health, other Service proxies.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/xlb", env = "XLB_PIN_PATH")]
+        pin_path: PathBuf,
+        /// The agent's health port (its --healthz-addr); "none": do not ask.
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        healthz_addr: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
+}
+
+#[derive(clap::Args)]
+struct TraceArgs {
+    /// The client: IP or IP:PORT (port 40000 when none is given).
+    #[arg(long, value_parser = lb_userspace::trace::parse_src)]
+    src: std::net::SocketAddrV4,
+    /// The destination: IP:PORT (a ClusterIP, NodePort, ... or any address).
+    #[arg(long, value_parser = lb_userspace::trace::parse_dst)]
+    dst: std::net::SocketAddrV4,
+    #[arg(long, value_enum, default_value = "tcp")]
+    proto: lb_userspace::trace::Proto,
+    /// TCP flags, comma-separated (default: syn, a new connection).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    flags: Vec<lb_userspace::trace::TcpFlag>,
+    /// The device the packet arrives on (a pod's host-side veth: from_pod; an external device:
+    /// from_net). Default: the device the route to --src leaves through.
+    #[arg(long)]
+    device: Option<String>,
+    /// The program to run, when the device does not say it.
+    #[arg(long, value_enum)]
+    hook: Option<lb_userspace::trace::TraceHook>,
+    /// The agent's --service-cidr (default: read from the attached programs).
+    #[arg(long, value_parser = parse_cidr)]
+    service_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    #[arg(long, default_value = "/sys/fs/bpf/xlb", env = "XLB_PIN_PATH")]
+    pin_path: PathBuf,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: inspect::Output,
 }
 
 #[derive(clap::Args)]
 struct AgentArgs {
     /// Directory of Service / EndpointSlice manifests (YAML), watched for changes.
-    #[arg(long, conflicts_with = "kubeconfig", required_unless_present_any = ["kubeconfig", "in_cluster"])]
+    #[arg(long, conflicts_with = "kubeconfig", required_unless_present_any = ["kubeconfig", "in_cluster", "api_server"])]
     manifests: Option<PathBuf>,
     /// Watch the Kubernetes API server with this kubeconfig.
     #[arg(long)]
@@ -52,6 +103,12 @@ struct AgentArgs {
     /// Watch the Kubernetes API server with the in-cluster service account (DaemonSet).
     #[arg(long, conflicts_with = "manifests")]
     in_cluster: bool,
+    /// The API server's own address, e.g. https://10.0.0.10:6443 (with the in-cluster service
+    /// account's token and CA when mounted). Without it: KUBERNETES_SERVICE_HOST/PORT, whose
+    /// default in a pod is the `kubernetes` Service's ClusterIP, which a node without kube-proxy
+    /// reaches only once xlb runs. Replaces the server of --kubeconfig when both are given.
+    #[arg(long, conflicts_with = "manifests", value_parser = api_server_url)]
+    api_server: Option<String>,
     /// This node's name (Kubernetes source): selects its Node object and local endpoints.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -113,9 +170,25 @@ struct AgentArgs {
     /// switches. Fewer than the table size.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLES)]
     maglev_tables: u32,
+    /// Service ports (namespace, name, port name) that get an id: their names are kept in a
+    /// pinned map (`xlb inspect`) and their per-Service counters in per-CPU slots (64 bytes x
+    /// CPUs each). Beyond it a Service port gets no name and no counters (logged and counted).
+    /// At most 65535.
+    #[arg(long, default_value_t = lb_common::DEFAULT_SVC_PORTS_MAX,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(lb_common::SVC_PORTS_LIMIT)))]
+    service_ports_max: u32,
     /// Address for /metrics, /healthz and /readyz; "none" disables it.
     #[arg(long, default_value = "127.0.0.1:9477")]
     metrics_addr: String,
+    /// kube-proxy's health port: /healthz and /livez with kube-proxy's semantics (200 while the
+    /// maps are in sync, 503 once a change waited longer than --healthz-timeout), for load
+    /// balancers probing nodes; "none" disables it.
+    #[arg(long, default_value = lb_userspace::proxyhealth::DEFAULT_ADDR)]
+    healthz_addr: String,
+    /// Seconds a change may wait for the maps before /healthz and /livez say 503 (kube-proxy:
+    /// twice its sync period).
+    #[arg(long, default_value = "60", value_parser = seconds)]
+    healthz_timeout: Duration,
     /// Skip Services labelled service.kubernetes.io/service-proxy-name with another value.
     #[arg(long, default_value = "xlb")]
     service_proxy_name: String,
@@ -163,6 +236,19 @@ struct AgentArgs {
 
 /// `--snat-port-range`'s default, [`lb_common::DEFAULT_SNAT_PORTS`] (a test keeps them equal).
 const SNAT_PORTS_DEFAULT: &str = "61000-65535";
+
+/// `--api-server`: an http(s) URL (checked by lb-kube, which uses it).
+fn api_server_url(s: &str) -> Result<String, String> {
+    lb_kube::parse_api_server(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// `--metrics-addr` / `--healthz-addr`: an address, or "none".
+fn optional_addr(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match value {
+        "none" | "" => Ok(None),
+        a => Ok(Some(a.parse::<SocketAddr>().with_context(|| format!("invalid {flag} {a:?}"))?)),
+    }
+}
 
 /// `--maglev-table-size`: a prime.
 fn maglev_table_size(s: &str) -> Result<u32, String> {
@@ -222,11 +308,30 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(run_agent(*args))
         }
-        Cmd::Inspect { what, pin_path, output } => {
+        Cmd::Inspect { what, pin_path, output, service, frontend, client } => {
             // Behave like a Unix filter: `xlb inspect ... | head` ends quietly.
             // SAFETY: setting a signal disposition at start, before any thread exists.
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-            inspect::run(&pin_path, what, output)
+            inspect::run(&pin_path, what, output, &inspect::Filter { service, frontend, client })
+        }
+        Cmd::Trace(a) => {
+            let req = lb_userspace::trace::Request {
+                src: a.src,
+                dst: a.dst,
+                proto: a.proto,
+                flags: a.flags,
+                device: a.device,
+                hook: a.hook,
+                service_cidr: a.service_cidr,
+            };
+            lb_userspace::trace::run(&a.pin_path, &req, a.output)
+        }
+        Cmd::Status { pin_path, healthz_addr, output } => {
+            let healthz = match healthz_addr.as_str() {
+                "none" | "" => None,
+                a => Some(a.parse::<SocketAddr>().with_context(|| format!("invalid --healthz-addr {a:?}"))?),
+            };
+            lb_userspace::status::run(&pin_path, healthz, output)
         }
         Cmd::Cleanup { pin_path } => {
             init_tracing(false);
@@ -271,10 +376,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .filter(|s| !s.is_empty())
         .map(|g| glob::Pattern::new(g).with_context(|| format!("invalid --pod-devices glob {g:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let metrics_addr = match args.metrics_addr.as_str() {
-        "none" | "" => None,
-        a => Some(a.parse::<SocketAddr>().with_context(|| format!("invalid --metrics-addr {a:?}"))?),
-    };
+    let metrics_addr = optional_addr("--metrics-addr", &args.metrics_addr)?;
+    let healthz_addr = optional_addr("--healthz-addr", &args.healthz_addr)?;
     anyhow::ensure!(
         args.ct_gc_min_interval <= args.ct_gc_max_interval,
         "--ct-gc-min-interval ({:?}) is longer than --ct-gc-max-interval ({:?})",
@@ -292,6 +395,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         node_name: args.node_name.clone(),
         health_check_bind: Some(std::net::Ipv4Addr::UNSPECIFIED.into()),
         metrics_addr,
+        healthz_addr,
+        healthz_timeout: args.healthz_timeout,
         model: lb_model::Config {
             service_proxy_name: Some(args.service_proxy_name),
             nodeport_addresses: args.nodeport_addresses,
@@ -303,6 +408,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             backends: args.backends_map_size,
             conntrack: args.conntrack_map_size,
             maglev_tables: args.maglev_tables,
+            svc_ports: args.service_ports_max,
             ..MapSizes::default()
         },
         tick: Duration::from_millis(250),
@@ -325,8 +431,14 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             ..GcConfig::default()
         },
     };
-    // `--in-cluster` only says "no kubeconfig": the Kubernetes client then infers its config.
-    let source = SourceConfig::from_flags(args.manifests, args.kubeconfig, args.node_name);
+    // `--in-cluster` only says "no kubeconfig": the address is --api-server, else
+    // KUBERNETES_SERVICE_HOST/PORT, else inferred as kubectl does.
+    let kube = source::KubeSource {
+        client: lb_kube::ClientOptions { kubeconfig: args.kubeconfig, api_server: args.api_server },
+        node_name: args.node_name,
+        service_cidr: args.service_cidr,
+    };
+    let source = SourceConfig::from_flags(args.manifests, kube);
     let events = source::start(source).await?;
     agent::run(cfg, events).await
 }
@@ -426,6 +538,40 @@ mod tests {
             let err = agent_args(&[flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} accepted"));
             assert!(err.to_string().contains(flag), "{flag} {value}: {err}");
         }
+    }
+
+    fn kube_args(extra: &[&str]) -> Result<AgentArgs, clap::Error> {
+        let mut argv = vec!["xlb", "agent"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.cmd {
+            Cmd::Agent(a) => Ok(*a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn api_server_flag_parses_and_names_the_source() {
+        let a = kube_args(&["--api-server", "https://10.0.0.10:6443", "--node-name", "n1"]).unwrap();
+        assert_eq!(a.api_server.as_deref(), Some("https://10.0.0.10:6443"));
+        assert!(a.manifests.is_none());
+        assert!(kube_args(&["--in-cluster", "--api-server", "https://api.example.com"]).is_ok());
+        for bad in ["10.0.0.10:6443", "https://"] {
+            let err = kube_args(&["--api-server", bad]).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(err.to_string().contains("--api-server"), "{bad}: {err}");
+        }
+        assert!(agent_args(&["--api-server", "https://10.0.0.10:6443"]).is_err(), "conflicts with --manifests");
+    }
+
+    #[test]
+    fn healthz_flags_have_kube_proxys_defaults() {
+        let a = agent_args(&[]).unwrap();
+        assert_eq!(optional_addr("--healthz-addr", &a.healthz_addr).unwrap(), Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(a.healthz_timeout, Duration::from_secs(60));
+        let a = agent_args(&["--healthz-addr", "none", "--healthz-timeout", "0.5"]).unwrap();
+        assert_eq!(optional_addr("--healthz-addr", &a.healthz_addr).unwrap(), None);
+        assert_eq!(a.healthz_timeout, Duration::from_millis(500));
+        let err = optional_addr("--healthz-addr", "10256").unwrap_err();
+        assert!(err.to_string().contains("--healthz-addr"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use lb_common::Stat;
+use lb_common::{Stat, SvcStats};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -33,6 +33,41 @@ pub struct ReasonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
+}
+
+/// A Service port: namespace, name, port name ("" for an unnamed port) and protocol.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct SvcLabel {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+    pub protocol: String,
+}
+
+/// A Service port and why its new flows were refused or dropped.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SvcDropLabel {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+    pub protocol: String,
+    pub reason: &'static str,
+}
+
+/// The reasons of `xlb_service_drops_total`, with the counter of `SvcStats` each reads.
+pub const SVC_DROP_REASONS: [(&str, fn(&SvcStats) -> u64); 5] = [
+    ("refused_no_endpoints", |s| s.refused_no_endpoints),
+    ("drop_no_local_endpoint", |s| s.dropped_no_local_endpoint),
+    ("drop_source_range", |s| s.dropped_source_range),
+    ("drop_no_backend", |s| s.dropped_no_backend),
+    ("drop_snat_ports_exhausted", |s| s.dropped_snat_ports_exhausted),
+];
+
+/// What the last look at the per-Service counters saw of one Service port id.
+#[derive(Clone, Debug)]
+pub struct SvcSeen {
+    pub label: SvcLabel,
+    pub stats: SvcStats,
 }
 
 /// Every metric the agent exports. Cloning shares the underlying values.
@@ -71,6 +106,15 @@ pub struct Metrics {
     pub conntrack_gc_interval: Gauge<f64, AtomicU64>,
     /// Sweeps abandoned on a map error.
     pub conntrack_gc_errors: Counter,
+    /// Per Service port (`XLB_SVCSTATS_V1`): new flows, translated packets and their bytes
+    /// (client -> Service direction), refused / dropped new flows by reason.
+    pub service_new_flows: Family<SvcLabel, Counter>,
+    pub service_packets: Family<SvcLabel, Counter>,
+    pub service_bytes: Family<SvcLabel, Counter>,
+    pub service_drops: Family<SvcDropLabel, Counter>,
+    /// Service ports planned without an id (every id of `--service-ports-max` in use): no
+    /// name in `xlb inspect`, no per-Service counters.
+    pub service_port_ids_exhausted: Counter,
     pub ready: Arc<AtomicBool>,
     /// Unix seconds of the reconcile loop's last turn (liveness).
     pub heartbeat: Arc<AtomicU64>,
@@ -101,6 +145,11 @@ impl Metrics {
             conntrack_fill_ratio: Gauge::default(),
             conntrack_gc_interval: Gauge::default(),
             conntrack_gc_errors: Counter::default(),
+            service_new_flows: Family::default(),
+            service_packets: Family::default(),
+            service_bytes: Family::default(),
+            service_drops: Family::default(),
+            service_port_ids_exhausted: Counter::default(),
             ready: Arc::new(AtomicBool::new(false)),
             heartbeat: Arc::new(AtomicU64::new(now_secs())),
         };
@@ -173,6 +222,23 @@ impl Metrics {
             m.conntrack_gc_interval.clone(),
         );
         r.register("conntrack_gc_errors", "Conntrack sweeps abandoned on a map error", m.conntrack_gc_errors.clone());
+        r.register("service_new_flows", "New flows of a Service port given a backend", m.service_new_flows.clone());
+        r.register(
+            "service_packets",
+            "Packets of a Service port translated by the datapath (client to Service direction)",
+            m.service_packets.clone(),
+        );
+        r.register("service_bytes", "Bytes (IP datagrams) of those packets", m.service_bytes.clone());
+        r.register(
+            "service_drops",
+            "New flows of a Service port refused (no endpoints) or dropped, by reason",
+            m.service_drops.clone(),
+        );
+        r.register(
+            "service_port_ids_exhausted",
+            "Service ports planned without an id because --service-ports-max ids are in use",
+            m.service_port_ids_exhausted.clone(),
+        );
         (m, r)
     }
 
@@ -206,6 +272,51 @@ impl Metrics {
         }
     }
 
+    /// Turn the per-Service counters (`stats[id]`, summed over CPUs) into Prometheus
+    /// counters for the Service ports in `live` (id -> label: the ids masters name, with a
+    /// name), by their increase since `seen` (updated). A counter that went down started over
+    /// (its id was handed to a new Service port, or re-named): its whole value is the
+    /// increase. Service ports that are gone leave the families.
+    pub fn observe_svc_stats(
+        &self,
+        stats: &[SvcStats],
+        live: &BTreeMap<u32, SvcLabel>,
+        seen: &mut BTreeMap<u32, SvcSeen>,
+    ) {
+        let gone: Vec<u32> =
+            seen.iter().filter(|(id, s)| live.get(id) != Some(&s.label)).map(|(id, _)| *id).collect();
+        for id in gone {
+            if let Some(s) = seen.remove(&id) {
+                // Another id may carry the same label now (a re-created Service keeps its
+                // name): only drop label sets no live id uses.
+                if !live.values().any(|l| *l == s.label) {
+                    self.forget_svc(&s.label);
+                }
+            }
+        }
+        for (id, label) in live {
+            let Some(now) = stats.get(*id as usize) else { continue };
+            let prev = seen.get(id).map(|s| s.stats).unwrap_or_default();
+            let inc = |now: u64, prev: u64| if now >= prev { now - prev } else { now };
+            self.service_new_flows.get_or_create(label).inc_by(inc(now.new_flows, prev.new_flows));
+            self.service_packets.get_or_create(label).inc_by(inc(now.packets, prev.packets));
+            self.service_bytes.get_or_create(label).inc_by(inc(now.bytes, prev.bytes));
+            for (reason, field) in SVC_DROP_REASONS {
+                self.service_drops.get_or_create(&drop_label(label, reason)).inc_by(inc(field(now), field(&prev)));
+            }
+            seen.insert(*id, SvcSeen { label: label.clone(), stats: *now });
+        }
+    }
+
+    fn forget_svc(&self, label: &SvcLabel) {
+        self.service_new_flows.remove(label);
+        self.service_packets.remove(label);
+        self.service_bytes.remove(label);
+        for (reason, _) in SVC_DROP_REASONS {
+            self.service_drops.remove(&drop_label(label, reason));
+        }
+    }
+
     /// Record a completed conntrack sweep.
     pub fn observe_ct_sweep(&self, r: &crate::ct_gc::SweepReport) {
         for (state, n) in r.live.named() {
@@ -217,6 +328,38 @@ impl Metrics {
         self.conntrack_fill_ratio.set(r.fill_ratio);
         self.conntrack_gc_interval.set(r.next_interval.as_secs_f64());
     }
+}
+
+fn drop_label(l: &SvcLabel, reason: &'static str) -> SvcDropLabel {
+    SvcDropLabel {
+        namespace: l.namespace.clone(),
+        name: l.name.clone(),
+        port: l.port.clone(),
+        protocol: l.protocol.clone(),
+        reason,
+    }
+}
+
+/// The Service ports of `applied` that have an id and a name: id -> labels (the protocol of
+/// the first frontend naming the id).
+pub fn live_service_ports(applied: &lb_model::Applied) -> BTreeMap<u32, SvcLabel> {
+    let mut out = BTreeMap::new();
+    for (fe, af) in &applied.frontends {
+        if af.svc_port_id == 0 || af.rev_nat_id == 0 || out.contains_key(&af.svc_port_id) {
+            continue;
+        }
+        let Some(n) = applied.svc_names.get(&af.svc_port_id) else { continue };
+        out.insert(
+            af.svc_port_id,
+            SvcLabel {
+                namespace: n.namespace.clone(),
+                name: n.name.clone(),
+                port: n.port_name.clone(),
+                protocol: fe.proto.to_string(),
+            },
+        );
+    }
+    out
 }
 
 fn now_secs() -> u64 {
@@ -277,6 +420,50 @@ mod tests {
 
     use super::*;
     use crate::ct_gc::{StateCounts, SweepReport};
+
+    #[test]
+    fn per_service_counters_increase_by_what_the_datapath_counted_and_leave_with_the_service() {
+        let (m, r) = Metrics::new();
+        let web = SvcLabel {
+            namespace: "default".into(),
+            name: "web".into(),
+            port: "http".into(),
+            protocol: "TCP".into(),
+        };
+        let live = BTreeMap::from([(3, web.clone())]);
+        let mut seen = BTreeMap::new();
+        let mut stats = vec![SvcStats::default(); 4];
+        stats[3] = SvcStats { new_flows: 2, packets: 10, bytes: 1000, refused_no_endpoints: 1, ..Default::default() };
+        m.observe_svc_stats(&stats, &live, &mut seen);
+        stats[3].packets = 15;
+        m.observe_svc_stats(&stats, &live, &mut seen);
+        let text = |r: &Registry| {
+            let mut t = String::new();
+            encode(&mut t, r).unwrap();
+            t
+        };
+        let t = text(&r);
+        let sel = r#"{namespace="default",name="web",port="http",protocol="TCP"}"#;
+        for line in [
+            format!("xlb_service_new_flows_total{sel} 2"),
+            format!("xlb_service_packets_total{sel} 15"),
+            format!("xlb_service_bytes_total{sel} 1000"),
+            r#"xlb_service_drops_total{namespace="default",name="web",port="http",protocol="TCP",reason="refused_no_endpoints"} 1"#.to_string(),
+            r#"xlb_service_drops_total{namespace="default",name="web",port="http",protocol="TCP",reason="drop_source_range"} 0"#.to_string(),
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line:?} in\n{t}");
+        }
+        // The id starts over for another Service port: the old one leaves, the new one
+        // counts from the map's value.
+        let api = SvcLabel { name: "api".into(), ..web.clone() };
+        stats[3] = SvcStats { packets: 4, ..Default::default() };
+        m.observe_svc_stats(&stats, &BTreeMap::from([(3, api)]), &mut seen);
+        let t = text(&r);
+        assert!(!t.contains(r#"name="web""#), "{t}");
+        assert!(t.lines().any(|l| l == r#"xlb_service_packets_total{namespace="default",name="api",port="http",protocol="TCP"} 4"#), "{t}");
+        m.observe_svc_stats(&stats, &BTreeMap::new(), &mut seen);
+        assert!(!text(&r).contains("xlb_service_packets_total{"), "no Service port left");
+    }
 
     #[test]
     fn a_sweep_shows_up_under_the_documented_names() {

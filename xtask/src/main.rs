@@ -4,9 +4,11 @@
 //! - `run [--keep]`: the demo: a 2-node netns cluster running the examples, traffic tallies.
 //! - `cluster up|down`: the demo cluster left running / removed.
 //! - `test`: setup, build, `cargo test --workspace` with the netns end-to-end tests.
+//! - `image [--tag T]`: the DaemonSet's image (static musl binary, `FROM scratch`, podman).
 
 mod build;
 mod demo;
+mod image;
 mod setup;
 mod test;
 
@@ -22,8 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Check requirements and install the missing ones (apt packages, nightly + rust-src,
-    /// bpf-linker, bpffs).
+    /// Check requirements and install the missing ones (apt packages, nightly + rust-src, the
+    /// musl target, bpf-linker, bpffs).
     Setup,
     /// Build xlb and run the demo on a 2-node network-namespace cluster.
     Run {
@@ -41,6 +43,13 @@ enum Cmd {
         /// Extra arguments for `cargo test` (e.g. a test name filter, `-- --nocapture`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Build the DaemonSet's image (root): the static (musl) release binary in a `FROM scratch`
+    /// image (deploy/Dockerfile), built with podman.
+    Image {
+        /// Tag of the image (repeatable); default localhost/xlb:latest.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
     },
     /// Benchmark xlb against kube-proxy-shaped iptables-legacy, iptables-nft and nftables rules
     /// (root). Writes target/bench/results.{json,md} and SVG plots.
@@ -84,6 +93,7 @@ fn main() -> Result<()> {
             action: ClusterAction::Down,
         } => demo::cluster_down(),
         Cmd::Test { args } => test::test(&args),
+        Cmd::Image { tags } => image::image(&tags),
         Cmd::Bench { quick, args } => {
             setup::setup()?;
             let mut cmd = build::cargo();

@@ -19,6 +19,12 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
+    // `cargo xtask image` and its test: podman builds and runs the image; runc is its runtime
+    // (crun refuses hosts with hybrid cgroups); musl-gcc compiles the C parts (ring) of the
+    // static musl binary.
+    "podman",
+    "runc",
+    "musl-tools",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -72,6 +78,7 @@ pub fn setup() -> Result<()> {
     }
     apt()?;
     nightly()?;
+    musl_target()?;
     bpf_linker()?;
     bpffs()?;
     Ok(())
@@ -173,6 +180,27 @@ fn nightly() -> Result<()> {
             )
         })?;
     }
+    Ok(())
+}
+
+/// The Rust standard library for the image's static binary (`cargo xtask image`).
+fn musl_target() -> Result<()> {
+    let target = crate::image::MUSL_TARGET;
+    let installed = stdout_of(
+        Command::new("rustup")
+            .args(["target", "list", "--installed"])
+            .current_dir(crate::build::workspace_root()),
+    );
+    if installed.lines().any(|l| l.trim() == target) {
+        line("ok", &format!("rust target {target}"));
+        return Ok(());
+    }
+    line("installing", &format!("rust target {target}"));
+    run(Command::new("rustup")
+        .args(["target", "add", target])
+        .current_dir(crate::build::workspace_root()))
+    .inspect_err(|_| line("FAILED", &format!("rust target: run `rustup target add {target}`")))?;
+    line("ok", &format!("rust target {target} (installed)"));
     Ok(())
 }
 

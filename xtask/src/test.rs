@@ -6,6 +6,12 @@
 //! CI sees every test binary's "test result:" line, not just the first failing one.
 //! `--include-ignored`: root-only tests are `#[ignore = "needs root"]`, so a plain `cargo test` as a
 //! normal user says what it skipped; this command runs as root and includes them.
+//! The DaemonSet's image is built first (`cargo xtask image`, its own cargo invocation for the
+//! musl target: a nested cargo inside `cargo test` would wait for this one's lock), and its id
+//! goes to the image test as `XLB_IMAGE`.
+//! So is the agent of the previous release (`lb_testkit::oldbuild`, commit
+//! `UPGRADE_FROM`, cached under target/xlb-old/), which the upgrade test starts from
+//! (`XLB_OLD_BIN`).
 
 use anyhow::{bail, Context as _, Result};
 
@@ -13,12 +19,17 @@ use crate::build::{cargo, target_dir};
 
 pub fn test(extra: &[String]) -> Result<()> {
     crate::setup::setup()?;
+    let image = crate::image::build(&[crate::image::DEFAULT_TAG.to_string()])?;
+    let old_xlb = lb_testkit::oldbuild::old_xlb(lb_testkit::oldbuild::UPGRADE_FROM)
+        .context("building the previous release's agent for the upgrade test")?;
     let xlb = target_dir().join("debug/xlb");
     report_stale("before");
     let status = cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(with_ignored(extra))
         .env("XLB_BIN", &xlb)
+        .env("XLB_OLD_BIN", &old_xlb)
+        .env("XLB_IMAGE", &image.id)
         .status()
         .context("running cargo test")?;
     report_stale("after");

@@ -70,6 +70,7 @@ impl Harness {
             lb_kube::Event::Cluster(ev) => return Some(ev),
             lb_kube::Event::Problem(p) => self.problems.push(p),
             lb_kube::Event::ApiError { kind, error } => self.api_errors.push((kind.into(), error)),
+            lb_kube::Event::NodeEligible(_) => {}
         }
         None
     }

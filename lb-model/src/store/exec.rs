@@ -170,6 +170,8 @@ fn class_of(op: &MapOp) -> BatchClass {
         MapOp::DeleteMember { .. } => BatchClass::DeleteMember,
         MapOp::PutSlot { .. } | MapOp::PutMaster { .. } => BatchClass::PutService,
         MapOp::DeleteSlot { .. } | MapOp::DeleteMaster { .. } => BatchClass::DeleteService,
+        MapOp::PutSvcName { .. } => BatchClass::PutSvcName,
+        MapOp::DeleteSvcName { .. } => BatchClass::DeleteSvcName,
         #[allow(unreachable_patterns)]
         _ => BatchClass::Single,
     }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
+use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey, SvcName};
 
 use super::{MapStore, MapWrite};
 use crate::maglev::Geometry;
@@ -158,6 +158,20 @@ impl<S: MapStore> MapStore for FaultStore<S> {
         self.inner
             .put_maglev_table(table, entries)
             .map_err(FaultError::Store)
+    }
+    fn put_svc_name(&mut self, id: u32, name: &SvcName) -> Result<(), Self::Error> {
+        self.offer(MapWrite::PutSvcName(id, *name))?;
+        self.inner.put_svc_name(id, name).map_err(FaultError::Store)
+    }
+    fn delete_svc_name(&mut self, id: u32) -> Result<(), Self::Error> {
+        self.offer(MapWrite::DeleteSvcName(id))?;
+        self.inner.delete_svc_name(id).map_err(FaultError::Store)
+    }
+    fn for_each_svc_name(&self, f: &mut dyn FnMut(u32, &SvcName)) -> Result<(), Self::Error> {
+        self.inner.for_each_svc_name(f).map_err(FaultError::Store)
+    }
+    fn svc_ports_max(&self) -> u32 {
+        self.inner.svc_ports_max()
     }
     fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, Self::Error> {
         self.inner

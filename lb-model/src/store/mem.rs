@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 
-use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey};
+use lb_common::{Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey, SvcName};
 
 use super::MapStore;
 use crate::maglev::Geometry;
@@ -23,6 +23,13 @@ pub struct MemStore {
     pub maglev_geometry: Geometry,
     /// MAGLEV, by table: the tables ever written (others read as zeros).
     pub maglev: BTreeMap<u32, Vec<u32>>,
+    /// SVCNAME.
+    pub svc_names: BTreeMap<u32, SvcName>,
+    /// How many times each id's counters were reset (a name written): what a real store's
+    /// zeroing of SVCSTATS would have done.
+    pub svc_stats_resets: BTreeMap<u32, u32>,
+    /// The Service port ids SVCNAME has room for; 0: the default.
+    pub svc_ports_max: u32,
 }
 
 impl MemStore {
@@ -108,6 +115,26 @@ impl MapStore for MemStore {
         assert_eq!(entries.len(), g.m as usize, "a Maglev table has M entries");
         self.maglev.insert(table, entries.to_vec());
         Ok(())
+    }
+    fn put_svc_name(&mut self, id: u32, name: &SvcName) -> Result<(), Infallible> {
+        *self.svc_stats_resets.entry(id).or_default() += 1;
+        self.svc_names.insert(id, *name);
+        Ok(())
+    }
+    fn delete_svc_name(&mut self, id: u32) -> Result<(), Infallible> {
+        self.svc_names.remove(&id);
+        Ok(())
+    }
+    fn for_each_svc_name(&self, f: &mut dyn FnMut(u32, &SvcName)) -> Result<(), Infallible> {
+        self.svc_names.iter().for_each(|(id, v)| f(*id, v));
+        Ok(())
+    }
+    fn svc_ports_max(&self) -> u32 {
+        if self.svc_ports_max == 0 {
+            lb_common::DEFAULT_SVC_PORTS_MAX
+        } else {
+            self.svc_ports_max
+        }
     }
     fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, Infallible> {
         let m = self.maglev_geometry.m as usize;

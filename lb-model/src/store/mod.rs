@@ -25,7 +25,7 @@ pub use mem::MemStore;
 use std::fmt;
 
 use lb_common::{
-    map_names, Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey,
+    map_names, Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey, SvcName,
 };
 
 use crate::maglev::{Entries, Geometry};
@@ -82,6 +82,19 @@ pub trait MapStore {
     fn put_maglev_table(&mut self, table: u32, entries: &[u32]) -> Result<(), Self::Error>;
     /// The `m` entries of Maglev table `table` (`< tables`); an entry never written reads 0.
     fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, Self::Error>;
+
+    /// Create or replace the SVCNAME entry of Service port id `id`, and zero the id's
+    /// per-Service counters (SVCSTATS) first: a new id may have counted for an earlier
+    /// Service port.
+    fn put_svc_name(&mut self, id: u32, name: &SvcName) -> Result<(), Self::Error>;
+    /// Delete the SVCNAME entry of `id`; a missing one is success.
+    fn delete_svc_name(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// Every SVCNAME entry, in the map's order.
+    fn for_each_svc_name(&self, f: &mut dyn FnMut(u32, &SvcName)) -> Result<(), Self::Error>;
+    /// The Service port ids SVCNAME and SVCSTATS have room for (`1..=` this).
+    fn svc_ports_max(&self) -> u32 {
+        lb_common::DEFAULT_SVC_PORTS_MAX
+    }
 
     /// Write word `word` of the frontend pre-filter (`lb_common::map_names::FEFILTER`, see
     /// [`crate::fefilter`]). The default keeps nothing (stores without the filter map: the
@@ -164,6 +177,18 @@ impl<S: MapStore + ?Sized> MapStore for &mut S {
     fn put_filter_word(&mut self, word: u32, value: u64) -> Result<(), S::Error> {
         (**self).put_filter_word(word, value)
     }
+    fn put_svc_name(&mut self, id: u32, name: &SvcName) -> Result<(), S::Error> {
+        (**self).put_svc_name(id, name)
+    }
+    fn delete_svc_name(&mut self, id: u32) -> Result<(), S::Error> {
+        (**self).delete_svc_name(id)
+    }
+    fn for_each_svc_name(&self, f: &mut dyn FnMut(u32, &SvcName)) -> Result<(), S::Error> {
+        (**self).for_each_svc_name(f)
+    }
+    fn svc_ports_max(&self) -> u32 {
+        (**self).svc_ports_max()
+    }
     fn read_filter_words(&self) -> Result<Vec<u64>, S::Error> {
         (**self).read_filter_words()
     }
@@ -183,6 +208,8 @@ pub enum BatchClass {
     DeleteBackend,
     PutMember,
     DeleteMember,
+    PutSvcName,
+    DeleteSvcName,
     /// Written on its own.
     Single,
 }
@@ -201,6 +228,9 @@ pub enum MapWrite {
     DeleteSrcRange(u32, SrcRangeKey),
     /// MAGLEV: table index, its entries.
     PutMaglevTable(u32, Entries),
+    /// SVCNAME: Service port id, its name (and the id's counters start from zero).
+    PutSvcName(u32, SvcName),
+    DeleteSvcName(u32),
 }
 
 impl MapWrite {
@@ -240,6 +270,7 @@ impl MapWrite {
                 flags,
                 affinity_timeout,
                 table,
+                svc_port_id,
             } => MapWrite::PutService(
                 frontend.key(0),
                 ServiceValue {
@@ -248,6 +279,7 @@ impl MapWrite {
                     rev_nat_id,
                     flags,
                     affinity_timeout,
+                    svc_port_id,
                 },
             ),
             MapOp::DeleteMaster { frontend } => MapWrite::DeleteService(frontend.key(0)),
@@ -262,6 +294,8 @@ impl MapWrite {
             MapOp::PutMaglevTable {
                 table, ref entries, ..
             } => MapWrite::PutMaglevTable(table, entries.clone()),
+            MapOp::PutSvcName { id, ref name } => MapWrite::PutSvcName(id, name.to_map()),
+            MapOp::DeleteSvcName { id } => MapWrite::DeleteSvcName(id),
         }
     }
 
@@ -277,6 +311,8 @@ impl MapWrite {
             MapWrite::PutSrcRange(len, k) => store.put_src_range(*len, k),
             MapWrite::DeleteSrcRange(len, k) => store.delete_src_range(*len, k),
             MapWrite::PutMaglevTable(t, e) => store.put_maglev_table(*t, e),
+            MapWrite::PutSvcName(id, v) => store.put_svc_name(*id, v),
+            MapWrite::DeleteSvcName(id) => store.delete_svc_name(*id),
         }
     }
 
@@ -289,6 +325,8 @@ impl MapWrite {
             MapWrite::DeleteBackend(_) => BatchClass::DeleteBackend,
             MapWrite::PutMember(..) => BatchClass::PutMember,
             MapWrite::DeleteMember(_) => BatchClass::DeleteMember,
+            MapWrite::PutSvcName(..) => BatchClass::PutSvcName,
+            MapWrite::DeleteSvcName(_) => BatchClass::DeleteSvcName,
             // SRC_RANGES, MAGLEV and whatever else: one by one.
             #[allow(unreachable_patterns)]
             _ => BatchClass::Single,
@@ -303,6 +341,7 @@ impl MapWrite {
             MapWrite::PutMember(..) | MapWrite::DeleteMember(_) => map_names::MEMBERS,
             MapWrite::PutSrcRange(..) | MapWrite::DeleteSrcRange(..) => map_names::SRC_RANGES,
             MapWrite::PutMaglevTable(..) => map_names::MAGLEV,
+            MapWrite::PutSvcName(..) | MapWrite::DeleteSvcName(_) => map_names::SVCNAME,
         }
     }
 
@@ -315,6 +354,7 @@ impl MapWrite {
                 | MapWrite::PutMember(..)
                 | MapWrite::PutSrcRange(..)
                 | MapWrite::PutMaglevTable(..)
+                | MapWrite::PutSvcName(..)
         )
     }
 }

@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 
 use lb_common::{
-    Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey, SCOPE_EXT, SCOPE_INT,
-    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SrcRangeKey, SvcName, SCOPE_EXT,
+    SCOPE_INT, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 use lb_model::maglev::{self, Geometry};
 use lb_model::store::{execute, ExecReport, FaultStore, MapStore, MapWrite, MemStore};
@@ -309,6 +309,13 @@ impl Sim {
                 first_use(&mut self.used_backend_ids, *id, new, "backend");
             }
             MapWrite::PutService(k, v) if k.slot == 0 => {
+                // Name before master: a master never names a Service port id without a name.
+                if v.svc_port_id != 0 && !self.maps.svc_names.contains_key(&v.svc_port_id) {
+                    panic!(
+                        "master {k:?} names Service port id {} before its name",
+                        v.svc_port_id
+                    );
+                }
                 let held = self.maps.services.get(k).map(|old| old.rev_nat_id);
                 first_use(
                     &mut self.used_rev_nat_ids,
@@ -316,6 +323,18 @@ impl Sim {
                     held != Some(v.rev_nat_id),
                     "frontend",
                 );
+            }
+            MapWrite::DeleteSvcName(id) => {
+                let holders: Vec<&ServiceKey> = self
+                    .maps
+                    .services
+                    .iter()
+                    .filter(|(k, v)| k.slot == 0 && v.svc_port_id == *id)
+                    .map(|(k, _)| k)
+                    .collect();
+                if !holders.is_empty() {
+                    panic!("name of Service port id {id} deleted while {holders:?} name it");
+                }
             }
             _ => {}
         }
@@ -497,5 +516,14 @@ impl MapStore for Sim {
     }
     fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>, Infallible> {
         self.maps.read_maglev_table(table)
+    }
+    fn put_svc_name(&mut self, id: u32, name: &SvcName) -> Result<(), Infallible> {
+        self.checked(MapWrite::PutSvcName(id, *name))
+    }
+    fn delete_svc_name(&mut self, id: u32) -> Result<(), Infallible> {
+        self.checked(MapWrite::DeleteSvcName(id))
+    }
+    fn for_each_svc_name(&self, f: &mut dyn FnMut(u32, &SvcName)) -> Result<(), Infallible> {
+        self.maps.for_each_svc_name(f)
     }
 }

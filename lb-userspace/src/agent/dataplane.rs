@@ -40,6 +40,11 @@ pub trait Dataplane {
     fn attach(&mut self, ifs: &Interfaces, pods: &BTreeSet<u32>, external: &Selected) -> Attached;
     /// The datapath's packet counters, summed over CPUs (None when they cannot be read now).
     fn packet_stats(&self) -> Option<Vec<(Stat, u64)>>;
+    /// The per-Service counters of ids `0..=upto`, summed over CPUs, index = Service port id
+    /// (None when they cannot be read now, or the datapath has none).
+    fn svc_stats(&self, _upto: u32) -> Option<Vec<lb_common::SvcStats>> {
+        None
+    }
     /// When [`Dataplane::sweep_step`] has work next.
     fn sweep_deadline(&self) -> Instant;
     /// At most one slice (a few ms) of a conntrack and affinity sweep, starting one if it is due;
@@ -83,6 +88,7 @@ impl BpfDataplane {
             snat_ports: cfg.snat_ports,
             maglev_m: cfg.maglev_m,
             host_netns_cookie,
+            dry_run: false,
         };
         // A pinned MAGLEV array of another shape cannot serve the programs loaded now (they
         // index it with this M): a new one is created and the tables restored into it below.
@@ -266,11 +272,17 @@ impl Dataplane for BpfDataplane {
                 }
             }
         }
+        // After an upgrade: the old build's map pins go once its programs left every link.
+        dp.finish_upgrade();
         Attached { pods: dp.attached().len(), external: dp.external().len() }
     }
 
     fn packet_stats(&self) -> Option<Vec<(Stat, u64)>> {
         self.maps.stats().ok()
+    }
+
+    fn svc_stats(&self, upto: u32) -> Option<Vec<lb_common::SvcStats>> {
+        self.maps.svc.as_ref()?.stats(Some(upto)).ok()
     }
 
     fn sweep_deadline(&self) -> Instant {

@@ -57,6 +57,11 @@ pub struct AgentConfig {
     /// Where the healthCheckNodePort servers listen (the agent: 0.0.0.0); None: no servers.
     pub health_check_bind: Option<IpAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// kube-proxy's health port (`--healthz-addr`, [`crate::proxyhealth`]); None: not served.
+    pub healthz_addr: Option<SocketAddr>,
+    /// How long a change may wait for the maps before the health port says 503
+    /// (`--healthz-timeout`).
+    pub healthz_timeout: Duration,
     pub model: ModelConfig,
     pub map_sizes: MapSizes,
     /// Service CIDR: unallocated addresses in it are refused (None: no such refusal).
@@ -84,6 +89,14 @@ pub struct AgentConfig {
 pub async fn run(config: AgentConfig, events: mpsc::Receiver<AgentEvent>) -> anyhow::Result<()> {
     let (metrics, registry) = Metrics::new();
     let agent = Agent::open(config, metrics.clone())?;
+    if let Some(addr) = agent.config.healthz_addr {
+        let health = agent.proxy_health().clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::proxyhealth::serve(addr, health).await {
+                tracing::error!(error = %format!("{e:#}"), "kube-proxy health port (--healthz-addr) failed");
+            }
+        });
+    }
     if let Some(addr) = agent.config.metrics_addr {
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(addr, metrics, registry).await {
@@ -112,6 +125,9 @@ pub struct Agent<D = BpfDataplane> {
     retry: BTreeSet<Frontend>,
     /// The STATS values last seen, to turn them into counter increments.
     last_stats: BTreeMap<&'static str, u64>,
+    /// The per-Service counters last seen, by Service port id, and when to read them next.
+    last_svc_stats: BTreeMap<u32, crate::metrics::SvcSeen>,
+    svc_stats_due: Instant,
     /// Which devices are external (with its memory of default-route devices).
     external: ExternalDevices,
     /// This node as the source described it (Kubernetes: its Node object), before merging.
@@ -122,6 +138,8 @@ pub struct Agent<D = BpfDataplane> {
     health: Option<HealthServers>,
     /// Where the last sync's time went (logged once, at the first sync).
     phases: Phases,
+    /// kube-proxy's health state (served on `--healthz-addr`).
+    proxy_health: crate::proxyhealth::ProxyHealth,
 }
 
 /// The parts of one sync, timed.
@@ -150,6 +168,7 @@ impl<D: Dataplane> Agent<D> {
     pub fn new(config: AgentConfig, metrics: Metrics, dataplane: D, applied: Applied) -> Self {
         let external = ExternalDevices::new(config.devices.clone());
         let health = config.health_check_bind.map(HealthServers::new);
+        let proxy_health = crate::proxyhealth::ProxyHealth::new(config.healthz_timeout);
         let mut agent = Agent {
             config,
             metrics,
@@ -160,11 +179,14 @@ impl<D: Dataplane> Agent<D> {
             synced_once: false,
             retry: BTreeSet::new(),
             last_stats: BTreeMap::new(),
+            last_svc_stats: BTreeMap::new(),
+            svc_stats_due: Instant::now(),
             external,
             source_node: NodeInfo::default(),
             device_addrs: Vec::new(),
             health,
             phases: Phases::default(),
+            proxy_health,
         };
         // The node name of the flags, until a source says otherwise.
         agent.state.apply(SourceEvent::Node(agent.merged_node()));
@@ -198,6 +220,11 @@ impl<D: Dataplane> Agent<D> {
 
     pub fn dataplane(&self) -> &D {
         &self.dataplane
+    }
+
+    /// kube-proxy's health state: changes waiting for the maps, the last full sync.
+    pub fn proxy_health(&self) -> &crate::proxyhealth::ProxyHealth {
+        &self.proxy_health
     }
 
     /// The first full sync has been applied (`/readyz` says ready).
@@ -261,9 +288,15 @@ impl<D: Dataplane> Agent<D> {
                 }
                 AgentEvent::Problem(p) => self.report_problem(&p),
                 AgentEvent::ApiError { kind } => self.metrics.api_error(kind),
+                AgentEvent::NodeEligible(e) => self.proxy_health.set_node_eligible(e),
             }
         }
-        if !cluster_changed || !self.state.synced {
+        if !cluster_changed {
+            return;
+        }
+        // Pending until a plan put it (and everything else) into the maps.
+        self.proxy_health.queued();
+        if !self.state.synced {
             return;
         }
         let full = !self.synced_once || changes.all;
@@ -284,6 +317,7 @@ impl<D: Dataplane> Agent<D> {
     /// ports that failed to bind.
     pub fn on_tick(&mut self) {
         self.metrics.beat();
+        self.proxy_health.beat();
         self.scan_devices();
         if self.health.as_ref().is_some_and(|h| h.failing().next().is_some()) {
             self.update_health();
@@ -291,11 +325,13 @@ impl<D: Dataplane> Agent<D> {
         if let Some(stats) = self.dataplane.packet_stats() {
             self.metrics.observe_packet_stats(&stats, &mut self.last_stats);
         }
+        self.observe_svc_stats();
         if self.synced_once && !self.retry.is_empty() {
             let touched = std::mem::take(&mut self.retry);
             tracing::info!(frontends = touched.len(), "retrying frontends that failed to apply");
             let plan = planner::plan(&self.applied, &self.desired, &touched);
             self.execute(&plan, Instant::now());
+            self.note_sync();
         }
     }
 
@@ -427,11 +463,48 @@ impl<D: Dataplane> Agent<D> {
         let plan = planner::plan(&self.applied, &self.desired, &touched);
         self.phases.plan = plan_started.elapsed();
         self.execute(&plan, started);
+        self.note_sync();
         self.update_health();
+    }
+
+    /// Tell the health port whether the maps hold everything: frontends that failed to apply
+    /// (e.g. a full map) keep a change pending until a retry succeeds.
+    fn note_sync(&self) {
+        if self.retry.is_empty() {
+            self.proxy_health.updated();
+        } else {
+            self.proxy_health.queued();
+        }
+    }
+
+    /// The per-Service counters into metrics, once a second (one batch read of the ids in
+    /// use: the map holds 64 bytes per id and CPU).
+    fn observe_svc_stats(&mut self) {
+        let now = Instant::now();
+        if now < self.svc_stats_due {
+            return;
+        }
+        self.svc_stats_due = now + Duration::from_secs(1);
+        let live = crate::metrics::live_service_ports(&self.applied);
+        let upto = live.keys().next_back().copied().unwrap_or(0);
+        if live.is_empty() && self.last_svc_stats.is_empty() {
+            return;
+        }
+        if let Some(stats) = self.dataplane.svc_stats(upto) {
+            self.metrics.observe_svc_stats(&stats, &live, &mut self.last_svc_stats);
+        }
     }
 
     /// Write `plan`; frontends that failed are retried on the next tick.
     fn execute(&mut self, plan: &lb_model::Plan, started: Instant) {
+        if !plan.svc_ids_exhausted.is_empty() {
+            tracing::warn!(
+                service_ports = plan.svc_ids_exhausted.len(),
+                first = %plan.svc_ids_exhausted[0],
+                "no free Service port id (raise --service-ports-max): these get no name and no per-Service counters"
+            );
+            self.metrics.service_port_ids_exhausted.inc_by(plan.svc_ids_exhausted.len() as u64);
+        }
         if plan.is_empty() {
             self.phases.write = Duration::ZERO;
             return;
@@ -470,6 +543,7 @@ impl<D: Dataplane> Agent<D> {
     /// The first full sync is in the maps: the agent is ready.
     fn first_sync_done(&mut self) {
         self.synced_once = true;
+        self.proxy_health.set_synced();
         // Where the time from spawn to ready went (the bench and `docs/bench` read it): the
         // source's first read (manifests: reading and parsing every file; 0 for the Kubernetes
         // source, whose lists arrive over the network), absorbing it into the cluster state plus

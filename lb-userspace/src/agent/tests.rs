@@ -67,6 +67,8 @@ fn config() -> AgentConfig {
         node_name: None,
         health_check_bind: None,
         metrics_addr: None,
+        healthz_addr: None,
+        healthz_timeout: crate::proxyhealth::DEFAULT_TIMEOUT,
         model: lb_model::Config::default(),
         map_sizes: MapSizes::default(),
         service_cidr: None,
@@ -271,6 +273,35 @@ fn a_failed_frontend_is_retried_on_the_next_tick() {
     // Retried once: the next tick has nothing to do.
     agent.on_tick();
     assert_eq!(agent.dataplane().plans.len(), 2);
+}
+
+/// kube-proxy's health semantics: a change that cannot reach the maps (a full map) stays
+/// pending, so the health port turns 503 once it is older than the timeout; the retry that
+/// lands it clears it.
+#[test]
+fn a_change_that_cannot_be_applied_makes_the_health_port_stale() {
+    let (mut agent, _registry) = agent();
+    // Pending: turns stale once older than the timeout (the arithmetic is proxyhealth's test).
+    let stale = |agent: &Agent<FakeDataplane>| agent.proxy_health().report().pending_since.is_some();
+    // Events before the first full sync are pending too.
+    agent.on_events(service("a", "10.96.0.1", &["10.244.1.1"]));
+    assert!(stale(&agent), "the initial listing never completed");
+    agent.on_event(synced());
+    assert!(!stale(&agent) && agent.proxy_health().report().synced);
+
+    let fe = Frontend {
+        addr: "10.96.0.2".parse().unwrap(),
+        port: 80,
+        proto: lb_model::Proto::Tcp,
+        scope: lb_common::SCOPE_EXT,
+    };
+    agent.dataplane.fail.insert(fe);
+    agent.on_events(service("b", "10.96.0.2", &["10.244.1.2"]));
+    agent.on_tick();
+    assert!(stale(&agent), "a frontend that keeps failing is a change that never lands");
+    agent.dataplane.fail.clear();
+    agent.on_tick();
+    assert!(!stale(&agent));
 }
 
 #[test]

@@ -397,7 +397,7 @@ fn device_flags(mode: XdpMode, ifname: &str) -> u32 {
 }
 
 /// Parse a link pin file name `<ifindex>-<ifname>-<hook>`.
-pub(super) fn parse_link_pin(name: &str) -> Option<(u32, &str, Hook)> {
+pub fn parse_link_pin(name: &str) -> Option<(u32, &str, Hook)> {
     let (idx, rest) = name.split_once('-')?;
     let (ifname, hook) = rest.rsplit_once('-')?;
     Some((idx.parse().ok()?, ifname, Hook::from_suffix(hook)?))

@@ -24,6 +24,9 @@ pub struct MapSizes {
     pub frags: u32,
     /// Maglev tables the MAGLEV array has room for (`--maglev-tables`).
     pub maglev_tables: u32,
+    /// Service ports that can have an id (`--service-ports-max`): SVCNAME's entries, and
+    /// SVCSTATS's minus one (index 0 is "no id").
+    pub svc_ports: u32,
 }
 
 impl Default for MapSizes {
@@ -36,14 +39,18 @@ impl Default for MapSizes {
             members: lb_common::DEFAULT_MEMBERS_MAX,
             frags: lb_common::DEFAULT_FRAGS_MAX,
             maglev_tables: lb_common::DEFAULT_MAGLEV_TABLES,
+            svc_ports: lb_common::DEFAULT_SVC_PORTS_MAX,
         }
     }
 }
 
 impl MapSizes {
     /// (map name, capacity) of every sized map.
-    fn by_name(&self) -> [(&'static str, u32); 6] {
+    fn by_name(&self) -> [(&'static str, u32); 8] {
+        let svc_ports = self.svc_ports.clamp(1, lb_common::SVC_PORTS_LIMIT);
         [
+            (map_names::SVCNAME, svc_ports),
+            (map_names::SVCSTATS, svc_ports + 1),
             (map_names::SERVICES, self.services),
             (map_names::BACKENDS, self.backends),
             (map_names::CONNTRACK, self.conntrack),
@@ -71,6 +78,9 @@ pub struct LoadOptions {
     /// `--socket-lb host`: the cookie of the node's network namespace; 0: every namespace
     /// (the `HOST_NETNS_COOKIE` global).
     pub host_netns_cookie: u64,
+    /// `xlb trace`: the programs read the maps but write none (the `DRY_RUN` global) and
+    /// record what they did in the unpinned `TRACE` map. Never set for attached programs.
+    pub dry_run: bool,
 }
 
 impl Default for LoadOptions {
@@ -82,6 +92,7 @@ impl Default for LoadOptions {
             snat_ports: PortRange::default(),
             maglev_m: lb_common::DEFAULT_MAGLEV_M,
             host_netns_cookie: 0,
+            dry_run: false,
         }
     }
 }
@@ -97,25 +108,47 @@ impl LoadOptions {
     /// [`LoadOptions::load_object`] of another build of the object (e.g. a mutant the packet
     /// tests are run against).
     pub fn load_object_from(&self, obj: &[u8], pins: Option<&PinLayout>) -> Result<Ebpf> {
+        self.load_object_pinned_at(obj, pins, &[])
+    }
+
+    /// (map name, capacity) of every map whose capacity the loader sets (from flags); a pinned
+    /// map reused keeps the capacity it was created with.
+    pub fn max_entries_overrides(&self) -> Vec<(&'static str, u32)> {
+        let mut v = self.sizes.by_name().to_vec();
+        v.push((map_names::MAGLEV, self.sizes.maglev_tables.max(1).saturating_mul(self.maglev_m)));
+        v
+    }
+
+    /// [`LoadOptions::load_object_from`], with some maps pinned at another path than
+    /// `pins.map(name)` (`pin_at`: a migration creates its new map under a temporary pin).
+    pub fn load_object_pinned_at(
+        &self,
+        obj: &[u8],
+        pins: Option<&PinLayout>,
+        pin_at: &[(&'static str, PathBuf)],
+    ) -> Result<Ebpf> {
         if obj.is_empty() {
             return Err(Error::EmptyObject);
         }
         let mut loader = EbpfLoader::new();
-        for (name, size) in self.sizes.by_name() {
+        for (name, size) in self.max_entries_overrides() {
             loader.map_max_entries(name, size);
         }
-        loader.map_max_entries(
-            map_names::MAGLEV,
-            self.sizes.maglev_tables.max(1).saturating_mul(self.maglev_m),
-        );
         let map_paths: Vec<(&'static str, PathBuf)> = match pins {
-            Some(pins) => map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect(),
+            Some(pins) => map_names::ALL
+                .iter()
+                .map(|n| match pin_at.iter().find(|(m, _)| m == n) {
+                    Some((_, p)) => (*n, p.clone()),
+                    None => (*n, pins.map(n)),
+                })
+                .collect(),
             None => Vec::new(),
         };
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
         let (cidr_addr, cidr_mask) = service_cidr_words(self.service_cidr);
+        let dry_run = u32::from(self.dry_run);
         loader
             .override_global(global_names::SERVICE_CIDR_ADDR, &cidr_addr, true)
             .override_global(global_names::SERVICE_CIDR_MASK, &cidr_mask, true)
@@ -123,6 +156,7 @@ impl LoadOptions {
             .override_global(global_names::SNAT_PORTS, &self.snat_ports, true)
             .override_global(global_names::MAGLEV_M, &self.maglev_m, true)
             .override_global(global_names::HOST_NETNS_COOKIE, &self.host_netns_cookie, true)
+            .override_global(global_names::DRY_RUN, &dry_run, true)
             // Every writer of the Service maps goes through `lb_model::store::execute`, which
             // keeps the frontend pre-filter: the programs may trust it.
             .override_global(global_names::FEFILTER_ON, &1u32, true);

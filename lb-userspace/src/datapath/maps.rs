@@ -18,7 +18,7 @@ use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray
 use aya::Ebpf;
 use lb_common::{
     map_names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, MemberKey, MemberValue,
-    ServiceKey, ServiceValue, SrcRangeKey, Stat, STAT_COUNT,
+    ServiceKey, ServiceValue, SrcRangeKey, Stat, SvcName, SvcStats, STAT_COUNT,
 };
 use lb_model::maglev::Geometry;
 use lb_model::store::{BatchClass, MapStore, MapWrite};
@@ -37,6 +37,117 @@ pub struct AyaStore<'m, T> {
     /// The frontend pre-filter (`None`: a handle without it, which cannot write it).
     fefilter: Option<&'m mut Array<T, u64>>,
     geometry: Geometry,
+    /// SVCNAME and SVCSTATS (`None`: pins of a build without Service names; reads see no
+    /// names, writes fail).
+    svc: Option<SvcMaps<'m, T>>,
+}
+
+/// SVCNAME and SVCSTATS of an [`AyaStore`].
+struct SvcMaps<'m, T> {
+    names: &'m mut HashMap<T, u32, SvcName>,
+    stats: &'m mut PerCpuArray<T, SvcStats>,
+    /// SVCNAME's capacity: ids `1..=max`.
+    max: u32,
+}
+
+/// The Service port maps of an object or of the pins, typed.
+pub struct SvcMapsOwned<T> {
+    pub names: HashMap<T, u32, SvcName>,
+    pub stats: PerCpuArray<T, SvcStats>,
+    pub max: u32,
+}
+
+impl<T: BorrowMut<MapData>> SvcMapsOwned<T> {
+    fn of(names: HashMap<T, u32, SvcName>, stats: PerCpuArray<T, SvcStats>) -> Result<Self> {
+        let max = IterableMap::map(&names)
+            .info()
+            .map_err(map_err(map_names::SVCNAME))?
+            .max_entries();
+        Ok(SvcMapsOwned { names, stats, max })
+    }
+
+    fn borrow(&mut self) -> SvcMaps<'_, T> {
+        SvcMaps { names: &mut self.names, stats: &mut self.stats, max: self.max }
+    }
+
+    /// Every id's counters (`1..=max`), summed over the CPUs: one batch lookup, or a lookup
+    /// per id on a kernel without batch operations on arrays. Index `i` holds id `i` (0: the
+    /// frontends without an id, never counted).
+    /// `upto`: only ids `0..=upto` (the largest id in use), so a reader pays for the Service
+    /// ports that exist, not for the map's capacity.
+    pub fn stats(&self, upto: Option<u32>) -> Result<Vec<SvcStats>> {
+        let name = map_names::SVCSTATS;
+        let map: &MapData = IterableMap::map(&self.stats);
+        let cap = map.info().map_err(map_err(name))?.max_entries();
+        let len = upto.map_or(cap, |u| u.saturating_add(1).min(cap));
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Io { path: "/sys/devices/system/cpu/possible".into(), source: e })?;
+        match crate::bpf_batch::percpu_array_lookup(map, len, std::mem::size_of::<SvcStats>(), cpus) {
+            Ok(words) => {
+                const W: usize = std::mem::size_of::<SvcStats>() / 8;
+                let per_entry = cpus * W;
+                return Ok(words
+                    .chunks_exact(per_entry)
+                    .map(|entry| {
+                        let mut sum = [0u64; W];
+                        for cpu in entry.chunks_exact(W) {
+                            for (s, v) in sum.iter_mut().zip(cpu) {
+                                *s = s.wrapping_add(*v);
+                            }
+                        }
+                        // Field order of the #[repr(C)] struct of u64s.
+                        SvcStats {
+                            new_flows: sum[0],
+                            packets: sum[1],
+                            bytes: sum[2],
+                            refused_no_endpoints: sum[3],
+                            dropped_no_local_endpoint: sum[4],
+                            dropped_source_range: sum[5],
+                            dropped_no_backend: sum[6],
+                            dropped_snat_ports_exhausted: sum[7],
+                        }
+                    })
+                    .collect());
+            }
+            Err(e) if crate::bpf_batch::is_unsupported(&e) => {}
+            Err(e) => return Err(batch_err_of(name, e)),
+        }
+        (0..len)
+            .map(|i| {
+                let per_cpu = self.stats.get(&i, 0).map_err(map_err(name))?;
+                Ok(per_cpu.iter().fold(SvcStats::default(), |a, v| a.plus(v)))
+            })
+            .collect()
+    }
+
+    /// Every SVCNAME entry.
+    pub fn names(&self) -> Result<Vec<(u32, SvcName)>> {
+        let mut out = Vec::new();
+        for_each(&self.names, map_names::SVCNAME, |id, v| out.push((id, v)))?;
+        Ok(out)
+    }
+}
+
+impl<T: BorrowMut<MapData>> SvcMaps<'_, T> {
+    /// Start the counters of `ids` from zero (their ids are getting a new name).
+    fn zero(&mut self, ids: &[u32]) -> Result<()> {
+        let name = map_names::SVCSTATS;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Io { path: "/sys/devices/system/cpu/possible".into(), source: e })?;
+        let map: &MapData = IterableMap::map(&*self.stats);
+        // Ids past the array (read back from a larger map) have no counters.
+        let len = map.info().map_err(map_err(name))?.max_entries();
+        let ids: Vec<u32> = ids.iter().copied().filter(|id| *id < len).collect();
+        match crate::bpf_batch::percpu_array_zero(map, &ids, std::mem::size_of::<SvcStats>(), cpus) {
+            Ok(()) => return Ok(()),
+            Err(e) if crate::bpf_batch::is_unsupported(&e) => {}
+            Err(e) => return Err(batch_err_of(name, e)),
+        }
+        for id in ids {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![SvcStats::default(); cpus])
+                .map_err(|source| Error::Io { path: "/sys/devices/system/cpu/possible".into(), source })?;
+            self.stats.set(id, zeros, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
 }
 
 /// The shape of a MAGLEV array from its length.
@@ -198,6 +309,7 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
                 let map: &MapData = IterableMap::map(&*self.members);
                 hash_batch(map, map_names::MEMBERS, &k, &v, class == BatchClass::DeleteMember)
             }),
+            BatchClass::PutSvcName | BatchClass::DeleteSvcName => self.svc_name_batch(writes, class),
             _ => None,
         };
         if let Some(done) = done {
@@ -226,6 +338,24 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
             .map(|i| f.get(&i, 0).map_err(map_err(map_names::FEFILTER)))
             .collect()
     }
+    fn put_svc_name(&mut self, id: u32, name: &SvcName) -> Result<()> {
+        let svc = self.svc_maps(map_names::SVCNAME)?;
+        svc.zero(&[id])?;
+        svc.names.insert(id, name, 0).map_err(map_err(map_names::SVCNAME))
+    }
+    fn delete_svc_name(&mut self, id: u32) -> Result<()> {
+        let svc = self.svc_maps(map_names::SVCNAME)?;
+        ignore_missing(svc.names.remove(&id), map_names::SVCNAME)
+    }
+    fn for_each_svc_name(&self, f: &mut dyn FnMut(u32, &SvcName)) -> Result<()> {
+        match &self.svc {
+            Some(svc) => for_each(svc.names, map_names::SVCNAME, |id, v| f(id, &v)),
+            None => Ok(()),
+        }
+    }
+    fn svc_ports_max(&self) -> u32 {
+        self.svc.as_ref().map_or(lb_common::DEFAULT_SVC_PORTS_MAX, |s| s.max)
+    }
     fn read_maglev_table(&self, table: u32) -> Result<Vec<u32>> {
         let start = table_range(self.geometry, table)?;
         let m = self.geometry.m;
@@ -237,6 +367,33 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
         (start..start + m)
             .map(|i| self.maglev.get(&i, 0).map_err(map_err(map_names::MAGLEV)))
             .collect()
+    }
+}
+
+impl<'m, T: BorrowMut<MapData>> AyaStore<'m, T> {
+    fn svc_maps(&mut self, name: &'static str) -> Result<&mut SvcMaps<'m, T>> {
+        self.svc
+            .as_mut()
+            .ok_or(Error::Map { name, source: MapError::InvalidName { name: name.into() } })
+    }
+
+    /// SVCNAME puts (the ids' counters zeroed first) or deletes as one batch; None: write
+    /// them one by one.
+    fn svc_name_batch(&mut self, writes: &[MapWrite], class: BatchClass) -> Option<(usize, Option<Error>)> {
+        let (ids, names): (Vec<u32>, Vec<SvcName>) = batch_parts(writes, |w| match w {
+            MapWrite::PutSvcName(id, v) if class == BatchClass::PutSvcName => Some((*id, Some(*v))),
+            MapWrite::DeleteSvcName(id) if class == BatchClass::DeleteSvcName => Some((*id, None)),
+            _ => None,
+        })?;
+        let svc = self.svc.as_mut()?;
+        let delete = class == BatchClass::DeleteSvcName;
+        if !delete {
+            if let Err(e) = svc.zero(&ids) {
+                return Some((0, Some(e)));
+            }
+        }
+        let map: &MapData = IterableMap::map(&*svc.names);
+        hash_batch(map, map_names::SVCNAME, &ids, &names, delete)
     }
 }
 
@@ -299,6 +456,8 @@ pub struct ObjectMaps<'a> {
     pub fefilter: Option<Array<&'a mut MapData, u64>>,
     /// MAGLEV's shape (from its length).
     pub maglev_geometry: Geometry,
+    /// SVCNAME and SVCSTATS.
+    pub svc: Option<SvcMapsOwned<&'a mut MapData>>,
 }
 
 impl<'a> ObjectMaps<'a> {
@@ -309,6 +468,8 @@ impl<'a> ObjectMaps<'a> {
         let mut src_ranges = None;
         let mut maglev = None;
         let mut fefilter = None;
+        let mut svcname = None;
+        let mut svcstats = None;
         for (name, map) in ebpf.maps_mut() {
             match name {
                 n if n == map_names::SERVICES => services = Some(map),
@@ -317,6 +478,8 @@ impl<'a> ObjectMaps<'a> {
                 n if n == map_names::SRC_RANGES => src_ranges = Some(map),
                 n if n == map_names::MAGLEV => maglev = Some(map),
                 n if n == map_names::FEFILTER => fefilter = Some(map),
+                n if n == map_names::SVCNAME => svcname = Some(map),
+                n if n == map_names::SVCSTATS => svcstats = Some(map),
                 _ => {}
             }
         }
@@ -344,6 +507,13 @@ impl<'a> ObjectMaps<'a> {
                 Some(m) => Some(Array::try_from(m).map_err(map_err(map_names::FEFILTER))?),
                 None => None,
             },
+            svc: match (svcname, svcstats) {
+                (Some(n), Some(s)) => Some(SvcMapsOwned::of(
+                    HashMap::try_from(n).map_err(map_err(map_names::SVCNAME))?,
+                    PerCpuArray::try_from(s).map_err(map_err(map_names::SVCSTATS))?,
+                )?),
+                _ => None,
+            },
         })
     }
 
@@ -356,6 +526,7 @@ impl<'a> ObjectMaps<'a> {
             maglev: &mut self.maglev,
             fefilter: self.fefilter.as_mut(),
             geometry: self.maglev_geometry,
+            svc: self.svc.as_mut().map(SvcMapsOwned::borrow),
         }
     }
 }
@@ -374,6 +545,8 @@ pub struct PinnedMaps {
     pub maglev: Array<MapData, u32>,
     /// MAGLEV's shape (from its length).
     pub maglev_geometry: Geometry,
+    /// SVCNAME and SVCSTATS; `None` when the pins are of a build without Service names.
+    pub svc: Option<SvcMapsOwned<MapData>>,
 }
 
 fn open_pinned(pins: &PinLayout, name: &'static str) -> Result<Map> {
@@ -403,6 +576,11 @@ impl PinnedMaps {
             src_ranges: typed!(map_names::SRC_RANGES),
             frags: typed!(map_names::FRAGS),
             stats: typed!(map_names::STATS),
+            svc: if pins.map(map_names::SVCNAME).exists() && pins.map(map_names::SVCSTATS).exists() {
+                Some(SvcMapsOwned::of(typed!(map_names::SVCNAME), typed!(map_names::SVCSTATS))?)
+            } else {
+                None
+            },
         })
     }
 
@@ -416,6 +594,7 @@ impl PinnedMaps {
             maglev: &mut self.maglev,
             fefilter: None,
             geometry: self.maglev_geometry,
+            svc: self.svc.as_mut().map(SvcMapsOwned::borrow),
         }
     }
 

@@ -5,7 +5,8 @@
 //!
 //! Pin layout (all under the pin path, on bpffs):
 //! ```text
-//! maps/XLB_SVC_V1 ...          the maps, reused by every later agent (restart keeps state)
+//! maps/XLB_SVC_V2 ...          the maps, reused by every later agent (restart keeps state;
+//!     an older build's are checked and migrated first, see `migrate`)
 //! links/<ifindex>-<ifname>-<hook>   TCX and XDP links: programs stay attached when the agent exits
 //!     hook: from_pod, to_pod (pod devices); from_net, to_net, from_net_xdp_native or
 //!     from_net_xdp_generic (external devices)
@@ -19,6 +20,7 @@
 mod attach;
 mod load;
 mod maps;
+pub mod migrate;
 mod socklb;
 
 use std::collections::BTreeMap;
@@ -31,10 +33,10 @@ use aya::Ebpf;
 use lb_model::{Applied, Plan, ReadBack};
 use thiserror::Error;
 
-pub use attach::{cleanup, Hook};
+pub use attach::{cleanup, parse_link_pin, Hook};
 pub use lb_model::store::ExecReport;
 pub use load::{check_bpffs, load_programs, service_cidr_words, LoadOptions, MapSizes};
-pub use maps::{AyaStore, ObjectMaps, PinnedMaps};
+pub use maps::{AyaStore, ObjectMaps, PinnedMaps, SvcMapsOwned};
 pub use socklb::{cgroup_id, default_cgroup_path, is_cgroup2, own_netns_cookie, query_cgroup, SockHook, SocketLb};
 
 #[derive(Debug, Error)]
@@ -55,6 +57,9 @@ pub enum Error {
     Attach { iface: String, reason: String },
     #[error("the eBPF object is empty: xlb was built with AYA_BUILD_SKIP=1")]
     EmptyObject,
+    /// Pins of another build that this one refuses to load over, or a migration that failed.
+    #[error(transparent)]
+    Upgrade(#[from] migrate::UpgradeError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -102,6 +107,8 @@ pub struct Datapath {
     xdp_mode: Option<crate::devices::XdpMode>,
     /// The interface set `forget_missing` last saw: unchanged means nothing to forget.
     last_present: BTreeMap<u32, String>,
+    /// Pins of an older build still waiting for the new programs to be in every link.
+    upgrade: migrate::Upgrade,
 }
 
 impl Datapath {
@@ -125,10 +132,14 @@ impl Datapath {
         }
         check_bpffs(pin_path)?;
         let pins = PinLayout::new(pin_path);
+        // Before anything is created or loaded over the pins: refuse pins of another layout,
+        // plan the migration of an older build's maps (see `migrate`).
+        let mut upgrade = migrate::Upgrade::prepare(&pins, opts, crate::ebpf_object())?;
         for dir in [pins.maps(), pins.links()] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        let mut ebpf = opts.load_object(Some(&pins))?;
+        let mut ebpf = opts.load_object_pinned_at(crate::ebpf_object(), Some(&pins), &upgrade.pin_overrides())?;
+        upgrade.migrate(&mut ebpf)?;
         load_programs(&mut ebpf, &Hook::POD.map(Hook::prog))?;
         Ok(Datapath {
             ebpf,
@@ -138,7 +149,14 @@ impl Datapath {
             external_flags: BTreeMap::new(),
             xdp_mode: None,
             last_present: BTreeMap::new(),
+            upgrade,
         })
+    }
+
+    /// Remove the pins of an older build's maps once no loaded program uses them (the new
+    /// programs are in every link); called after each attach pass. Cheap when none is left.
+    pub fn finish_upgrade(&mut self) {
+        self.upgrade.finish();
     }
 
     pub fn pins(&self) -> &PinLayout {

@@ -7,6 +7,7 @@
 
 pub mod watch_dir;
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -47,6 +48,9 @@ pub enum AgentEvent {
     /// A Kubernetes list or watch call of `kind` failed (logged by the source, which retries with
     /// backoff); the agent counts it in `xlb_api_errors{kind}`.
     ApiError { kind: &'static str },
+    /// This node's Node object says whether it may take load-balancer traffic (not being
+    /// deleted or drained by the cluster autoscaler): kube-proxy's `/healthz` reports it.
+    NodeEligible(bool),
 }
 
 impl From<lb_kube::Event> for AgentEvent {
@@ -55,6 +59,7 @@ impl From<lb_kube::Event> for AgentEvent {
             lb_kube::Event::Cluster(ev) => AgentEvent::Source(ev),
             lb_kube::Event::Problem(p) => AgentEvent::Problem(p),
             lb_kube::Event::ApiError { kind, .. } => AgentEvent::ApiError { kind },
+            lb_kube::Event::NodeEligible(e) => AgentEvent::NodeEligible(e),
         }
     }
 }
@@ -64,20 +69,46 @@ impl From<lb_kube::Event> for AgentEvent {
 pub enum SourceConfig {
     /// A directory of Service / EndpointSlice manifests, watched for changes (`--manifests`).
     Manifests(PathBuf),
-    /// The Kubernetes API, with this kubeconfig (`--kubeconfig`) or, with None, the in-cluster
-    /// service account or `$KUBECONFIG` as kubectl infers it (`--in-cluster`). `node_name`
-    /// selects this node's Node object and local endpoints; it is required.
-    Kubernetes { kubeconfig: Option<PathBuf>, node_name: Option<String> },
+    /// The Kubernetes API.
+    Kubernetes(KubeSource),
+}
+
+/// The Kubernetes source's flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeSource {
+    /// Where the API server is (`--kubeconfig`, `--api-server`; else KUBERNETES_SERVICE_HOST/PORT
+    /// with the pod's service account, else `$KUBECONFIG` as kubectl infers it; see
+    /// [`lb_kube::client_config`]).
+    pub client: lb_kube::ClientOptions,
+    /// Selects this node's Node object and local endpoints; required.
+    pub node_name: Option<String>,
+    /// `--service-cidr`: an API server address inside it is a Service's ClusterIP, reachable
+    /// only through a running Service proxy; the agent warns about it.
+    pub service_cidr: Option<(Ipv4Addr, u8)>,
 }
 
 impl SourceConfig {
     /// The source of the `xlb agent` flags: `--manifests` if given, else the Kubernetes API.
-    pub fn from_flags(manifests: Option<PathBuf>, kubeconfig: Option<PathBuf>, node_name: Option<String>) -> Self {
+    pub fn from_flags(manifests: Option<PathBuf>, kube: KubeSource) -> Self {
         match manifests {
             Some(dir) => SourceConfig::Manifests(dir),
-            None => SourceConfig::Kubernetes { kubeconfig, node_name },
+            None => SourceConfig::Kubernetes(kube),
         }
     }
+}
+
+/// The warning for an API server address inside the Service CIDR (None: no reason to warn).
+fn cluster_ip_warning(url: &str, host: &str, cidr: Option<(Ipv4Addr, u8)>) -> Option<String> {
+    let (net, len) = cidr?;
+    let addr: Ipv4Addr = host.trim_matches(['[', ']']).parse().ok()?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    (u32::from(addr) & mask == u32::from(net) & mask).then(|| {
+        format!(
+            "the API server address {url} is inside --service-cidr {net}/{len}: it is a Service's ClusterIP, \
+             which a host-network agent reaches only through a running Service proxy, so on a node without \
+             kube-proxy the agent cannot start; pass --api-server with the API server's own address"
+        )
+    })
 }
 
 /// Start the source `cfg` names in a task of its own and return its events. A configuration error
@@ -94,11 +125,24 @@ pub async fn start(cfg: SourceConfig) -> anyhow::Result<mpsc::Receiver<AgentEven
             });
             Ok(rx)
         }
-        SourceConfig::Kubernetes { kubeconfig, node_name } => {
-            let node_name = node_name
+        SourceConfig::Kubernetes(kube) => {
+            let node_name = kube
+                .node_name
                 .filter(|n| !n.is_empty())
                 .context("the Kubernetes source needs this node's name: pass --node-name or set NODE_NAME")?;
-            let client = lb_kube::client_from_kubeconfig(kubeconfig.as_deref()).await?;
+            let resolved = lb_kube::client_config(&kube.client).await?;
+            let url = resolved.config.cluster_url.to_string();
+            tracing::info!(
+                api_server = %url,
+                from = %resolved.origin,
+                credentials = resolved.credentials,
+                "Kubernetes API server"
+            );
+            if let Some(w) = cluster_ip_warning(&url, resolved.config.cluster_url.host().unwrap_or(""), kube.service_cidr)
+            {
+                tracing::warn!("{w}");
+            }
+            let client = kube::Client::try_from(resolved.config).map_err(lb_kube::Error::from)?;
             let (tx, rx) = mpsc::channel(KUBE_QUEUE);
             tokio::spawn(async move {
                 if let Err(e) = lb_kube::run::<AgentEvent>(client, node_name, tx).await {
@@ -142,20 +186,33 @@ mod tests {
             .expect("the source stopped")
     }
 
+    /// A Kubernetes source with this kubeconfig and node name.
+    fn kube(kubeconfig: Option<PathBuf>, node_name: Option<String>) -> KubeSource {
+        KubeSource {
+            client: lb_kube::ClientOptions { kubeconfig, api_server: None },
+            node_name,
+            service_cidr: None,
+        }
+    }
+
     #[test]
     fn flags_pick_the_source() {
         let dir = PathBuf::from("/m");
         let kc = Some(PathBuf::from("/kc"));
         let node = Some("n1".to_string());
-        assert_eq!(SourceConfig::from_flags(Some(dir.clone()), None, node.clone()), SourceConfig::Manifests(dir));
-        assert_eq!(
-            SourceConfig::from_flags(None, kc.clone(), node.clone()),
-            SourceConfig::Kubernetes { kubeconfig: kc, node_name: node.clone() }
-        );
-        assert_eq!(
-            SourceConfig::from_flags(None, None, node.clone()),
-            SourceConfig::Kubernetes { kubeconfig: None, node_name: node }
-        );
+        let k = kube(kc, node);
+        assert_eq!(SourceConfig::from_flags(Some(dir.clone()), k.clone()), SourceConfig::Manifests(dir));
+        assert_eq!(SourceConfig::from_flags(None, k.clone()), SourceConfig::Kubernetes(k));
+    }
+
+    #[test]
+    fn an_api_server_inside_the_service_cidr_is_warned_about() {
+        let cidr = Some((Ipv4Addr::new(10, 96, 0, 0), 12));
+        let w = cluster_ip_warning("https://10.96.0.1/", "10.96.0.1", cidr).expect("a ClusterIP");
+        assert!(w.contains("--api-server") && w.contains("10.96.0.0/12"), "{w}");
+        assert_eq!(cluster_ip_warning("https://10.0.0.10:6443/", "10.0.0.10", cidr), None);
+        assert_eq!(cluster_ip_warning("https://api.example.com/", "api.example.com", cidr), None);
+        assert_eq!(cluster_ip_warning("https://10.96.0.1/", "10.96.0.1", None), None);
     }
 
     #[tokio::test]
@@ -188,7 +245,7 @@ mod tests {
     #[tokio::test]
     async fn the_kubernetes_source_needs_a_node_name() {
         for node_name in [None, Some(String::new())] {
-            let err = start(SourceConfig::Kubernetes { kubeconfig: Some("/nonexistent".into()), node_name })
+            let err = start(SourceConfig::Kubernetes(kube(Some("/nonexistent".into()), node_name)))
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains("--node-name"), "{err:#}");
@@ -210,7 +267,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let cfg = SourceConfig::Kubernetes { kubeconfig: Some(kubeconfig), node_name: Some("n1".into()) };
+        let cfg = SourceConfig::Kubernetes(kube(Some(kubeconfig), Some("n1".into())));
         let mut rx = start(cfg).await.unwrap();
         match next(&mut rx).await {
             AgentEvent::ApiError { kind } => assert!(["Service", "EndpointSlice", "Node"].contains(&kind)),

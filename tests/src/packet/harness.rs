@@ -18,7 +18,6 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use lb_common::{
@@ -72,9 +71,6 @@ impl NetHook {
         }
     }
 }
-
-/// Room for frames that grow (a refused UDP datagram becomes a 70-byte ICMP error).
-const OUT_SLACK: usize = 256;
 
 /// Verdict and output frame of one program run.
 #[derive(Clone, Debug)]
@@ -320,49 +316,8 @@ impl TestDatapath {
     /// must exist in the calling thread's network namespace; `None`: loopback). The program's
     /// FIB lookups see that namespace's routes and neighbours.
     pub fn run_on(&self, name: &str, frame: &[u8], ifindex: Option<u32>) -> Result<Outcome> {
-        let prog = self
-            .ebpf
-            .program(name)
-            .with_context(|| format!("program {name}"))?;
-        let mut out = vec![0u8; frame.len() + OUT_SLACK];
-        // The context a test run may set: __sk_buff up to `ifindex` (offset 40), or xdp_md.
-        let (skb_ctx, xdp_ctx) = match ifindex {
-            Some(ifx) => {
-                let mut skb = [0u8; 44];
-                skb[40..44].copy_from_slice(&ifx.to_ne_bytes());
-                let mut xdp = [0u8; 24];
-                xdp[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-                xdp[12..16].copy_from_slice(&ifx.to_ne_bytes());
-                (Some(skb), Some(xdp))
-            }
-            None => (None, None),
-        };
-        let result = match prog {
-            aya::programs::Program::Xdp(_) => {
-                let xdp: &Xdp = prog.try_into()?;
-                xdp.test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: xdp_ctx.as_ref().map(|c| &c[..]),
-                    ..Default::default()
-                })
-            }
-            _ => {
-                let tc: &SchedClassifier = prog.try_into()?;
-                tc.test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: skb_ctx.as_ref().map(|c| &c[..]),
-                    ..Default::default()
-                })
-            }
-        }
-        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
-        out.truncate(result.data_size_out as usize);
-        Ok(Outcome {
-            verdict: result.return_value,
-            frame: out,
-        })
+        let (verdict, frame) = lb_userspace::trace::test_run_frame(&self.ebpf, name, frame, ifindex)?;
+        Ok(Outcome { verdict, frame })
     }
 
     /// Runs `from_net` through `hook` on `frame` arriving on `ifindex`.
@@ -551,6 +506,11 @@ impl TestDatapath {
         Ok(())
     }
 
+    /// The loaded object (e.g. for `lb_userspace::trace`'s run and record helpers).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     /// What the maps hold, as the executor recorded it (the agent's `Applied`): e.g. the Maglev
     /// table a frontend's master names (`frontends[..].table`).
     pub fn applied(&self) -> &Applied {
@@ -636,6 +596,23 @@ impl TestDatapath {
             out.insert(stat.name(), per_cpu.iter().sum());
         }
         Ok(out)
+    }
+
+    /// The Service port id the master of `svc` carries (0: none), and that id's per-Service
+    /// counters (`XLB_SVCSTATS_V1`), summed over CPUs.
+    pub fn svc_stats(&mut self, svc: &ServiceSpec) -> Result<(u32, lb_common::SvcStats)> {
+        let id = self
+            .applied
+            .frontends
+            .get(&svc.model_frontend()?)
+            .map_or(0, |af| af.svc_port_id);
+        let map = self.ebpf.map_mut(map_names::SVCSTATS).context("SVCSTATS map")?;
+        let stats = PerCpuArray::<&mut MapData, lb_common::SvcStats>::try_from(map)?;
+        let sum = stats
+            .get(&id, 0)?
+            .iter()
+            .fold(lb_common::SvcStats::default(), |a, v| a.plus(v));
+        Ok((id, sum))
     }
 
     /// One counter, summed over CPUs.
