@@ -405,7 +405,8 @@ pub fn ct_summary(rows: &[CtRow]) -> String {
     line
 }
 
-fn table(header: &[&str]) -> Table {
+/// A table in the style every `xlb` command prints (inspect, status).
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
     t

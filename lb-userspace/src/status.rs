@@ -766,7 +766,6 @@ pub fn status(pin_path: &Path, healthz: Option<SocketAddr>) -> Status {
 
 /// Prints `s` as tables.
 pub fn print_table(s: &Status) {
-    use comfy_table::Table;
     println!("build: {}", s.build);
     let agent = match (&s.agent.state[..], &s.agent.body) {
         ("up", Some(b)) => format!(
@@ -782,8 +781,7 @@ pub fn print_table(s: &Status) {
     };
     println!("agent: {agent}  [{}]", s.agent.healthz);
     println!();
-    let mut t = Table::new();
-    t.set_header(vec!["attached to", "hook", "program id", "pin"]);
+    let mut t = crate::inspect::table(&["ATTACHED TO", "HOOK", "PROGRAM ID", "PIN"]);
     for l in &s.links {
         let target = if l.present {
             l.target.clone()
@@ -798,15 +796,7 @@ pub fn print_table(s: &Status) {
         ]);
     }
     println!("links under {}/links:\n{t}\n", s.pin_path);
-    let mut t = Table::new();
-    t.set_header(vec![
-        "program id",
-        "name",
-        "tag",
-        "build",
-        "loaded",
-        "links",
-    ]);
+    let mut t = crate::inspect::table(&["PROGRAM ID", "NAME", "TAG", "BUILD", "LOADED", "LINKS"]);
     for p in &s.programs {
         let loaded = p
             .loaded_secs_ago
@@ -827,8 +817,7 @@ pub fn print_table(s: &Status) {
         ]);
     }
     println!("programs:\n{t}\n");
-    let mut t = Table::new();
-    t.set_header(vec!["map", "type", "entries", "capacity", "fill"]);
+    let mut t = crate::inspect::table(&["MAP", "TYPE", "ENTRIES", "CAPACITY", "FILL"]);
     for m in &s.maps {
         if m.missing {
             t.add_row(vec![
