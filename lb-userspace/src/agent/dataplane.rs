@@ -93,6 +93,14 @@ impl BpfDataplane {
         // A pinned MAGLEV array of another shape cannot serve the programs loaded now (they
         // index it with this M): a new one is created and the tables restored into it below.
         let maglev = lb_model::maglev::Geometry { m: cfg.maglev_m, tables: cfg.map_sizes.maglev_tables };
+        // Pins of another layout are refused before anything is touched, the stale Maglev
+        // array included (`Datapath::open_with_options` checks again, right before it loads).
+        crate::datapath::migrate::Upgrade::prepare(
+            &crate::datapath::PinLayout::new(&cfg.pin_path),
+            &opts,
+            crate::ebpf_object(),
+        )
+        .with_context(|| format!("opening the datapath at {}", cfg.pin_path.display()))?;
         let stale_maglev = PinnedMaps::unpin_stale_maglev(&cfg.pin_path, maglev)
             .context("checking the pinned Maglev tables")?;
         let mut datapath = Datapath::open_with_options(&cfg.pin_path, &opts)
