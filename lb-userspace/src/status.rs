@@ -121,22 +121,7 @@ pub fn build() -> String {
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
-fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the right size for `cmd`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut A,
-            std::mem::size_of::<A>() as u32,
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
+use crate::datapath::sys_bpf;
 
 /// The keys of a map, counted with `BPF_MAP_GET_NEXT_KEY` (read-only; an entry deleted
 /// meanwhile restarts nothing, the count is a snapshot's approximation).
@@ -465,55 +450,9 @@ fn links_and_programs(pins: &PinLayout) -> (Vec<LinkRow>, Vec<ProgRow>) {
 /// What the kernel says of a pinned link: (program id, cgroup id: 0 for a cgroup that is gone,
 /// or a link of another kind).
 fn link_info(pin: &Path) -> Option<(u32, u64)> {
-    // struct bpf_link_info up to the cgroup member of its union, with room for the rest.
-    #[repr(C)]
-    #[derive(Default)]
-    struct Info {
-        link_type: u32,
-        id: u32,
-        prog_id: u32,
-        _pad: u32,
-        cgroup_id: u64,
-        attach_type: u32,
-        _rest: [u32; 13],
-    }
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const BPF_LINK_TYPE_CGROUP: u32 = 3;
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(pin.as_os_str().as_bytes()).ok()?;
-    let mut attr = ObjAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    let fd = sys_bpf(BPF_OBJ_GET, &mut attr).ok()?;
-    // SAFETY: the kernel returned a fresh descriptor, owned (and closed) here.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    let mut info = Info::default();
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of::<Info>() as u32,
-        info: &mut info as *mut Info as u64,
-    };
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
-    let cgroup = if info.link_type == BPF_LINK_TYPE_CGROUP {
-        info.cgroup_id
-    } else {
-        0
-    };
+    let fd = crate::datapath::obj_get(pin).ok()?;
+    let info = crate::datapath::link_info(fd.as_fd()).ok()?;
+    let cgroup = if info.link_type == crate::datapath::BPF_LINK_TYPE_CGROUP { info.cgroup_id } else { 0 };
     Some((info.prog_id, cgroup))
 }
 

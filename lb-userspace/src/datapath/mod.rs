@@ -37,6 +37,7 @@ pub use attach::{cleanup, parse_link_pin, Hook};
 pub use lb_model::store::ExecReport;
 pub use load::{check_bpffs, load_programs, service_cidr_words, LoadOptions, MapSizes};
 pub use maps::{AyaStore, ObjectMaps, PinnedMaps, SvcMapsOwned};
+pub(crate) use socklb::{link_info, obj_get, sys_bpf, BPF_LINK_TYPE_CGROUP};
 pub use socklb::{cgroup_id, default_cgroup_path, is_cgroup2, own_netns_cookie, query_cgroup, SockHook, SocketLb};
 
 #[derive(Debug, Error)]

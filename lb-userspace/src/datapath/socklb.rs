@@ -161,10 +161,10 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_LINK_TYPE_CGROUP: u32 = 3;
+pub(crate) const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
 /// One raw `bpf(cmd, attr)` call with an attribute struct `A` (a prefix of `union bpf_attr`).
-fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+pub(crate) fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, initialised prefix of `union bpf_attr` of the size passed;
     // the pointers in it refer to live buffers (checked by the callers).
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>() as libc::c_uint) };
@@ -176,7 +176,7 @@ fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
 }
 
 /// An fd of the object pinned at `path` (`BPF_OBJ_GET`).
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     #[repr(C)]
     struct ObjAttr {
         pathname: u64,
@@ -200,7 +200,7 @@ pub struct CgroupLinkInfo {
     pub attach_type: u32,
 }
 
-fn link_info(fd: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+pub(crate) fn link_info(fd: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
     // struct bpf_link_info up to the cgroup member of its union (type, id, prog_id, then the
     // 8-aligned union), with room for the rest of the union.
     #[repr(C)]
