@@ -71,6 +71,11 @@ pub mod map_names {
     /// `XLB_DRY_RUN` = 1) did. Written only in dry run; deliberately not in [`ALL`]: never
     /// pinned, so each trace gets a private, zeroed record.
     pub const TRACE: &str = "XLB_TRACE";
+    /// Per-CPU array of one [`crate::CtKey`]: the tuple of the last packet this CPU
+    /// translated towards a backend (`from_pod`, `from_net`), so `to_pod` / `to_net` can pass
+    /// that packet without a reply lookup. A cache of the moment: not in [`ALL`], never
+    /// pinned, each loaded object has its own.
+    pub const LAST_FWD: &str = "XLB_LASTFWD";
 }
 
 /// Names of the programs in the eBPF object.
@@ -800,9 +805,12 @@ pub enum Stat {
     /// Socket LB: the (socket, backend) -> frontend record could not be written, so
     /// recvmsg() / getpeername() of that socket show the backend.
     SockRevInsertFailed = 29,
+    /// `to_pod` / `to_net`: a packet this CPU had just translated towards a backend (the
+    /// forward direction of its flow, never an answer) passed without a reply lookup.
+    ForwardPassed = 30,
 }
 
-pub const STAT_COUNT: u32 = 30;
+pub const STAT_COUNT: u32 = 31;
 /// Capacity of the `STATS` array: counters can be added up to it without a new map.
 pub const STATS_SLOTS: u32 = 64;
 const _: () = assert!(STAT_COUNT <= STATS_SLOTS);
@@ -839,6 +847,7 @@ impl Stat {
         Stat::SockRevTranslated,
         Stat::SockRefused,
         Stat::SockRevInsertFailed,
+        Stat::ForwardPassed,
     ];
     /// Stable snake_case name, used for metrics labels and `xlb inspect stats`.
     pub const fn name(self) -> &'static str {
@@ -873,6 +882,7 @@ impl Stat {
             Stat::SockRevTranslated => "sock_rev_translated",
             Stat::SockRefused => "sock_refused",
             Stat::SockRevInsertFailed => "sock_rev_insert_failed",
+            Stat::ForwardPassed => "forward_passed",
         }
     }
 }

@@ -9,7 +9,11 @@
 //! - `floor_ct_pair`: the two conntrack inserts of a new flow (forward and reply entry, as
 //!   `conntrack::create` writes them), on fresh tuples;
 //! - `floor_nat`: the DNAT of the packet to a fixed backend (direct stores and the two L4
-//!   checksum helpers).
+//!   checksum helpers);
+//! - `floor_ct_hit`: what no established packet can skip: one conntrack lookup that hits (the
+//!   bench runs it on the established row's tracked tuple) and the DNAT to the entry's backend.
+//!   No clock, no state update, no counters: the gap between this and the established row is
+//!   all of xlb's own per-packet logic.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_OK},
@@ -80,6 +84,18 @@ pub fn floor_ct_pair(ctx: TcContext) -> i32 {
 pub fn floor_nat(ctx: TcContext) -> i32 {
     if let Some(pkt) = parsed(&ctx) {
         let _ = nat::dnat(&ctx, &pkt, pkt.daddr ^ 0x0100_0000, pkt.dport ^ 0x0100);
+    }
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn floor_ct_hit(ctx: TcContext) -> i32 {
+    if let Some(pkt) = parsed(&ctx) {
+        // SAFETY: copied out at once.
+        if let Some(ct) = unsafe { CONNTRACK.get(&forward_key(&pkt)) }.copied() {
+            let _ = nat::dnat(&ctx, &pkt, ct.nat_addr, ct.nat_port);
+            return TC_ACT_OK + 1;
+        }
     }
     TC_ACT_OK
 }

@@ -358,6 +358,9 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     nat::dnat(ctx, &pkt, target.addr, target.port)?;
     if snat {
         nat::snat(ctx, &pkt, target.snat_addr, target.snat_port)?;
+        crate::lastfwd::record(&pkt, target.snat_addr, target.snat_port, target.addr, target.port);
+    } else {
+        crate::lastfwd::record(&pkt, pkt.saddr, pkt.sport, target.addr, target.port);
     }
     leave(ctx, &exit)
 }
@@ -387,6 +390,9 @@ fn established<C: Hook>(
     nat::dnat(ctx, pkt, ct.nat_addr, ct.nat_port)?;
     if snat {
         nat::snat(ctx, pkt, ct.snat_addr, ct.snat_port)?;
+        crate::lastfwd::record(pkt, ct.snat_addr, ct.snat_port, ct.nat_addr, ct.nat_port);
+    } else {
+        crate::lastfwd::record(pkt, pkt.saddr, pkt.sport, ct.nat_addr, ct.nat_port);
     }
     leave(ctx, &exit)
 }

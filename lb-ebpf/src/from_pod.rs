@@ -145,6 +145,7 @@ pub fn stale_reason(pkt: &Packet, ct: &CtValue, client: Client) -> Option<Stat> 
 fn forward(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<i32, Fault> {
     nat::dnat(ctx, pkt, ct.nat_addr, ct.nat_port)?;
     if ct.flags & CT_F_HAIRPIN == 0 {
+        crate::lastfwd::record(pkt, pkt.saddr, pkt.sport, ct.nat_addr, ct.nat_port);
         return Ok(PASS);
     }
     // The pod is its own backend: it must see another peer than itself, and the packet goes

@@ -36,6 +36,9 @@ mod from_net;
 mod from_pod;
 #[cfg(target_arch = "bpf")]
 mod icmp;
+// The last packet translated towards a backend on this CPU (to_pod passes it without a lookup).
+#[cfg(target_arch = "bpf")]
+mod lastfwd;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

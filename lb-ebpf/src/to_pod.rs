@@ -39,6 +39,12 @@ fn to_client<C: Frame>(ctx: &C) -> Result<i32, Fault> {
     if pkt.proto == PROTO_SCTP {
         return Ok(C::PASS);
     }
+    if crate::lastfwd::is_last(&pkt) {
+        // The packet this CPU just translated towards its backend: the forward direction of
+        // its flow, whose reply lookup could only miss (see `lastfwd`).
+        bump(Stat::ForwardPassed);
+        return Ok(C::PASS);
+    }
     let key = reply_key_of(&pkt);
     let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
         return Ok(C::PASS);

@@ -88,6 +88,11 @@ pub(crate) struct IdPool {
     /// The largest id handed out (`u32::MAX`, or the size of a bounded space such as the
     /// Service port ids). Ids above it may be in use (read back) but are never free.
     max: u32,
+    /// How many ids `free` holds, so that a bounded space that is used up (every free id
+    /// already handed out in the plan being made) answers at once instead of walking every
+    /// reserved id on each request: a plan with more Service ports than `--service-ports-max`
+    /// would otherwise cost O(ports x max).
+    free_count: u64,
 }
 
 impl Default for IdPool {
@@ -103,6 +108,7 @@ impl IdPool {
         IdPool {
             free: BTreeMap::from([(1, max)]),
             max,
+            free_count: u64::from(max),
         }
     }
 
@@ -115,6 +121,7 @@ impl IdPool {
             return;
         }
         self.free.remove(&start);
+        self.free_count -= 1;
         if start < id {
             self.free.insert(start, id - 1);
         }
@@ -142,6 +149,7 @@ impl IdPool {
             }
         }
         self.free.insert(start, end);
+        self.free_count += 1;
     }
 
     pub fn is_free(&self, id: u32) -> bool {
@@ -174,6 +182,11 @@ impl IdPool {
     /// [`IdPool::hand_out`] in a bounded space that may be full: `None` when no id is free.
     /// The cursor wraps from `max` back to 1.
     pub fn try_hand_out(&self, cursor: &mut u32, reserved: &mut BTreeSet<u32>) -> Option<u32> {
+        if reserved.len() as u64 >= self.free_count {
+            // Every free id is already handed out in this plan (`reserved` only ever holds
+            // ids this pool had free).
+            return None;
+        }
         let from = if *cursor > self.max {
             1
         } else {
@@ -376,6 +389,30 @@ mod tests {
         p.give(2);
         let mut cursor = 3;
         assert_eq!(p.try_hand_out(&mut cursor, &mut BTreeSet::new()), Some(2));
+    }
+
+    #[test]
+    fn a_used_up_bounded_pool_answers_none_for_every_further_request() {
+        // More requests in one plan than the space holds (more Service ports than
+        // --service-ports-max): every id once, then None each time, with the count of free
+        // ids kept right through take and give.
+        let mut p = IdPool::bounded(1000);
+        p.take(10);
+        p.take(10);
+        p.give(11); // already free: no change
+        let mut reserved = BTreeSet::new();
+        let mut cursor = 500;
+        let mut got = BTreeSet::new();
+        for _ in 0..999 {
+            let id = p.try_hand_out(&mut cursor, &mut reserved).expect("a free id");
+            assert!(got.insert(id), "{id} handed out twice");
+        }
+        assert!(!got.contains(&10));
+        for _ in 0..5000 {
+            assert_eq!(p.try_hand_out(&mut cursor, &mut reserved), None);
+        }
+        p.give(10);
+        assert_eq!(p.try_hand_out(&mut cursor, &mut reserved), Some(10));
     }
 
     #[test]

@@ -85,18 +85,25 @@ const XDP_REDIRECT: u32 = 4;
 /// (`lb-ebpf/src/floor.rs`): each parses the frame as the real programs do, then does one
 /// primitive (nothing; one conntrack lookup; the two conntrack inserts of a new flow; the
 /// DNAT rewrite). Measured when present, at the largest size, on fresh tuples.
-pub const FLOOR_PROBES: [&str; 4] = [
+pub const FLOOR_PROBES: [&str; 5] = [
     "floor_parse",
     "floor_ct_lookup",
     "floor_ct_pair",
     "floor_nat",
+    "floor_ct_hit",
 ];
+
+/// The probe that runs on the established row's tracked tuple (a conntrack hit) instead of
+/// fresh tuples.
+const HIT_PROBE: &str = "floor_ct_hit";
 
 /// The floors of the packet kinds from the probes' figures (ns, test-run overhead included):
 /// each kind's floor is one probe whose work is a strict part of that kind's work on the same
 /// kind of tuple, so the kind cannot cost less: a new flow not less than its parse and the two
 /// conntrack inserts (fresh tuples, as the SYN rows); an established packet not less than its
-/// parse and the DNAT rewrite; a non-Service packet not less than the parse. Probes are not
+/// parse, the conntrack lookup that finds its flow and the DNAT rewrite (`floor_ct_hit`, on the
+/// established row's own tuple; `floor_nat`, without the lookup, when an older object lacks it);
+/// a non-Service packet not less than the parse. Probes are not
 /// added up: a lookup of a fresh tuple (`floor_ct_lookup`) meets cache-cold buckets that the
 /// established row's one repeated tuple never does, so sums would overshoot the rows.
 pub fn floors_of(probes: &[(String, f64)]) -> Vec<PktFloor> {
@@ -107,10 +114,19 @@ pub fn floors_of(probes: &[(String, f64)]) -> Vec<PktFloor> {
             "floor_ct_pair",
             "parse and the two conntrack inserts of a new flow",
         ),
+        (
+            "established",
+            HIT_PROBE,
+            "parse, the conntrack hit and the DNAT rewrite",
+        ),
         ("established", "floor_nat", "parse and the DNAT rewrite"),
         ("non_service", "floor_parse", "the parse alone"),
     ]
     .into_iter()
+    .filter(|(kind, probe, _)| {
+        // One floor per kind: the first listed probe that was measured.
+        *kind != "established" || *probe == HIT_PROBE || get(HIT_PROBE).is_none()
+    })
     .filter_map(|(kind, probe, what)| {
         Some(PktFloor {
             kind: kind.into(),
@@ -629,9 +645,13 @@ fn run_in_namespace(
     // The probes, with the maps as full as the largest size left them; SYNs to the probe
     // Service from sources no row used (salt 100).
     let dst = cluster_ip(max - 1).octets();
+    let tracked = ack_probe(dst);
     for name in FLOOR_PROBES {
         let Ok(p) = l.prog(name) else { continue };
         let ns = measure(plan, |k| {
+            if name == HIT_PROBE {
+                return Ok(run_once(p, &tracked)?.0);
+            }
             let (src, sport) = new_flow_src(k, 100);
             Ok(run_once(p, &frame::tcp(src, sport, dst, SERVICE_PORT, frame::SYN))?.0)
         });
@@ -823,6 +843,17 @@ mod tests {
         assert_eq!(ns("established"), Some(160.0));
         assert_eq!(ns("non_service"), Some(100.0));
         assert!(f[0].what.contains("floor_ct_pair"), "{:?}", f[0]);
+        // With the hit probe, the established floor is the lookup that finds the flow plus the
+        // DNAT, and only that one.
+        let f = floors_of(&probes(&[
+            ("floor_parse", 100.0),
+            ("floor_nat", 160.0),
+            ("floor_ct_hit", 210.0),
+        ]));
+        let established: Vec<_> = f.iter().filter(|x| x.kind == "established").collect();
+        assert_eq!(established.len(), 1, "{f:?}");
+        assert_eq!(established[0].ns, 210.0);
+        assert!(established[0].what.contains("floor_ct_hit"), "{f:?}");
         // Only what the probes present can say.
         let f = floors_of(&probes(&[("floor_parse", 90.0)]));
         assert_eq!(f.len(), 1);
