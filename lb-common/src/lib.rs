@@ -76,6 +76,9 @@ pub mod map_names {
     /// that packet without a reply lookup. A cache of the moment: not in [`ALL`], never
     /// pinned, each loaded object has its own.
     pub const LAST_FWD: &str = "XLB_LASTFWD";
+    /// Per-CPU array of one [`crate::ClockCache`]: the coarse clock as it was read at the
+    /// current jiffy (see `lb-ebpf/src/conntrack.rs` `now_ns`). Not in [`ALL`], never pinned.
+    pub const CLOCK: &str = "XLB_CLOCK";
 }
 
 /// Names of the programs in the eBPF object.
@@ -252,6 +255,15 @@ impl SvcStats {
                 .wrapping_add(o.dropped_snat_ports_exhausted),
         }
     }
+}
+
+/// Value of [`map_names::CLOCK`]: `CLOCK_MONOTONIC_COARSE` in ns as one program run read it,
+/// and the jiffy it was read in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ClockCache {
+    pub jiffies: u64,
+    pub ns: u64,
 }
 
 /// Value of [`map_names::TRACE`]: what one dry-run packet did (`xlb trace`).

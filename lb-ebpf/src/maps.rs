@@ -86,6 +86,11 @@ pub static TRACE: PerCpuArray<lb_common::TraceRecord> = PerCpuArray::with_max_en
 #[map(name = "XLB_LASTFWD")]
 pub static LAST_FWD: PerCpuArray<lb_common::CtKey> = PerCpuArray::with_max_entries(1, 0);
 
+/// The coarse clock as read at this CPU's current jiffy (see `conntrack::now_ns`). Never
+/// pinned (not in `map_names::ALL`): a cache of the moment, private to each loaded object.
+#[map(name = "XLB_CLOCK")]
+pub static CLOCK: PerCpuArray<lb_common::ClockCache> = PerCpuArray::with_max_entries(1, 0);
+
 /// The frontend pre-filter (see `fefilter`), written by the agent.
 #[map(name = "XLB_FEFILTER_V1")]
 pub static FEFILTER: Array<u64> = Array::with_max_entries(FEFILTER_WORDS, 0);
@@ -135,3 +140,4 @@ const _: () = assert!(same("XLB_SVCNAME_V1", map_names::SVCNAME));
 const _: () = assert!(same("XLB_SVCSTATS_V1", map_names::SVCSTATS));
 const _: () = assert!(same("XLB_TRACE", map_names::TRACE));
 const _: () = assert!(same("XLB_LASTFWD", map_names::LAST_FWD));
+const _: () = assert!(same("XLB_CLOCK", map_names::CLOCK));
