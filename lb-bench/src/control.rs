@@ -55,6 +55,17 @@ pub struct ColdResults {
     /// The restarted agent's resident memory when ready.
     #[serde(default)]
     pub restart_rss_mib: Option<f64>,
+    /// xlb with the Kubernetes source (the DaemonSet's): the same Services and EndpointSlices
+    /// listed from the fake API server (lb-fakeapi: real HTTP list and watch, JSON) on the
+    /// namespace's loopback; agent spawn to ready.
+    #[serde(default)]
+    pub kube_s: Option<f64>,
+    /// Its map writes of the first sync alone.
+    #[serde(default)]
+    pub kube_apply_s: Option<f64>,
+    /// Its resident memory when ready.
+    #[serde(default)]
+    pub kube_rss_mib: Option<f64>,
     /// Wall time of the restore / `nft -f`, by mode label.
     pub netfilter_s: Vec<(String, f64)>,
     pub errors: Vec<String>,
@@ -180,8 +191,91 @@ pub fn cold(
         res.errors.push(format!("xlb: {e:#}"));
     }
     progress("cold programming: xlb");
+    if let Err(e) = kube_cold(&set, &mut res) {
+        crate::interrupt::check()?;
+        res.errors.push(format!("xlb, Kubernetes source: {e:#}"));
+    }
+    progress("cold programming: xlb, Kubernetes source");
     Ok(res)
 }
+
+/// [`cold`] for xlb with the Kubernetes source: the Service set's objects (the manifests the
+/// other run reads, parsed back untimed) are put into the fake API server, which listens on
+/// the loopback of a fresh namespace; the agent there lists and watches them with kube-rs, as
+/// the DaemonSet does, and is timed from spawn to ready.
+fn kube_cold(set: &ServiceSet, res: &mut ColdResults) -> anyhow::Result<()> {
+    let scratch = tempfile::Builder::new()
+        .prefix("xlb-bench-cold-kube-")
+        .tempdir()?;
+    let dir = scratch.path().join("manifests");
+    xlb_dir::write_all(set, &dir)?;
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        let parsed = lb_model::yaml_docs::parse(&path.display().to_string(), &text);
+        if let Some(p) = parsed.problems.first() {
+            bail!("generated manifest {}: {p:?}", path.display());
+        }
+        services.extend(parsed.services);
+        slices.extend(parsed.slices);
+    }
+    let prefix = unique_prefix();
+    let ns = NetNs::create(&format!("{prefix}coldk"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = ns.run(|| std::net::TcpListener::bind("127.0.0.1:0"))??;
+    let api = {
+        let _g = rt.enter();
+        lb_fakeapi::FakeApi::new(listener)?
+    };
+    let mut node = k8s_openapi::api::core::v1::Node::default();
+    node.metadata.name = Some(COLD_NODE.into());
+    api.upsert(&node)?;
+    for s in &services {
+        api.upsert(s)?;
+    }
+    for s in &slices {
+        api.upsert(s)?;
+    }
+    let kubeconfig = scratch.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let pin_root = Path::new(lb_testkit::cluster::BPFFS).join(prefix.trim_end_matches('-'));
+    let agent = start_agent(
+        &ns,
+        Path::new(""),
+        &pin_root.join("cold"),
+        &scratch.path().join("agent.log"),
+        Duration::from_secs(600),
+        &[
+            "--kubeconfig".to_string(),
+            kubeconfig.display().to_string(),
+            "--node-name".to_string(),
+            COLD_NODE.to_string(),
+            "--devices".to_string(),
+            "none".to_string(),
+            "--service-cidr".to_string(),
+            crate::rules::SERVICE_CIDR.to_string(),
+        ],
+    );
+    let outcome = agent.map(|agent| {
+        res.kube_s = Some(agent.ready_after.as_secs_f64());
+        res.kube_rss_mib = agent.rss_mib();
+        if let Some(u) = agentlog::first_update(&agent.log_since_start()) {
+            res.kube_apply_s = u.write_micros.map(secs);
+        }
+        drop(agent);
+    });
+    let _ = std::fs::remove_dir(&pin_root);
+    rt.block_on(api.stop());
+    drop(api);
+    outcome
+}
+
+/// The node the Kubernetes-source agent of [`kube_cold`] runs as.
+const COLD_NODE: &str = "bench-node";
 
 fn secs(micros: u64) -> f64 {
     micros as f64 / 1e6

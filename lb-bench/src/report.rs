@@ -480,6 +480,17 @@ pub fn render(r: &Results) -> String {
         }
         let _ = writeln!(
             md,
+            "| xlb agent, Kubernetes source (the same objects listed from the fake API server): spawn to ready | {} | {} |",
+            opt(c.kube_s, 3, ""),
+            opt(ratio(c.kube_s, c.xlb_s), 2, "x")
+        );
+        let _ = writeln!(
+            md,
+            "| xlb agent, Kubernetes source: map writes of the first sync alone | {} | |",
+            opt(c.kube_apply_s, 3, "")
+        );
+        let _ = writeln!(
+            md,
             "| xlb agent restarted on its pins: spawn to ready | {} | |",
             opt(c.restart_s, 3, "")
         );
@@ -494,10 +505,11 @@ pub fn render(r: &Results) -> String {
         );
         let _ = writeln!(
             md,
-            "\nAgent RSS when ready: {}; after the restart: {}. A figure the agent does not log \
-             (an agent before issue 12) shows as –.\n",
+            "\nAgent RSS when ready: {}; after the restart: {}; with the Kubernetes source: {}. A \
+             figure the agent does not log (an agent before issue 12) shows as –.\n",
             opt(c.xlb_rss_mib, 1, " MiB"),
-            opt(c.restart_rss_mib, 1, " MiB")
+            opt(c.restart_rss_mib, 1, " MiB"),
+            opt(c.kube_rss_mib, 1, " MiB")
         );
     }
 

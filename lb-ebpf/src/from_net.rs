@@ -358,7 +358,13 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     nat::dnat(ctx, &pkt, target.addr, target.port)?;
     if snat {
         nat::snat(ctx, &pkt, target.snat_addr, target.snat_port)?;
-        crate::lastfwd::record(&pkt, target.snat_addr, target.snat_port, target.addr, target.port);
+        crate::lastfwd::record(
+            &pkt,
+            target.snat_addr,
+            target.snat_port,
+            target.addr,
+            target.port,
+        );
     } else {
         crate::lastfwd::record(&pkt, pkt.saddr, pkt.sport, target.addr, target.port);
     }

@@ -300,7 +300,18 @@ impl Store {
         limit: Option<usize>,
         continue_token: Option<&str>,
     ) -> Result<ListPage, Gone> {
-        let (rv, all, offset) = match continue_token {
+        // Only the page's objects are copied: the matching ones are walked by reference (a
+        // paged list of 10k objects used to deep-copy all of them for every page).
+        let limit = limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let page_of = |matching: Vec<&Value>, offset: usize| {
+            let end = offset.saturating_add(limit).min(matching.len());
+            let page: Vec<Value> = matching[offset.min(end)..end]
+                .iter()
+                .map(|v| strip_type(v))
+                .collect();
+            (page, matching.len() - end, end)
+        };
+        let (rv, (page, remaining, end)) = match continue_token {
             Some(tok) => {
                 let (rv, offset) = parse_continue(tok).ok_or(Gone::ContinueExpired)?;
                 let snap = self
@@ -309,22 +320,23 @@ impl Store {
                     .find(|(k, _)| *k == (kind, rv))
                     .map(|(_, s)| s.clone())
                     .ok_or(Gone::ContinueExpired)?;
-                let items: Vec<_> = snap
+                let matching = snap
                     .iter()
                     .filter(|(k, _)| filter.matches(k))
-                    .cloned()
+                    .map(|(_, v)| v)
                     .collect();
-                (rv, items, offset)
+                (rv, page_of(matching, offset))
             }
-            None => (self.rv, self.current(kind, filter), 0),
+            None => {
+                let matching = self
+                    .objects
+                    .iter()
+                    .filter(|(k, _)| k.kind == kind && filter.matches(k))
+                    .map(|(_, v)| v)
+                    .collect();
+                (self.rv, page_of(matching, 0))
+            }
         };
-        let limit = limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
-        let end = offset.saturating_add(limit).min(all.len());
-        let page: Vec<Value> = all[offset.min(end)..end]
-            .iter()
-            .map(|(_, v)| strip_type(v))
-            .collect();
-        let remaining = all.len() - end;
         let continue_token = if remaining > 0 {
             if continue_token.is_none() {
                 self.keep_snapshot(kind, rv);

@@ -277,7 +277,11 @@ fn stay_on_this_cpu() -> Result<()> {
     // SAFETY: plain syscalls about the calling thread; `set` is a zeroed, then filled cpu_set_t.
     unsafe {
         let cpu = libc::sched_getcpu();
-        ensure!(cpu >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
+        ensure!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu as usize, &mut set);
         ensure!(
@@ -303,7 +307,8 @@ fn to_pod_passes_the_packet_from_pod_just_translated() -> Result<()> {
         let mut passed = 0;
         let mut replies = 0;
         for round in 0..3u16 {
-            let flows: Vec<SocketAddrV4> = (0..3).map(|k| client(41_000 + 10 * round + k)).collect();
+            let flows: Vec<SocketAddrV4> =
+                (0..3).map(|k| client(41_000 + 10 * round + k)).collect();
             let mut translated = Vec::new();
             for &cl in &flows {
                 // The first packet of each flow (a SYN for TCP): to_pod takes the lookup.
@@ -329,7 +334,10 @@ fn to_pod_passes_the_packet_from_pod_just_translated() -> Result<()> {
                 ensure!(out.verdict == TC_ACT_OK);
                 let before = dp.stat(lb_common::Stat::ForwardPassed)?;
                 let fwd = dp.to_pod(&out.frame)?;
-                ensure!(fwd.verdict == TC_ACT_OK && fwd.frame == out.frame, "first packet changed by to_pod");
+                ensure!(
+                    fwd.verdict == TC_ACT_OK && fwd.frame == out.frame,
+                    "first packet changed by to_pod"
+                );
                 if proto == PROTO_TCP {
                     ensure!(
                         dp.stat(lb_common::Stat::ForwardPassed)? == before,
@@ -342,9 +350,15 @@ fn to_pod_passes_the_packet_from_pod_just_translated() -> Result<()> {
                 let out = dp.from_pod(&later)?;
                 ensure!(out.verdict == TC_ACT_OK);
                 let fwd = dp.to_pod(&out.frame)?;
-                ensure!(fwd.verdict == TC_ACT_OK && fwd.frame == out.frame, "later packet changed by to_pod");
+                ensure!(
+                    fwd.verdict == TC_ACT_OK && fwd.frame == out.frame,
+                    "later packet changed by to_pod"
+                );
                 passed += 1;
-                ensure!(dp.stat(lb_common::Stat::ForwardPassed)? == passed, "not passed as the last translated");
+                ensure!(
+                    dp.stat(lb_common::Stat::ForwardPassed)? == passed,
+                    "not passed as the last translated"
+                );
                 translated.push((cl, out.frame));
             }
             // Out of order (another flow was translated since): the lookup runs, misses, and
@@ -360,11 +374,25 @@ fn to_pod_passes_the_packet_from_pod_just_translated() -> Result<()> {
                 let answer = if proto == PROTO_TCP {
                     let mut a = Tcp::new(backend, *cl, TcpFlags::ACK);
                     a.macs = (HOST_MAC, POD_MAC);
-                    (a.frame(), Tcp { src: frontend(proto), ..a }.frame())
+                    (
+                        a.frame(),
+                        Tcp {
+                            src: frontend(proto),
+                            ..a
+                        }
+                        .frame(),
+                    )
                 } else {
                     let mut a = Udp::new(backend, *cl, b"answer");
                     a.macs = (HOST_MAC, POD_MAC);
-                    (a.frame(), Udp { src: frontend(proto), ..a }.frame())
+                    (
+                        a.frame(),
+                        Udp {
+                            src: frontend(proto),
+                            ..a
+                        }
+                        .frame(),
+                    )
                 };
                 let out = dp.to_pod(&answer.0)?;
                 ensure!(out.verdict == TC_ACT_OK);
