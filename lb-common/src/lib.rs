@@ -603,13 +603,18 @@ impl CtTimeouts {
     };
     /// Lifetime of `state`, in seconds.
     pub const fn of(&self, state: u8) -> u32 {
+        *self.field_of(state)
+    }
+    /// The field holding the lifetime of `state` (the datapath reads just that one field of
+    /// its load-time copy).
+    pub const fn field_of(&self, state: u8) -> &u32 {
         match state {
-            ct_state::TCP_SYN_SENT => self.tcp_syn,
-            ct_state::TCP_ESTABLISHED => self.tcp_established,
-            ct_state::TCP_FIN_WAIT => self.tcp_fin_wait,
-            ct_state::TCP_CLOSING | ct_state::TCP_CLOSED => self.tcp_close,
-            ct_state::UDP_REPLIED => self.udp_stream,
-            _ => self.udp,
+            ct_state::TCP_SYN_SENT => &self.tcp_syn,
+            ct_state::TCP_ESTABLISHED => &self.tcp_established,
+            ct_state::TCP_FIN_WAIT => &self.tcp_fin_wait,
+            ct_state::TCP_CLOSING | ct_state::TCP_CLOSED => &self.tcp_close,
+            ct_state::UDP_REPLIED => &self.udp_stream,
+            _ => &self.udp,
         }
     }
 }

@@ -76,8 +76,8 @@ pub fn now_ns() -> u64 {
 fn lifetime_ns(state: u8) -> u64 {
     // SAFETY: a plain read of a load-time constant; volatile so the compiler keeps the load
     // (the loader patches the value after compilation).
-    let t = unsafe { core::ptr::read_volatile(&XLB_CT_TIMEOUTS) };
-    u64::from(t.of(state)) * NS_PER_SEC
+    let secs = unsafe { core::ptr::read_volatile(XLB_CT_TIMEOUTS.field_of(state)) };
+    u64::from(secs) * NS_PER_SEC
 }
 
 /// The forward key of `pkt` (client -> frontend).
@@ -175,13 +175,21 @@ pub fn alive(v: &CtValue, now: u64) -> bool {
     v.expires_ns > now
 }
 
-/// Applies `pkt` (sent `dir`) to the live flow whose entry at `key` is `entry`: a state change,
+/// Applies `pkt` (sent `dir`) to the live flow whose entry at `key` is `entry` (holding `cur`,
+/// the copy the caller took right after its lookup, so the value is not read twice): a state change,
 /// or a due refresh, writes both entries; a missing pair is re-created. `force_pair` checks the
 /// pair now even without a refresh (a SYN re-using a live flow needs its reply entry at once).
 #[inline(always)]
-pub fn update(key: &CtKey, entry: *mut CtValue, pkt: &Packet, dir: Dir, now: u64, force_pair: bool) {
-    // SAFETY: `entry` is a live map value returned by a lookup in this program run.
-    let cur = unsafe { *entry };
+pub fn update(
+    key: &CtKey,
+    entry: *mut CtValue,
+    cur: &CtValue,
+    pkt: &Packet,
+    dir: Dir,
+    now: u64,
+    force_pair: bool,
+) {
+    let cur = *cur;
     if crate::trace::dry_run() {
         // `xlb trace`: the flow is what the packet followed; its entries stay as they are.
         crate::trace::existing(&cur, key.dir);

@@ -61,6 +61,8 @@ pub fn from_net_xdp(ctx: XdpContext) -> u32 {
 }
 
 #[classifier]
+// Inlined into the program section: no BPF-to-BPF call on every packet.
+#[inline(always)]
 pub fn from_net(ctx: TcContext) -> i32 {
     from_outside(&ctx).unwrap_or_else(Fault::verdict::<TcContext>)
 }
@@ -387,7 +389,7 @@ fn established<C: Hook>(
         return Ok(verdict);
     }
     if pkt.has_l4 {
-        conntrack::update(key, entry, pkt, Dir::Forward, now, pkt.is_syn_only());
+        conntrack::update(key, entry, ct, pkt, Dir::Forward, now, pkt.is_syn_only());
     } else {
         bump(Stat::FragmentTranslated);
     }
@@ -422,7 +424,7 @@ fn snat_reply<C: Hook>(ctx: &C, pkt: &Packet) -> Result<Option<i32>, Fault> {
         return Ok(Some(verdict));
     }
     if pkt.has_l4 {
-        conntrack::update(&key, entry, pkt, Dir::Reply, now, false);
+        conntrack::update(&key, entry, &ct, pkt, Dir::Reply, now, false);
     } else {
         bump(Stat::FragmentTranslated);
     }

@@ -42,6 +42,8 @@ pub(crate) fn in_service_cidr(daddr: u32) -> bool {
 }
 
 #[classifier]
+// Inlined into the program section: no BPF-to-BPF call on every packet.
+#[inline(always)]
 pub fn from_pod(ctx: TcContext) -> i32 {
     try_from_pod(&ctx).unwrap_or_else(Fault::verdict::<TcContext>)
 }
@@ -81,7 +83,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
             match stale_reason(&pkt, &ct, Client::Pod) {
                 None => {
                     if pkt.has_l4 {
-                        conntrack::update(&key, entry, &pkt, Dir::Forward, now, pkt.is_syn_only());
+                        conntrack::update(&key, entry, &ct, &pkt, Dir::Forward, now, pkt.is_syn_only());
                     } else {
                         bump(Stat::FragmentTranslated);
                     }
@@ -170,7 +172,7 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
     if !alive(&ct, now) {
         return Ok(PASS);
     }
-    conntrack::update(&key, entry, pkt, Dir::Reply, now, false);
+    conntrack::update(&key, entry, &ct, pkt, Dir::Reply, now, false);
     nat::snat(ctx, pkt, ct.nat_addr, ct.nat_port)?;
     nat::dnat_addr(ctx, pkt, pkt.saddr)?;
     swap_macs(ctx)?;

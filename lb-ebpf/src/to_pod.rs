@@ -66,7 +66,7 @@ fn to_client<C: Frame>(ctx: &C) -> Result<i32, Fault> {
         return Ok(C::PASS);
     }
     if pkt.has_l4 {
-        conntrack::update(&key, entry, &pkt, Dir::Reply, now, false);
+        conntrack::update(&key, entry, &ct, &pkt, Dir::Reply, now, false);
     } else {
         bump(Stat::FragmentTranslated);
     }

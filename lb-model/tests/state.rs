@@ -170,7 +170,7 @@ fn resync_reports_exactly_the_services_whose_objects_differ() {
     assert_eq!(changed(&c), vec!["default/added", "default/slicegone"]);
     assert_eq!(st.slice_owner.len(), 2);
     let again = st.apply(SourceEvent::Resync {
-        services: Some(st.services.values().cloned().collect()),
+        services: Some(st.services.values().map(|s| (**s).clone()).collect()),
         slices: Some(
             st.slices
                 .values()

@@ -338,10 +338,16 @@ impl<K: Pod, V: Pod> BatchMap<K, V> {
 /// key and value sizes (the kernel reads `count` of each): callers take them from an aya
 /// `HashMap<_, K, V>`, which checked them when it was opened.
 pub fn hash_update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> Result<(), (usize, io::Error)> {
+    hash_update_fd(map.fd().as_fd(), keys, values)
+}
+
+/// [`hash_update`] on the map's file descriptor, which (unlike `MapData`) can be handed to
+/// another thread for the duration of a scoped write.
+pub fn hash_update_fd<K: Pod, V: Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> Result<(), (usize, io::Error)> {
     if keys.len() != values.len() {
         return Err((0, io::Error::new(io::ErrorKind::InvalidInput, "keys and values differ in length")));
     }
-    update_chunks(map.fd().as_fd().as_raw_fd(), keys, values, 0).map(|_| ())
+    update_chunks(fd.as_raw_fd(), keys, values, 0).map(|_| ())
 }
 
 /// `BPF_MAP_UPDATE_BATCH` of `keys[i] -> values[i]` into the map `fd`, in chunks, in order
@@ -377,6 +383,11 @@ fn update_chunks<K: Pod, V: Pod>(
 /// gone is skipped (success). On error: how many keys were processed before the failing one
 /// (`keys[n]`), and the error.
 pub fn hash_delete<K: Pod>(map: &MapData, keys: &[K]) -> Result<(), (usize, io::Error)> {
+    hash_delete_fd(map.fd().as_fd(), keys)
+}
+
+/// [`hash_delete`] on the map's file descriptor (see [`hash_update_fd`]).
+pub fn hash_delete_fd<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, io::Error)> {
     let mut done_total = 0;
     while done_total < keys.len() {
         let rest = &keys[done_total..];
@@ -384,7 +395,7 @@ pub fn hash_delete<K: Pod>(map: &MapData, keys: &[K]) -> Result<(), (usize, io::
         let mut attr = BatchAttr {
             keys: rest.as_ptr() as u64,
             count: n as u32,
-            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
         let res = sys_bpf(BPF_MAP_DELETE_BATCH, &mut attr);
@@ -537,7 +548,7 @@ pub fn array_lookup<V: Pod>(map: &MapData, start: u32, count: u32) -> io::Result
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
 
     use super::*;
@@ -572,6 +583,11 @@ mod tests {
     /// A plain hash (or LRU hash) map created with BPF_MAP_CREATE: exercises the syscalls without
     /// the eBPF object. Needs root (or CAP_BPF).
     fn create(map_type: u32, max_entries: u32) -> io::Result<BatchMap<u64, u64>> {
+        BatchMap::new(Map::from_map_data(create_data(map_type, max_entries)?).map_err(|e| map_err("map", e))?)
+    }
+
+    /// [`create`]'s map (`u64` keys and values) as aya's `MapData`, for other modules' tests.
+    pub(crate) fn create_data(map_type: u32, max_entries: u32) -> io::Result<MapData> {
         #[repr(C)]
         #[derive(Default)]
         struct CreateAttr {
@@ -596,8 +612,7 @@ mod tests {
         }
         // SAFETY: a fresh fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let data = MapData::from_fd(fd).map_err(|e| map_err("from_fd", e))?;
-        BatchMap::new(Map::from_map_data(data).map_err(|e| map_err("map", e))?)
+        MapData::from_fd(fd).map_err(|e| map_err("from_fd", e))
     }
 
     fn read_all(m: &mut BatchMap<u64, u64>, chunk: u32) -> Vec<(u64, u64)> {
@@ -738,6 +753,11 @@ mod tests {
 /// `round_up(value_size, 8)` bytes per possible CPU. Used to start a Service port id's
 /// counters from zero when the id gets a (new) name.
 pub fn percpu_array_zero(map: &MapData, keys: &[u32], value_size: usize, cpus: usize) -> io::Result<()> {
+    percpu_array_zero_fd(map.fd().as_fd(), keys, value_size, cpus)
+}
+
+/// [`percpu_array_zero`] on the map's file descriptor (see [`hash_update_fd`]).
+pub fn percpu_array_zero_fd(fd: BorrowedFd<'_>, keys: &[u32], value_size: usize, cpus: usize) -> io::Result<()> {
     let stride = cpus.max(1) * value_size.div_ceil(8);
     // At most ~4 MiB of zeros per syscall.
     let per_chunk = (512 * 1024 / stride.max(1)).max(1);
@@ -747,7 +767,7 @@ pub fn percpu_array_zero(map: &MapData, keys: &[u32], value_size: usize, cpus: u
             keys: ks.as_ptr() as u64,
             values: zeros.as_ptr() as u64,
             count: ks.len() as u32,
-            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
         sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;

@@ -53,7 +53,9 @@ impl ExecReport {
 /// master after everything it names, within one batch too: the kernel processes keys in
 /// order), only interleaved with other frontends', whose entries are independent. A failing
 /// write stops its frontend; the writes after it in the batch that belong to other frontends
-/// are sent again without it.
+/// are sent again without it. Each batch goes to [`MapStore::write_pieces`], which may write
+/// it piece by piece while the next piece is encoded and the last recorded in `applied`
+/// (strictly in order all the same).
 pub fn execute<S: MapStore + ?Sized>(
     store: &mut S,
     plan: &Plan,
@@ -65,10 +67,9 @@ pub fn execute<S: MapStore + ?Sized>(
     // The frontend pre-filter bits of the plan's masters before anything of the plan.
     let filter_blocked = crate::fefilter::write_before(store, plan, &mut applied.filter);
     let mut failed_prepare = Vec::new();
-    let prepare: Vec<&MapOp> = plan.prepare.iter().collect();
     write_independent(
         store,
-        &prepare,
+        &plan.prepare,
         applied,
         |op, e| {
             report.prepare_failed.push(e);
@@ -133,8 +134,7 @@ pub fn execute<S: MapStore + ?Sized>(
         }
         for (_, mut batch) in stage {
             while !batch.is_empty() {
-                let ops: Vec<&MapOp> = batch.iter().map(|(_, op)| *op).collect();
-                let (n, err) = write_run(store, &ops, applied);
+                let (n, err) = write_run(store, batch.len(), |k| batch[k].1, applied);
                 report.ops_ok += n;
                 let Some(e) = err else { break };
                 let dead = batch[n].0;
@@ -150,7 +150,6 @@ pub fn execute<S: MapStore + ?Sized>(
         .failed
         .extend(fe_failed.into_iter().map(|(i, e)| (plan.frontends[i].0, e)));
     let gc = applied.gc();
-    let gc: Vec<&MapOp> = gc.iter().collect();
     write_independent(
         store,
         &gc,
@@ -177,28 +176,35 @@ fn class_of(op: &MapOp) -> BatchClass {
     }
 }
 
-/// Write `ops` (one class, or one `Single` op) as one batch and record the performed ones in
-/// `applied`. Returns how many were performed and, when not all, the error of the next one.
-fn write_run<S: MapStore + ?Sized>(
+/// Write the `len` ops `op(0..len)` (one class, or one `Single` op) as one batch and record
+/// the performed ones in `applied`. Returns how many were performed and, when not all, the
+/// error of the next one.
+///
+/// The ops are encoded and recorded piece by piece ([`MapStore::write_pieces`]), so that a
+/// store may write one piece while the next is encoded and the last one recorded; the ops
+/// are taken by index, so no list of them is collected per batch.
+fn write_run<'p, S: MapStore + ?Sized>(
     store: &mut S,
-    ops: &[&MapOp],
+    len: usize,
+    op: impl Fn(usize) -> &'p MapOp,
     applied: &mut Applied,
 ) -> (usize, Option<String>) {
-    for op in ops {
+    for i in 0..len {
+        let op = op(i);
         tracing::debug!(?op, "map op");
         if let MapOp::PutMaglevTable { table, .. } = op {
             // Half-written if the write fails: its old content is no longer known.
             applied.forget_table(*table);
         }
     }
-    let writes: Vec<MapWrite> = ops.iter().map(|op| MapWrite::of(op)).collect();
-    let (n, err) = store.write_batch(&writes);
-    let n = n.min(ops.len());
-    for op in &ops[..n] {
-        applied.apply(op);
-    }
+    let (n, err) = store.write_pieces(
+        len,
+        &mut |r| r.map(|i| MapWrite::of(op(i))).collect(),
+        &mut |r| r.for_each(|i| applied.apply(op(i))),
+    );
+    let n = n.min(len);
     let err = match err {
-        Some(e) if n < ops.len() => Some(format!("{:?}: {e}", ops[n])),
+        Some(e) if n < len => Some(format!("{:?}: {e}", op(n))),
         _ => None,
     };
     (n, err)
@@ -208,25 +214,26 @@ fn write_run<S: MapStore + ?Sized>(
 /// ops of one class in one batch; a failed op is handed to `failed` and the rest go on.
 fn write_independent<S: MapStore + ?Sized>(
     store: &mut S,
-    ops: &[&MapOp],
+    ops: &[MapOp],
     applied: &mut Applied,
     mut failed: impl FnMut(&MapOp, String),
     ops_ok: &mut usize,
 ) {
     let mut start = 0;
     while start < ops.len() {
-        let class = class_of(ops[start]);
+        let class = class_of(&ops[start]);
         let mut end = start + 1;
         if class != BatchClass::Single {
-            while end < ops.len() && class_of(ops[end]) == class {
+            while end < ops.len() && class_of(&ops[end]) == class {
                 end += 1;
             }
         }
-        let (n, err) = write_run(store, &ops[start..end], applied);
+        let run = &ops[start..end];
+        let (n, err) = write_run(store, run.len(), |k| &run[k], applied);
         *ops_ok += n;
         match err {
             Some(e) => {
-                failed(ops[start + n], e);
+                failed(&ops[start + n], e);
                 start += n + 1;
             }
             None => start = end,

@@ -19,6 +19,9 @@ pub struct FaultStore<S> {
     rule: Rule,
     writes: usize,
     injected: Vec<MapWrite>,
+    /// [`FaultStore::in_pieces`]: the piece size of [`MapStore::write_pieces`] (0: the
+    /// default, everything at once).
+    piece: usize,
 }
 
 /// An error of a [`FaultStore`]: injected, or the inner store's own.
@@ -45,7 +48,16 @@ impl<S> FaultStore<S> {
             rule: Box::new(rule),
             writes: 0,
             injected: Vec::new(),
+            piece: 0,
         }
+    }
+
+    /// Take [`MapStore::write_pieces`] batches in pieces of `piece` writes (asking for each
+    /// piece's encoding just before writing it, telling each one done right after), as the
+    /// real store's pipeline does: the executor must end up exactly as with whole batches.
+    pub fn in_pieces(mut self, piece: usize) -> Self {
+        self.piece = piece;
+        self
     }
 
     /// Fail write number `n` (from 0) only.
@@ -177,5 +189,28 @@ impl<S: MapStore> MapStore for FaultStore<S> {
         self.inner
             .read_maglev_table(table)
             .map_err(FaultError::Store)
+    }
+    fn write_pieces(
+        &mut self,
+        len: usize,
+        encode: &mut dyn FnMut(std::ops::Range<usize>) -> Vec<MapWrite>,
+        done: &mut dyn FnMut(std::ops::Range<usize>),
+    ) -> (usize, Option<Self::Error>) {
+        if self.piece == 0 {
+            return super::write_in_one_piece(self, len, encode, done);
+        }
+        let mut at = 0;
+        while at < len {
+            let end = (at + self.piece).min(len);
+            let writes = encode(at..end);
+            let (n, err) = self.write_batch(&writes);
+            let n = n.min(end - at);
+            done(at..at + n);
+            if n < end - at {
+                return (at + n, err);
+            }
+            at = end;
+        }
+        (len, None)
     }
 }

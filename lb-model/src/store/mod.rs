@@ -122,6 +122,45 @@ pub trait MapStore {
         }
         (writes.len(), None)
     }
+
+    /// [`MapStore::write_batch`] of a batch of `len` writes handed over in pieces, so that a
+    /// store can write one piece while the caller encodes the next one and records the ones
+    /// written: `encode(range)` returns the writes `range` of the batch (pure: it may be asked
+    /// for the same range again), and `done(range)` is told which writes were performed, in
+    /// order, contiguously from 0, as they complete. Same contract as `write_batch`: strictly
+    /// in order, nothing after the first failing write is attempted; returns how many were
+    /// performed (exactly the ones passed to `done`) and, when fewer than `len`, the error of
+    /// the write at that index.
+    ///
+    /// Why: at 100k endpoints the kernel's work in the batch syscalls and the executor's
+    /// bookkeeping ([`crate::Applied::apply`]) take about as long each; the real store
+    /// (lb-userspace's `AyaStore`) overlaps them by issuing the syscalls of a large batch from
+    /// a second thread. The default encodes everything, calls `write_batch` once and reports
+    /// once, so the in-memory and fault-injecting stores see exactly the writes they saw
+    /// before.
+    fn write_pieces(
+        &mut self,
+        len: usize,
+        encode: &mut dyn FnMut(std::ops::Range<usize>) -> Vec<MapWrite>,
+        done: &mut dyn FnMut(std::ops::Range<usize>),
+    ) -> (usize, Option<Self::Error>) {
+        write_in_one_piece(self, len, encode, done)
+    }
+}
+
+/// [`MapStore::write_pieces`] as one `write_batch` of the whole batch, reported once (the
+/// default, and what a store that pipelines nothing does).
+pub fn write_in_one_piece<S: MapStore + ?Sized>(
+    store: &mut S,
+    len: usize,
+    encode: &mut dyn FnMut(std::ops::Range<usize>) -> Vec<MapWrite>,
+    done: &mut dyn FnMut(std::ops::Range<usize>),
+) -> (usize, Option<S::Error>) {
+    let writes = encode(0..len);
+    let (n, err) = store.write_batch(&writes);
+    let n = n.min(len);
+    done(0..n);
+    (n, if n < len { err } else { None })
 }
 
 impl<S: MapStore + ?Sized> MapStore for &mut S {
@@ -194,6 +233,14 @@ impl<S: MapStore + ?Sized> MapStore for &mut S {
     }
     fn write_batch(&mut self, writes: &[MapWrite]) -> (usize, Option<S::Error>) {
         (**self).write_batch(writes)
+    }
+    fn write_pieces(
+        &mut self,
+        len: usize,
+        encode: &mut dyn FnMut(std::ops::Range<usize>) -> Vec<MapWrite>,
+        done: &mut dyn FnMut(std::ops::Range<usize>),
+    ) -> (usize, Option<S::Error>) {
+        (**self).write_pieces(len, encode, done)
     }
 }
 

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
@@ -45,20 +46,39 @@ enum ObjKind {
     Slice,
 }
 
-/// What one file defined when it was last read.
+/// What one file defined when it was last read: its keys sorted, without duplicates.
+///
+/// Why slices and shared paths rather than sets: this bookkeeping lives as long as the agent,
+/// and at 10k files a `BTreeSet` per file and per object (each a B-tree node of 11 slots for
+/// one or two entries) plus a copy of the path per object cost ~15 MiB; sorted boxed slices and
+/// one `Arc<Path>` per file cost about half.
 #[derive(Debug, Default)]
 struct FileEntry {
     stamp: Option<(SystemTime, u64)>,
-    keys: BTreeSet<(ObjKind, ObjKey)>,
+    keys: Box<[(ObjKind, ObjKey)]>,
 }
 
 /// The directory as last read: which objects each file defines. When two files define the same
 /// object, the file that sorts last wins (deterministic).
 #[derive(Debug, Default)]
 pub struct DirState {
-    files: BTreeMap<PathBuf, FileEntry>,
-    /// Files defining each object.
-    defs: BTreeMap<(ObjKind, ObjKey), BTreeSet<PathBuf>>,
+    files: BTreeMap<Arc<Path>, FileEntry>,
+    /// Files defining each object, sorted (almost always one).
+    defs: BTreeMap<(ObjKind, ObjKey), Vec<Arc<Path>>>,
+}
+
+/// Insert `path` into the sorted `files` (no duplicates).
+fn insert_sorted(files: &mut Vec<Arc<Path>>, path: &Arc<Path>) {
+    if let Err(i) = files.binary_search(path) {
+        files.insert(i, path.clone());
+    }
+}
+
+/// Remove `path` from the sorted `files`.
+fn remove_sorted(files: &mut Vec<Arc<Path>>, path: &Path) {
+    if let Ok(i) = files.binary_search_by(|p| (**p).cmp(path)) {
+        files.remove(i);
+    }
 }
 
 /// One file's objects, parsed.
@@ -108,7 +128,7 @@ impl DirState {
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|p| is_manifest(p))
                     .collect();
-                all.extend(self.files.keys().cloned()); // notice deletions
+                all.extend(self.files.keys().map(|p| p.to_path_buf())); // notice deletions
                 all
             }
         };
@@ -124,35 +144,41 @@ impl DirState {
                 let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file());
                 let stamp = meta.as_ref().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
                 // Unchanged since last read: skipped.
-                (stamp.is_none() || self.files.get(&path).map(|f| f.stamp) != Some(stamp)).then_some((path, stamp))
+                (stamp.is_none() || self.files.get(path.as_path()).map(|f| f.stamp) != Some(stamp)).then_some((path, stamp))
             })
             .collect();
         let parsed_all = parse_files(&stale);
         for ((path, stamp), (parsed, file_problems)) in stale.into_iter().zip(parsed_all) {
             problems.extend(file_problems);
-            let old = self.files.remove(&path).unwrap_or_default();
-            for key in &old.keys {
-                if let Some(set) = self.defs.get_mut(key) {
-                    set.remove(&path);
+            // The file's shared path: the one already held, else a new one.
+            let (path, old) = match self.files.remove_entry(path.as_path()) {
+                Some((p, old)) => (p, old),
+                None => (Arc::from(path), FileEntry::default()),
+            };
+            for key in old.keys.iter() {
+                if let Some(files) = self.defs.get_mut(key) {
+                    remove_sorted(files, &path);
                 }
             }
-            let mut entry = FileEntry { stamp, keys: BTreeSet::new() };
+            // `parsed.events` is a BTreeMap: its keys come sorted and unique.
+            let mut keys = Vec::with_capacity(parsed.events.len());
             for (key, ev) in parsed.events {
-                let set = self.defs.entry(key.clone()).or_default();
-                set.insert(path.clone());
-                if set.last() == Some(&path) {
+                let files = self.defs.entry(key.clone()).or_default();
+                insert_sorted(files, &path);
+                if files.last() == Some(&path) {
                     events.insert(key.clone(), ev); // this file's version wins
                 }
-                entry.keys.insert(key);
+                keys.push(key);
             }
-            orphaned.extend(old.keys.difference(&entry.keys).cloned());
+            let entry = FileEntry { stamp, keys: keys.into_boxed_slice() };
+            orphaned.extend(old.keys.iter().filter(|k| entry.keys.binary_search(k).is_err()).cloned());
             if stamp.is_some() {
                 self.files.insert(path, entry);
             }
         }
         // Objects a re-read file no longer defines: deleted, or another file's version takes over.
         for key in orphaned {
-            let winner = self.defs.get(&key).and_then(|s| s.last()).cloned();
+            let winner = self.defs.get(&key).and_then(|files| files.last()).cloned();
             match winner {
                 None => {
                     self.defs.remove(&key);
@@ -192,18 +218,39 @@ fn parse_files(stale: &[(PathBuf, Option<(SystemTime, u64)>)]) -> Vec<(Parsed, V
     if threads < 2 || stale.len() < PARALLEL_FILES {
         return stale.iter().map(one).collect();
     }
-    let chunk = stale.len().div_ceil(threads);
+    // Each thread takes the next few files until none are left (not a fixed share each): files
+    // differ in size, and the machine's other work (the datapath loading its programs at a
+    // cold start) takes a core from one thread or the other, so fixed halves end unevenly.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<(Parsed, Vec<Problem>)>> = std::iter::repeat_with(|| None).take(stale.len()).collect();
     std::thread::scope(|s| {
-        let handles: Vec<_> = stale
-            .chunks(chunk)
-            .map(|files| s.spawn(move || files.iter().map(one).collect::<Vec<_>>()))
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let start = next.fetch_add(PARSE_BATCH, std::sync::atomic::Ordering::Relaxed);
+                        if start >= stale.len() {
+                            return done;
+                        }
+                        let end = (start + PARSE_BATCH).min(stale.len());
+                        done.extend((start..end).map(|i| (i, one(&stale[i]))));
+                    }
+                })
+            })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("a manifest parser thread panicked"))
-            .collect()
-    })
+        for h in handles {
+            for (i, r) in h.join().expect("a manifest parser thread panicked") {
+                results[i] = Some(r);
+            }
+        }
+    });
+    results.into_iter().map(|r| r.expect("every file was parsed")).collect()
 }
+
+/// Files a parser thread takes at a time: small enough to even out the threads' ends, large
+/// enough that taking them costs nothing.
+const PARSE_BATCH: usize = 16;
 
 /// The first scan's events as one resync: the model replaces everything at once.
 fn as_resync(events: Vec<SourceEvent>) -> SourceEvent {
@@ -350,6 +397,35 @@ mod tests {
         assert_eq!(names(&st.refresh(&dir, None).unwrap().0), ["svc+a@10.96.0.1"]);
         std::fs::remove_file(dir.join("1.yaml")).unwrap();
         assert_eq!(names(&st.refresh(&dir, None).unwrap().0), ["svc-a"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn parallel_parse_keeps_the_order_of_the_files() {
+        // More files than PARALLEL_FILES, some missing and some invalid: results in input order.
+        let dir = test_dir("manifests");
+        let n = PARALLEL_FILES * 3 + 5;
+        let mut stale = Vec::new();
+        for i in 0..n {
+            let path = dir.join(format!("{i:04}.yaml"));
+            let text = match i % 7 {
+                3 => "kind: Service\napiVersion: v1\nspec: [".to_string(),
+                _ => SVC.replace("name: a", &format!("name: s{i}")),
+            };
+            std::fs::write(&path, text).unwrap();
+            let stamp = (i % 11 != 5).then_some((SystemTime::UNIX_EPOCH, 0));
+            stale.push((path, stamp));
+        }
+        let got = parse_files(&stale);
+        assert_eq!(got.len(), n);
+        for (i, (parsed, problems)) in got.iter().enumerate() {
+            let names: Vec<String> = parsed.events.values().map(|e| names(std::slice::from_ref(e)).remove(0)).collect();
+            match (i % 11 == 5, i % 7 == 3) {
+                (true, _) => assert!(names.is_empty() && problems.is_empty(), "{i}"),
+                (false, true) => assert!(names.is_empty() && problems.len() == 1, "{i}"),
+                (false, false) => assert_eq!(names, [format!("svc+s{i}@10.96.0.1")], "{i}"),
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
