@@ -50,7 +50,6 @@ pub fn is_last(pkt: &Packet) -> bool {
                 && l.sport == pkt.sport
                 && l.dport == pkt.dport
                 && l.proto == pkt.proto
-                && l.dir == CT_FORWARD
         }
         None => false,
     }

@@ -284,34 +284,26 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
     fn write_batch(&mut self, writes: &[MapWrite]) -> (usize, Option<Error>) {
         let Some(first) = writes.first() else { return (0, None) };
         let class = first.batch_class();
+        let delete = matches!(
+            class,
+            BatchClass::DeleteService | BatchClass::DeleteBackend | BatchClass::DeleteMember
+        );
         let done = match class {
-            BatchClass::PutService | BatchClass::DeleteService => batch_parts(writes, |w| match w {
-                MapWrite::PutService(k, v) if class == BatchClass::PutService => Some((*k, Some(*v))),
-                MapWrite::DeleteService(k) if class == BatchClass::DeleteService => Some((*k, None)),
-                _ => None,
-            })
-            .and_then(|(k, v): (Vec<ServiceKey>, Vec<ServiceValue>)| {
-                let map: &MapData = IterableMap::map(&*self.services);
-                hash_batch(map, map_names::SERVICES, &k, &v, class == BatchClass::DeleteService)
-            }),
-            BatchClass::PutBackend | BatchClass::DeleteBackend => batch_parts(writes, |w| match w {
-                MapWrite::PutBackend(id, v) if class == BatchClass::PutBackend => Some((*id, Some(*v))),
-                MapWrite::DeleteBackend(id) if class == BatchClass::DeleteBackend => Some((*id, None)),
-                _ => None,
-            })
-            .and_then(|(k, v): (Vec<u32>, Vec<Backend>)| {
-                let map: &MapData = IterableMap::map(&*self.backends);
-                hash_batch(map, map_names::BACKENDS, &k, &v, class == BatchClass::DeleteBackend)
-            }),
-            BatchClass::PutMember | BatchClass::DeleteMember => batch_parts(writes, |w| match w {
-                MapWrite::PutMember(k, v) if class == BatchClass::PutMember => Some((*k, Some(*v))),
-                MapWrite::DeleteMember(k) if class == BatchClass::DeleteMember => Some((*k, None)),
-                _ => None,
-            })
-            .and_then(|(k, v): (Vec<MemberKey>, Vec<MemberValue>)| {
-                let map: &MapData = IterableMap::map(&*self.members);
-                hash_batch(map, map_names::MEMBERS, &k, &v, class == BatchClass::DeleteMember)
-            }),
+            BatchClass::PutService | BatchClass::DeleteService => {
+                batch_parts(writes, service_part(delete)).and_then(|(k, v)| {
+                    hash_batch(IterableMap::map(&*self.services), map_names::SERVICES, &k, &v, delete)
+                })
+            }
+            BatchClass::PutBackend | BatchClass::DeleteBackend => {
+                batch_parts(writes, backend_part(delete)).and_then(|(k, v)| {
+                    hash_batch(IterableMap::map(&*self.backends), map_names::BACKENDS, &k, &v, delete)
+                })
+            }
+            BatchClass::PutMember | BatchClass::DeleteMember => {
+                batch_parts(writes, member_part(delete)).and_then(|(k, v)| {
+                    hash_batch(IterableMap::map(&*self.members), map_names::MEMBERS, &k, &v, delete)
+                })
+            }
             BatchClass::PutSvcName | BatchClass::DeleteSvcName => self.svc_name_batch(writes, class),
             _ => None,
         };
@@ -332,29 +324,17 @@ impl<T: BorrowMut<MapData>> MapStore for AyaStore<'_, T> {
             Some(c @ (BatchClass::PutService | BatchClass::DeleteService)) => {
                 let fd = IterableMap::map(&*self.services).fd().as_fd();
                 let delete = c == BatchClass::DeleteService;
-                Some(pipelined(hash_piece(fd, map_names::SERVICES, delete), len, encode, done, |w| match w {
-                    MapWrite::PutService(k, v) if !delete => Some((*k, Some(*v))),
-                    MapWrite::DeleteService(k) if delete => Some((*k, None)),
-                    _ => None,
-                }))
+                Some(pipelined(hash_piece(fd, map_names::SERVICES, delete), len, encode, done, service_part(delete)))
             }
             Some(c @ (BatchClass::PutBackend | BatchClass::DeleteBackend)) => {
                 let fd = IterableMap::map(&*self.backends).fd().as_fd();
                 let delete = c == BatchClass::DeleteBackend;
-                Some(pipelined(hash_piece(fd, map_names::BACKENDS, delete), len, encode, done, |w| match w {
-                    MapWrite::PutBackend(id, v) if !delete => Some((*id, Some(*v))),
-                    MapWrite::DeleteBackend(id) if delete => Some((*id, None)),
-                    _ => None,
-                }))
+                Some(pipelined(hash_piece(fd, map_names::BACKENDS, delete), len, encode, done, backend_part(delete)))
             }
             Some(c @ (BatchClass::PutMember | BatchClass::DeleteMember)) => {
                 let fd = IterableMap::map(&*self.members).fd().as_fd();
                 let delete = c == BatchClass::DeleteMember;
-                Some(pipelined(hash_piece(fd, map_names::MEMBERS, delete), len, encode, done, |w| match w {
-                    MapWrite::PutMember(k, v) if !delete => Some((*k, Some(*v))),
-                    MapWrite::DeleteMember(k) if delete => Some((*k, None)),
-                    _ => None,
-                }))
+                Some(pipelined(hash_piece(fd, map_names::MEMBERS, delete), len, encode, done, member_part(delete)))
             }
             Some(BatchClass::PutSvcName) => self.svc_name_pipelined(len, encode, done),
             // Small batches (a thread is not worth it), SVCNAME deletes (rare), the rest: in
@@ -638,6 +618,35 @@ fn batch_err_of(name: &'static str, e: std::io::Error) -> Error {
 
 /// `writes` (all of one [`BatchClass`]) as the keys and values of one batch: puts give both,
 /// deletes keys only. None for a write of another class (never passed by the executor).
+/// The SERVICES key and value (`None`: a delete) of a write of the batch's kind (puts, or
+/// deletes when `delete`); `None` for any other write. One per map, shared by the one-batch
+/// ([`batch_parts`]) and the pipelined ([`pipelined`]) paths.
+fn service_part(delete: bool) -> impl Fn(&MapWrite) -> Option<(ServiceKey, Option<ServiceValue>)> {
+    move |w| match w {
+        MapWrite::PutService(k, v) if !delete => Some((*k, Some(*v))),
+        MapWrite::DeleteService(k) if delete => Some((*k, None)),
+        _ => None,
+    }
+}
+
+/// [`service_part`] for BACKENDS.
+fn backend_part(delete: bool) -> impl Fn(&MapWrite) -> Option<(u32, Option<Backend>)> {
+    move |w| match w {
+        MapWrite::PutBackend(id, v) if !delete => Some((*id, Some(*v))),
+        MapWrite::DeleteBackend(id) if delete => Some((*id, None)),
+        _ => None,
+    }
+}
+
+/// [`service_part`] for MEMBERS.
+fn member_part(delete: bool) -> impl Fn(&MapWrite) -> Option<(MemberKey, Option<MemberValue>)> {
+    move |w| match w {
+        MapWrite::PutMember(k, v) if !delete => Some((*k, Some(*v))),
+        MapWrite::DeleteMember(k) if delete => Some((*k, None)),
+        _ => None,
+    }
+}
+
 fn batch_parts<K: Copy, V: Copy>(
     writes: &[MapWrite],
     part: impl Fn(&MapWrite) -> Option<(K, Option<V>)>,
