@@ -414,6 +414,7 @@ mod tests {
             services: n,
             established_ns: e,
             new_flow_ns: s,
+            syn_reuse_ns: 0.0,
             reply_ns: 50.0,
             non_service_ns: 40.0,
         };

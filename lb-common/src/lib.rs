@@ -19,6 +19,8 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
 
+pub mod csum;
+
 /// Names of the maps, as declared in lb-ebpf and pinned under `--pin-path`.
 /// Bump the suffix of a name whenever its key or value layout changes, so an upgraded agent
 /// finds no incompatible pin under the same name (Cilium's `_v2` practice).

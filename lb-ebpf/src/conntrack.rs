@@ -263,10 +263,26 @@ pub struct Target {
     pub flags: u8,
 }
 
+/// The live forward entry of a flow that is over (expired, closed, or its backend left) whose
+/// tuple a new flow of the same client takes: the entry (from the caller's lookup) and the copy
+/// taken right after that lookup.
+pub struct Reuse {
+    pub entry: *mut CtValue,
+    pub old: CtValue,
+}
+
 /// Inserts the forward and reply entries of a new flow of `pkt` to `t`.
 /// Returns false when an insert failed (the flow is still translated, just not pinned).
+///
+/// With `reuse`, the new flow takes over the old flow's entries instead of removing them and
+/// inserting new ones: the forward key is the same tuple, so its value is overwritten in
+/// place, and so is the reply entry when the new flow answers on the old one's reply tuple
+/// (same backend); otherwise only the old reply entry is removed and the new one inserted.
+/// A client that re-uses its ports (every busy client: a closed flow lives on for
+/// `tcp_close` seconds) thus pays no insert into the large LRU table for the forward entry,
+/// whose insert evicts once the table is full, and no delete.
 #[inline(always)]
-pub fn create(pkt: &Packet, t: &Target, now: u64) -> bool {
+pub fn create(pkt: &Packet, t: &Target, now: u64, reuse: Option<&Reuse>) -> bool {
     let (state, seen) = initial_state(pkt);
     let forward = CtValue {
         backend_id: t.backend_id,
@@ -287,10 +303,28 @@ pub fn create(pkt: &Packet, t: &Target, now: u64) -> bool {
         return true;
     }
     let key = forward_key(pkt);
-    let fwd_ok = CONNTRACK.insert(&key, &forward, BPF_ANY.into()).is_ok();
-    let rep_ok = CONNTRACK
-        .insert(&key.pair(&forward), &key.pair_value(&forward), BPF_ANY.into())
-        .is_ok();
+    let reply_key = key.pair(&forward);
+    let reply = key.pair_value(&forward);
+    let fwd_ok = match reuse {
+        Some(r) => {
+            // SAFETY: the live map value of `key` the caller looked up in this run; a plain
+            // store, as `update` does (a racing writer leaves one valid value or the other).
+            unsafe { *r.entry = forward };
+            let old_reply = key.pair(&r.old);
+            if old_reply == reply_key {
+                if let Some(p) = CONNTRACK.get_ptr_mut(&reply_key) {
+                    // SAFETY: a live map value returned by the lookup just above.
+                    unsafe { *p = reply };
+                    return true;
+                }
+            } else {
+                let _ = CONNTRACK.remove(&old_reply);
+            }
+            true
+        }
+        None => CONNTRACK.insert(&key, &forward, BPF_ANY.into()).is_ok(),
+    };
+    let rep_ok = CONNTRACK.insert(&reply_key, &reply, BPF_ANY.into()).is_ok();
     fwd_ok && rep_ok
 }
 

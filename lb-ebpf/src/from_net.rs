@@ -342,7 +342,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
         };
         target.snat_port = port;
     }
-    if !conntrack::create(&pkt, &target, now) {
+    if !conntrack::create(&pkt, &target, now, None) {
         bump(Stat::CtInsertFailed);
     }
     bump(Stat::NewFlow);

@@ -9,7 +9,9 @@ use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
 use lb_common::{CtKey, CtValue, Stat, CT_F_HAIRPIN, PROTO_SCTP};
 
 use crate::{
-    conntrack::{self, alive, answer_key_of, forward_key, now_ns, reply_key_of, Dir, HAIRPIN},
+    conntrack::{
+        self, alive, answer_key_of, forward_key, now_ns, reply_key_of, Dir, Reuse, HAIRPIN,
+    },
     fault::{Fault, PASS},
     fefilter, icmp,
     lb::{self, Client},
@@ -71,40 +73,44 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Fault> {
         return Ok(PASS);
     }
     let key = forward_key(&pkt);
-    let mut reason = None;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: a live map value; copied out before any other map operation.
-        let ct = unsafe { *entry };
-        // The clock is read only where it is needed: a packet that is not ours never pays it.
-        let now = now_ns();
-        if !alive(&ct, now) {
-            reason = Some(Stat::CtExpired);
-        } else {
-            match stale_reason(&pkt, &ct, Client::Pod) {
-                None => {
-                    if pkt.has_l4 {
-                        conntrack::update(&key, entry, &ct, &pkt, Dir::Forward, now, pkt.is_syn_only());
-                    } else {
-                        bump(Stat::FragmentTranslated);
-                    }
-                    bump(Stat::Established);
-                    svcstats::packet(ct.svc_port_id, pkt.ip_tot_len);
-                    return forward(ctx, &pkt, &ct);
-                }
-                Some(stat) => reason = Some(stat),
-            }
+    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
+        if !pkt.has_l4 {
+            // A later fragment whose flow is unknown: it cannot start a flow.
+            return Ok(Skip::Fragment.pass::<TcContext>());
         }
-        // The old flow is over: drop its pair so no reply is restored to a stale frontend.
-        conntrack::remove_flow(&key, &ct);
-    }
+        return new_flow(ctx, &pkt, None);
+    };
+    // SAFETY: a live map value; copied out before any other map operation.
+    let ct = unsafe { *entry };
+    // The clock is read only where it is needed: a packet that is not ours never pays it.
+    let now = now_ns();
+    let reason = if !alive(&ct, now) {
+        Stat::CtExpired
+    } else {
+        match stale_reason(&pkt, &ct, Client::Pod) {
+            None => {
+                if pkt.has_l4 {
+                    conntrack::update(&key, entry, &ct, &pkt, Dir::Forward, now, pkt.is_syn_only());
+                } else {
+                    bump(Stat::FragmentTranslated);
+                }
+                bump(Stat::Established);
+                svcstats::packet(ct.svc_port_id, pkt.ip_tot_len);
+                return forward(ctx, &pkt, &ct);
+            }
+            Some(stat) => stat,
+        }
+    };
     if !pkt.has_l4 {
-        // A later fragment whose flow is unknown: it cannot start a flow.
+        // A later fragment cannot start a flow. The old flow is over: drop its pair so no
+        // reply is restored to a stale frontend.
+        conntrack::remove_flow(&key, &ct);
         return Ok(Skip::Fragment.pass::<TcContext>());
     }
-    if let Some(stat) = reason {
-        bump(stat);
-    }
-    new_flow(ctx, &pkt)
+    bump(reason);
+    // The old flow is over; the new one takes over its entries, or removes them when there is
+    // no new flow (see `new_flow`).
+    new_flow(ctx, &pkt, Some(Reuse { entry, old: ct }))
 }
 
 /// Why a live conntrack hit must not keep its backend, or `None` when it keeps it.
@@ -182,9 +188,13 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
 }
 
 /// First packet of a flow (or one that starts over): select, track, DNAT.
+///
+/// `reuse`: the entry of the flow that is over on this tuple, taken over by the new
+/// flow (`conntrack::create`), or removed with its pair when no new flow starts.
 #[inline(always)]
-fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
+fn new_flow(ctx: &TcContext, pkt: &Packet, reuse: Option<Reuse>) -> Result<i32, Fault> {
     let Some((master_key, master)) = lb::frontend(pkt, Client::Pod) else {
+        forget(pkt, &reuse);
         // An unallocated ClusterIP (or a port the Service does not have): refuse at once
         // instead of letting the packet leave untranslated and time out.
         if in_service_cidr(pkt.daddr) {
@@ -199,16 +209,19 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
     };
     let id = master.svc_port_id;
     if !lb::source_allowed(pkt, &master) {
+        forget(pkt, &reuse);
         bump(Stat::DropSourceRange);
         svcstats::dropped(id, Drop::SourceRange);
         return Ok(TC_ACT_SHOT);
     }
     if master.count == 0 {
+        forget(pkt, &reuse);
         svcstats::dropped(id, Drop::Refused);
         return refuse(ctx, pkt);
     }
     let now = now_ns();
     let selected = lb::select(pkt, &master_key, &master, now).inspect_err(|_| {
+        forget(pkt, &reuse);
         svcstats::dropped(id, Drop::NoBackend);
     })?;
     let flags = if selected.addr == pkt.saddr {
@@ -226,7 +239,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
         svc_port_id: master.svc_port_id,
         flags,
     };
-    if !conntrack::create(pkt, &target, now) {
+    if !conntrack::create(pkt, &target, now, reuse.as_ref()) {
         bump(Stat::CtInsertFailed);
     }
     bump(Stat::NewFlow);
@@ -239,6 +252,15 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
         ..CtValue::default()
     };
     forward(ctx, pkt, &ct)
+}
+
+/// The flow that was over on `pkt`'s tuple gets no successor: drop it with its pair, so no
+/// reply is restored to a stale frontend.
+#[inline(always)]
+fn forget(pkt: &Packet, reuse: &Option<Reuse>) {
+    if let Some(r) = reuse {
+        conntrack::remove_flow(&forward_key(pkt), &r.old);
+    }
 }
 
 /// Removes the Service flow whose reply tuple is the answer tuple of the direct SYN `pkt`.

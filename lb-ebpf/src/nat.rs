@@ -10,12 +10,15 @@
 //! address and port, and the IP checksum updated in software (RFC 1624; the IP checksum is never
 //! offloaded, so plain arithmetic on the field is all `bpf_l3_csum_replace` did). Only the L4
 //! checksum keeps its helper (it knows CHECKSUM_PARTIAL and CHECKSUM_COMPLETE): at most two
-//! calls per rewrite, one for the address (pseudo header), one for the port. The stores come
-//! first, since the helpers invalidate packet pointers. XDP frames are never CHECKSUM_PARTIAL,
+//! calls per rewrite, one for the address (pseudo header), one for the port; for TCP usually
+//! one: the field after the address call tells whether the skb is CHECKSUM_PARTIAL
+//! (`lb_common::csum`), and the port is then updated in software or, for a partial checksum,
+//! left alone. The stores come first, since the helpers invalidate packet pointers. XDP frames are never CHECKSUM_PARTIAL,
 //! so there the L4 checksum is updated in software on the packet as well. Other packets (IP
 //! options, later fragments, non-linear headers) keep the helper path.
 
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
+use lb_common::csum::{self, Summed};
 
 use crate::{
     fault::Fault,
@@ -141,6 +144,8 @@ fn rewrite_direct<C: Frame>(
     // The L4 checksum last: the helpers invalidate `p`.
     let (_, flags) = l4_csum(pkt);
     if addr_changes {
+        // SAFETY: as above (`p` is still valid: no helper ran since `direct`).
+        let before = unsafe { p.add(csum_off).cast::<u16>().read() };
         ctx.l4_csum_replace(
             csum_off,
             old_addr.into(),
@@ -148,6 +153,26 @@ fn rewrite_direct<C: Frame>(
             flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
         )
         .map_err(|_| Fault::Rewrite)?;
+        // TCP: the field now tells whether the skb is CHECKSUM_PARTIAL, and the port needs no
+        // second helper call (`lb_common::csum`). UDP keeps the helper (its zero checksum).
+        if let Some(port) = port.filter(|_| port_changes && tcp) {
+            if let Some(p) = ctx.direct(end) {
+                // SAFETY: `direct` checked `end` bytes again; constant offset below `end`.
+                let field = unsafe { p.add(csum_off).cast::<u16>() };
+                // SAFETY: as above.
+                let after = unsafe { field.read() };
+                match csum::after_address_update(before, after, old_addr, addr) {
+                    // The port is payload of a partial checksum: nothing to add.
+                    Some(Summed::Partial) => return Ok(true),
+                    Some(Summed::Full) => {
+                        // SAFETY: as above.
+                        unsafe { field.write(csum_update(after, old_port.into(), port.into(), 2)) };
+                        return Ok(true);
+                    }
+                    None => {}
+                }
+            }
+        }
     }
     if let Some(port) = port.filter(|_| port_changes) {
         ctx.l4_csum_replace(csum_off, old_port.into(), port.into(), flags | 2)

@@ -354,3 +354,73 @@ fn pod_created_after_the_agent_started_gets_the_programs() {
     let hits = tally_tcp(env.pod("late-client"), vip, 5);
     assert_eq!(hits.get("new"), Some(&5), "{hits:?}");
 }
+
+/// Runs `ethtool -K DEV FEATURE on|off` in `ns`.
+fn offload(ns: &lb_testkit::netns::NetNs, dev: &str, feature: &str, on: bool) {
+    let state = if on { "on" } else { "off" };
+    ns.command("ethtool")
+        .and_then(|mut c| lb_testkit::netns::run_cmd(c.args(["-K", dev, feature, state])))
+        .unwrap_or_else(|e| {
+            panic!("ethtool -K {dev} {feature} {state} (is ethtool installed?): {e}")
+        });
+}
+
+/// The L4 checksum of every translated segment must be right whether the pods offload their
+/// checksums (CHECKSUM_PARTIAL: the field holds the pseudo-header sum, finished later) or
+/// compute them (the field is the full checksum): `from_pod` and `to_pod` tell the two apart
+/// from the field and update the port in software or not at all (`lb_common::csum`). The
+/// receiving side makes every checksum count: the node side of each pod veth computes
+/// partial checksums at transmit (`tx off`) and the pods verify what they receive (`rx off`),
+/// so a wrong one is a dropped segment and a connection that times out. Local and remote
+/// backends, several connections with multi-segment lines each way, both sender modes.
+#[test]
+#[ignore = "needs root"]
+fn checksums_are_right_whether_pods_offload_them_or_not() {
+    let mut env = Env::new();
+    env.add_pod(1, CLIENT, CLIENT_IP, &[], &[]);
+    env.add_pod(1, "sum-local", ip(1, 70), &[8080], &[]);
+    env.add_pod(2, "sum-remote", ip(2, 70), &[8080], &[]);
+    let svc = SvcManifest {
+        name: "sum".into(),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 70),
+        ports: vec![SvcPort::tcp("http", 80, 8080)],
+        endpoints: vec![
+            Endpoint::ready(ip(1, 70), "node1", "sum-local"),
+            Endpoint::ready(ip(2, 70), "node2", "sum-remote"),
+        ],
+    };
+    env.write(&svc);
+    env.start_agents();
+    env.wait_backends(
+        "10.96.0.70:80/TCP",
+        &["10.244.1.70:8080", "10.244.2.70:8080"],
+    );
+    let pods = [CLIENT, "sum-local", "sum-remote"];
+    for name in pods {
+        let pod = env.pod(name);
+        offload(&env.cluster.node(pod.node).ns, &pod.host_veth, "tx", false);
+        offload(&pod.ns, "eth0", "rx", false);
+    }
+    let line = "x".repeat(3000);
+    for pods_offload in [true, false] {
+        for name in pods {
+            offload(&env.pod(name).ns, "eth0", "tx", pods_offload);
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for k in 0..12 {
+            let mut conn = env
+                .pod(CLIENT)
+                .tcp_connect((svc.cluster_ip, 80))
+                .unwrap_or_else(|e| panic!("offload {pods_offload}, connection {k}: {e}"));
+            let pod = conn.greeting().to_string();
+            for _ in 0..3 {
+                let answer = conn.request(&line).unwrap_or_else(|e| {
+                    panic!("offload {pods_offload}, {pod}, connection {k}: {e}")
+                });
+                assert_eq!(answer, format!("{pod} {line}"), "offload {pods_offload}");
+            }
+            seen.insert(pod);
+        }
+        assert_eq!(seen.len(), 2, "offload {pods_offload}: {seen:?}");
+    }
+}

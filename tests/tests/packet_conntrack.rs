@@ -422,6 +422,31 @@ fn established(dp: &mut TestDatapath, cl: SocketAddrV4, to: BackendSpec) -> Resu
     Ok(f)
 }
 
+/// Sends `syn` through from_pod: it must be DNATed to one of `members` (and nothing else), whose
+/// flow is returned with that member.
+fn syn_to_a_member(
+    dp: &mut TestDatapath,
+    syn: &Tcp,
+    members: &[BackendSpec],
+) -> Result<(Flow, BackendSpec)> {
+    let out = dp.from_pod(&syn.frame())?;
+    let f = flow(dp, fwd_key(syn.src, PROTO_TCP))?;
+    let to = *members
+        .iter()
+        .find(|x| x.id == f.fwd.backend_id)
+        .with_context(|| format!("backend {} is no member", f.fwd.backend_id))?;
+    expect_frame(
+        &out,
+        TC_ACT_OK,
+        &Tcp {
+            dst: to.addr,
+            ..syn.clone()
+        }
+        .frame(),
+    )?;
+    Ok((f, to))
+}
+
 fn data(cl: SocketAddrV4) -> Tcp {
     Tcp {
         seq: 1_001,
@@ -947,21 +972,7 @@ fn retransmitted_syn_on_a_live_entry_keeps_its_backend() -> Result<()> {
     let (mut dp, _) = with_service(PROTO_TCP, &[a(), b(), backend(2)])?;
     let cl = client(43_030);
     let syn = seg(cl, TcpFlags::SYN);
-    let out = dp.from_pod(&syn.frame())?;
-    let first = flow(&mut dp, fwd_key(cl, PROTO_TCP))?;
-    let to = [a(), b(), backend(2)]
-        .into_iter()
-        .find(|x| x.id == first.fwd.backend_id)
-        .context("unknown backend")?;
-    expect_frame(
-        &out,
-        TC_ACT_OK,
-        &Tcp {
-            dst: to.addr,
-            ..syn.clone()
-        }
-        .frame(),
-    )?;
+    let (first, to) = syn_to_a_member(&mut dp, &syn, &[a(), b(), backend(2)])?;
     for _ in 0..5 {
         dnat_tcp(&dp, &syn, to)?;
     }
@@ -983,6 +994,81 @@ fn retransmitted_syn_on_a_live_entry_keeps_its_backend() -> Result<()> {
         dp.nonzero_stats()?,
         stats(&[("new_flow", 1), ("established", 6), ("reply", 1)])
     );
+    Ok(())
+}
+
+/// A busy client over time: four source ports, each used for connection after connection
+/// (SYN, SYN-ACK, data, RST: the port's flow is closed and lives on until the next SYN takes
+/// the tuple over), against a Service of three pods that is scaled down to two, then to one,
+/// and back to three. Each new connection must go to a current member, be restored on its
+/// answers, and leave exactly one pair per port: the old flow's reply entry is gone when the
+/// new one went to another pod (its late answer is not rewritten), reused when it went to the
+/// same pod.
+#[test]
+#[ignore = "needs root"]
+fn ports_reused_connection_after_connection_through_scaling_keep_one_pair_each() -> Result<()> {
+    let all = [a(), b(), backend(2)];
+    let (mut dp, svc) = with_service(PROTO_TCP, &all)?;
+    let ports = [43_060, 43_061, 43_062, 43_063];
+    let mut last: BTreeMap<u16, BackendSpec> = BTreeMap::new();
+    let (mut moved, mut same) = (0, 0);
+    let mut current = svc.clone();
+    for round in 0..24 {
+        match round {
+            8 => current = dp.remove_from_service(&current, backend(2).id)?,
+            12 => current = dp.remove_from_service(&current, b().id)?,
+            16 => {
+                current = svc.clone();
+                dp.set_service(&current)?;
+            }
+            _ => {}
+        }
+        for &p in &ports {
+            let cl = client(p);
+            let syn = Tcp {
+                seq: 10_000 + round,
+                ..seg(cl, TcpFlags::SYN)
+            };
+            let (f, to) = syn_to_a_member(&mut dp, &syn, &current.backends)
+                .with_context(|| format!("round {round}, port {p}"))?;
+            f.check_nat(to, frontend(PROTO_TCP), REV_NAT_ID)?;
+            ensure!(
+                f.fwd.state == ct_state::TCP_SYN_SENT,
+                "round {round}: {f:?}"
+            );
+            if let Some(prev) = last.insert(p, to) {
+                if prev.id != to.id {
+                    moved += 1;
+                    ensure_gone(&mut dp, &reply_key(prev.addr, cl, PROTO_TCP))?;
+                    // The previous pod's late answer is not the new flow's: untouched.
+                    expect_untouched(&dp, true, &answer(prev.addr, cl, TcpFlags::ACK).frame())?;
+                } else {
+                    same += 1;
+                }
+            }
+            snat_tcp(&dp, &answer(to.addr, cl, TcpFlags::SYN_ACK))?;
+            dnat_tcp(&dp, &data(cl), to)?;
+            snat_tcp(&dp, &answer(to.addr, cl, TcpFlags::ACK))?;
+            dnat_tcp(&dp, &seg(cl, TcpFlags::RST), to)?;
+            let f = flow(&mut dp, fwd_key(cl, PROTO_TCP))?;
+            ensure!(f.fwd.state == ct_state::TCP_CLOSED, "round {round}: {f:?}");
+        }
+        ensure!(
+            ct_len(&mut dp)? == 2 * ports.len(),
+            "round {round}: {:?}",
+            dp.conntrack()?
+        );
+    }
+    // Both ways of taking a tuple over happened (random selection over 3, then 1, then 3 pods).
+    ensure!(moved > 0 && same > 0, "moved {moved}, same {same}");
+    let st = dp.nonzero_stats()?;
+    let conns = 24 * ports.len() as u64;
+    ensure!(st.get("new_flow") == Some(&conns), "{st:?}");
+    ensure!(
+        st.get("ct_tuple_reused") == Some(&(conns - ports.len() as u64)),
+        "{st:?}"
+    );
+    ensure!(st.get("ct_insert_failed").is_none(), "{st:?}");
     Ok(())
 }
 

@@ -17,6 +17,8 @@ const APT_PACKAGES: &[&str] = &[
     "libxml2-dev",
     "bpftool",
     "iproute2",
+    // e2e: pods' checksum offload switched off and on (`ethtool -K`).
+    "ethtool",
     "iptables",
     "nftables",
     // `cargo xtask image` and its test: podman builds and runs the image; runc is its runtime

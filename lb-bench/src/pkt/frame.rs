@@ -3,6 +3,7 @@
 /// TCP flag bits.
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
+pub const RST: u8 = 0x04;
 
 const ETH_LEN: usize = 14;
 const IP_LEN: usize = 20;

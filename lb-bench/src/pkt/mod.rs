@@ -150,6 +150,11 @@ pub struct PktRow {
     pub services: usize,
     pub established_ns: f64,
     pub new_flow_ns: f64,
+    /// A SYN on the tuple of a closed flow of the same client port (a busy client re-using
+    /// its ports: the closed flow lives on for `tcp_close` seconds), which the new flow takes
+    /// over. 0 in results of older runs.
+    #[serde(default)]
+    pub syn_reuse_ns: f64,
     pub reply_ns: f64,
     pub non_service_ns: f64,
 }
@@ -603,6 +608,24 @@ fn run_in_namespace(
             .0)
         })?;
 
+        // Busy clients re-use their ports: a SYN on the tuple of a closed flow. Each sample's
+        // tuple was closed (RST, untimed) after its SYN of the round before; the untimed
+        // warm-up round creates them.
+        let reuse_pool = plan.samples_per_round;
+        let syn_reuse_ns = measure(plan, |k| {
+            let (src, sport) = new_flow_src(k % reuse_pool, 50 + salt);
+            let took = run_once(
+                from_pod,
+                &frame::tcp(src, sport, probe, SERVICE_PORT, frame::SYN),
+            )?
+            .0;
+            run_once(
+                from_pod,
+                &frame::tcp(src, sport, probe, SERVICE_PORT, frame::RST),
+            )?;
+            Ok(took)
+        })?;
+
         // One tracked flow; every later packet of it is a conntrack hit.
         let (_, out) = run_once(
             from_pod,
@@ -623,6 +646,7 @@ fn run_in_namespace(
             services: n,
             established_ns,
             new_flow_ns,
+            syn_reuse_ns,
             reply_ns,
             non_service_ns,
         });
