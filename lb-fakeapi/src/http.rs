@@ -189,16 +189,38 @@ fn list(
                 meta["continue"] = json!(c);
                 meta["remainingItemCount"] = json!(page.remaining.unwrap_or(0));
             }
-            let body = json!({
+            let head = json!({
                 "kind": format!("{}List", kind.kind()),
                 "apiVersion": kind.api_version(),
                 "metadata": meta,
-                "items": page.items,
             });
-            json_response(StatusCode::OK, &body)
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(list_body(&head, &page.items)).boxed())
+                .expect("static response parts")
         }
         Err(gone) => status(StatusCode::GONE, "Expired", &gone_message(&gone)),
     }
+}
+
+/// A list response: the fields of `head` and `"items"`, the items' JSON (serialized when they were
+/// stored) joined as they are.
+fn list_body(head: &Value, items: &[Bytes]) -> Bytes {
+    let head = serde_json::to_vec(head).expect("JSON values serialize");
+    let len = head.len() + items.iter().map(|i| i.len() + 1).sum::<usize>() + 16;
+    let mut body = Vec::with_capacity(len);
+    // `head` is a non-empty object: reopen it after its last field.
+    body.extend_from_slice(&head[..head.len() - 1]);
+    body.extend_from_slice(b",\"items\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"]}");
+    Bytes::from(body)
 }
 
 fn gone_message(g: &Gone) -> String {
@@ -355,14 +377,25 @@ async fn next_frame(
     }
 }
 
-fn line(v: &Value) -> Bytes {
-    let mut b = serde_json::to_vec(v).expect("JSON values serialize");
+/// One line of a watch body: `{"type":...,"object":...}` with `type` first, as the real apiserver
+/// writes it (Go's encoder keeps metav1.WatchEvent's field order). A client may depend on that
+/// order: serde decodes an object that precedes its tag through a buffer, where lb-kube's
+/// `Lenient` objects (serde_json's RawValue) cannot be decoded.
+#[derive(serde::Serialize)]
+struct WatchLine<'a> {
+    #[serde(rename = "type")]
+    ty: &'a str,
+    object: &'a Value,
+}
+
+fn watch_line(ty: &str, object: &Value) -> Bytes {
+    let mut b = serde_json::to_vec(&WatchLine { ty, object }).expect("JSON values serialize");
     b.push(b'\n');
     Bytes::from(b)
 }
 
 fn event_line(e: &Event) -> Bytes {
-    line(&json!({ "type": e.ty.as_str(), "object": e.object }))
+    watch_line(e.ty.as_str(), &e.object)
 }
 
 fn bookmark_line(kind: Kind, rv: u64, initial_end: bool) -> Bytes {
@@ -370,10 +403,10 @@ fn bookmark_line(kind: Kind, rv: u64, initial_end: bool) -> Bytes {
     if initial_end {
         meta["annotations"] = json!({ "k8s.io/initial-events-end": "true" });
     }
-    line(&json!({
-        "type": "BOOKMARK",
-        "object": { "kind": kind.kind(), "apiVersion": kind.api_version(), "metadata": meta },
-    }))
+    watch_line(
+        "BOOKMARK",
+        &json!({ "kind": kind.kind(), "apiVersion": kind.api_version(), "metadata": meta }),
+    )
 }
 
 fn status_object(code: StatusCode, reason: &str, message: &str) -> Value {
@@ -389,8 +422,9 @@ fn status_object(code: StatusCode, reason: &str, message: &str) -> Value {
 }
 
 fn error_line(g: &Gone) -> Bytes {
-    line(
-        &json!({ "type": "ERROR", "object": status_object(StatusCode::GONE, "Expired", &gone_message(g)) }),
+    watch_line(
+        "ERROR",
+        &status_object(StatusCode::GONE, "Expired", &gone_message(g)),
     )
 }
 
@@ -414,6 +448,25 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_lines_put_the_type_first() {
+        let l = watch_line("ADDED", &json!({"a": 1}));
+        assert_eq!(&l[..], b"{\"type\":\"ADDED\",\"object\":{\"a\":1}}\n");
+    }
+
+    #[test]
+    fn list_body_is_the_head_with_the_items() {
+        let head = json!({"kind": "ServiceList", "metadata": {"resourceVersion": "7"}});
+        let items = [Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"{}")];
+        let body: Value = serde_json::from_slice(&list_body(&head, &items)).unwrap();
+        assert_eq!(
+            body,
+            json!({"kind": "ServiceList", "metadata": {"resourceVersion": "7"}, "items": [{"a": 1}, {}]})
+        );
+        let empty: Value = serde_json::from_slice(&list_body(&head, &[])).unwrap();
+        assert_eq!(empty["items"], json!([]));
+    }
 
     #[test]
     fn routes_follow_the_apiserver_url_scheme() {

@@ -63,7 +63,7 @@ impl Watched for EndpointSlice {
 }
 
 /// An object that did not decode: reported, and treated as absent.
-fn parse_problem<K>(obj: &Lenient<K>, err: &str) -> Problem {
+fn parse_problem<K: kube::Resource<DynamicType = ()>>(obj: &Lenient<K>, err: &str) -> Problem {
     Problem {
         object: obj.display_name(),
         kind: "parse",
@@ -98,10 +98,7 @@ impl<K> Default for ListSync<K> {
     }
 }
 
-impl<K: Watched> ListSync<K>
-where
-    Lenient<K>: kube::Resource,
-{
+impl<K: Watched + kube::Resource<DynamicType = ()>> ListSync<K> {
     pub(crate) fn on_event(
         &mut self,
         ev: Event<Lenient<K>>,

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-pub use crate::kube_proxy::service_frontends;
+pub use crate::kube_proxy::{service_frontends, service_frontends_of};
 use crate::state::{ClusterState, Config, ServiceKey};
 use crate::{BackendAddr, Cidr, Frontend, Problem};
 use lb_common::{
@@ -70,7 +70,7 @@ impl DesiredState {
         cfg: &Config,
     ) -> (Vec<Frontend>, Vec<Problem>) {
         let (produced, mut problems) = match state.services.get(key) {
-            Some(svc) => service_frontends(svc, state.slices_of(key), &state.node, cfg),
+            Some(svc) => service_frontends_of(svc, state.slices_of(key), &state.node, cfg),
             None => (Vec::new(), Vec::new()),
         };
         for fe in self.waiting_of.remove(key).unwrap_or_default() {

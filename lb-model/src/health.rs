@@ -74,22 +74,13 @@ fn local_ready(state: &ClusterState, key: &crate::SvcKey) -> usize {
     if node.is_empty() {
         return 0;
     }
-    let mut addrs = BTreeSet::new();
-    for slice in state.slices_of(key).filter(|s| s.address_type == "IPv4") {
-        for ep in slice.endpoints.iter().flatten() {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready || ep.node_name.as_deref() != Some(node) {
-                continue;
-            }
-            if let Some(a) = ep
-                .addresses
-                .first()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok())
-            {
-                addrs.insert(a);
-            }
-        }
-    }
+    // The state's slices hold IPv4 endpoints only, by first address, with `ready` defaulted.
+    let addrs: BTreeSet<Ipv4Addr> = state
+        .slices_of(key)
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|ep| ep.ready && ep.on_node(node))
+        .map(|ep| ep.addr)
+        .collect();
     addrs.len()
 }
 

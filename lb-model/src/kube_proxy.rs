@@ -16,6 +16,7 @@ use lb_common::{
 
 use crate::cidr::{self, Cidr};
 use crate::desired::FrontendState;
+use crate::slice::{NodeNames, Slice};
 use crate::state::{object_key, Algorithm, Config, NodeInfo, ServiceKey, ALGORITHM_ANNOTATION};
 use crate::{BackendAddr, Frontend, Problem, Proto};
 
@@ -37,9 +38,23 @@ const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 /// traffic to an external address of such a Service through its "cluster" chain, subject to
 /// neither traffic policy, as if it had gone out to the load balancer and come back in). The
 /// two are adjacent in the sorted output (the scope is the last field of [`Frontend`]).
+///
+/// The slices as k8s-openapi objects; [`service_frontends_of`] takes them in the state's form.
 pub fn service_frontends<'a>(
     svc: &Service,
     slices: impl Iterator<Item = &'a EndpointSlice>,
+    node: &NodeInfo,
+    cfg: &Config,
+) -> (Vec<(Frontend, FrontendState)>, Vec<Problem>) {
+    let mut names = NodeNames::default();
+    let slices: Vec<Slice> = slices.map(|s| Slice::from_k8s(s, &mut names)).collect();
+    service_frontends_of(svc, slices.iter(), node, cfg)
+}
+
+/// [`service_frontends`] of slices in the form [`crate::ClusterState`] keeps them.
+pub fn service_frontends_of<'a>(
+    svc: &Service,
+    slices: impl Iterator<Item = &'a Slice>,
     node: &NodeInfo,
     cfg: &Config,
 ) -> (Vec<(Frontend, FrontendState)>, Vec<Problem>) {
@@ -90,7 +105,8 @@ pub fn service_frontends<'a>(
         node,
         affinity: affinity(spec),
         algorithm: algorithm(svc, cfg, &object, &mut problems).flag(),
-        slices: slices.filter(|s| s.address_type == "IPv4").collect(),
+        // A slice of another family is empty in this form.
+        slices: slices.collect(),
         out: BTreeMap::new(),
     };
     for port in spec.ports.iter().flatten() {
@@ -302,44 +318,31 @@ impl Conditions {
 
 /// The endpoints for a Service port: every IPv4 slice's port with the same name (unset == "") and
 /// protocol; the slice port number is the backend port (how named targetPorts resolve).
+/// (The conversion to [`Slice`] resolved the API's defaults: a missing `ready` means ready,
+/// a missing `serving` follows `ready`; the address is the endpoint's first.)
 fn endpoints(
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     name: &str,
     proto: Proto,
     node: &str,
 ) -> BTreeMap<BackendAddr, Conditions> {
     let mut out: BTreeMap<BackendAddr, Conditions> = BTreeMap::new();
     for slice in slices {
-        let matching = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == name
-                && Proto::from_k8s(p.protocol.as_deref()) == Some(proto)
-        });
-        let Some(port) = matching
-            .and_then(|p| p.port)
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-        else {
+        let Some(port) = slice.port(name, proto) else {
             continue;
         };
-        for ep in slice.endpoints.iter().flatten() {
-            // The API calls the addresses fungible; kube-proxy uses the first one.
-            let Some(addr) = ep
-                .addresses
-                .first()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok())
-            else {
-                continue;
-            };
-            let c = ep.conditions.as_ref();
-            // nil ready means "unknown": interpret as ready (API docs); nil serving follows ready.
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        for ep in slice.endpoints.iter() {
             let cond = Conditions {
-                ready,
-                serving: c.and_then(|c| c.serving).unwrap_or(ready),
-                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                local: !node.is_empty() && ep.node_name.as_deref() == Some(node),
+                ready: ep.ready,
+                serving: ep.serving,
+                terminating: ep.terminating,
+                local: ep.on_node(node),
             };
-            let b = BackendAddr { addr, port, proto };
+            let b = BackendAddr {
+                addr: ep.addr,
+                port,
+                proto,
+            };
             out.entry(b)
                 .and_modify(|held| *held = held.merge(cond))
                 .or_insert(cond);
@@ -379,7 +382,7 @@ struct Ctx<'a> {
     affinity: (u32, u32),
     /// `SVC_FLAG_ALG_*` of every frontend of the Service ([`algorithm`]).
     algorithm: u32,
-    slices: Vec<&'a EndpointSlice>,
+    slices: Vec<&'a Slice>,
     out: BTreeMap<Frontend, FrontendState>,
 }
 

@@ -30,6 +30,7 @@ mod kube_proxy;
 pub mod maglev;
 pub mod planner;
 pub mod readback;
+pub mod slice;
 mod slots;
 pub mod state;
 pub mod store;

@@ -606,10 +606,8 @@ fn one_endpoint_change_among_1000_services_is_a_handful_of_ops() {
         .next()
         .unwrap()
         .endpoints
-        .as_ref()
-        .unwrap()
         .iter()
-        .map(|e| e.addresses[0].clone())
+        .map(|e| e.addr.to_string())
         .collect();
     let mut ips: Vec<&str> = old.iter().map(String::as_str).collect();
     ips[2] = "10.200.0.1"; // one endpoint replaced by a new pod

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use common::sim::World;
 use common::*;
 use lb_common::{SCOPE_EXT, SCOPE_INT};
-use lb_model::desired::service_frontends;
+use lb_model::desired::service_frontends_of;
 use lb_model::planner::{all_frontends, plan};
 use lb_model::store::{execute, ExecReport, FaultStore, MapWrite};
 use lb_model::{Applied, ClusterState, DesiredState, Frontend, NodeInfo, Plan, SourceEvent};
@@ -274,7 +274,7 @@ fn to_event(ev: &Ev) -> SourceEvent {
 fn check_ownership(state: &ClusterState, desired: &DesiredState) -> Result<(), TestCaseError> {
     let mut filed = 0;
     for (key, svc) in &state.services {
-        let (fresh, _) = service_frontends(svc, state.slices_of(key), &state.node, &cfg());
+        let (fresh, _) = service_frontends_of(svc, state.slices_of(key), &state.node, &cfg());
         let fresh: BTreeMap<Frontend, _> = fresh.into_iter().collect();
         let owned = desired.by_service.get(key).cloned().unwrap_or_default();
         for fe in &owned {

@@ -171,12 +171,11 @@ fn resync_reports_exactly_the_services_whose_objects_differ() {
     assert_eq!(st.slice_owner.len(), 2);
     let again = st.apply(SourceEvent::Resync {
         services: Some(st.services.values().map(|s| (**s).clone()).collect()),
-        slices: Some(
-            st.slices
-                .values()
-                .flat_map(|m| m.values().map(|b| (**b).clone()))
-                .collect(),
-        ),
+        // The slices the state holds (it keeps them in its compact form, not as objects).
+        slices: Some(vec![
+            simple_slice("same-1", "same", &["10.244.0.1"]),
+            simple_slice("new-1", "added", &["10.244.0.3"]),
+        ]),
     });
     assert_eq!(
         again,
@@ -533,11 +532,14 @@ fn compacted_objects_give_the_same_frontends_and_compare_equal() {
         .next()
         .unwrap()
         .clone();
-    assert!(kept
-        .endpoints
-        .iter()
-        .flatten()
-        .all(|e| e.target_ref.is_none() && e.hostname.is_none()));
+    // The state keeps what the rules read: addresses, conditions, node names.
+    assert_eq!(
+        kept.endpoints
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect::<Vec<_>>(),
+        ["10.244.1.5", "10.244.2.7"]
+    );
     assert_eq!(
         DesiredState::rebuild(&st, &cfg()).0.frontends,
         DesiredState::rebuild(&plain, &cfg()).0.frontends

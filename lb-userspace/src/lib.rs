@@ -11,6 +11,7 @@ pub mod devices;
 pub mod datapath;
 pub mod healthcheck;
 pub mod inspect;
+pub mod memtrim;
 pub mod metrics;
 pub mod proxyhealth;
 pub mod source;

@@ -302,6 +302,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Agent(args) => {
             init_tracing(args.log_format == "json");
+            lb_userspace::memtrim::set_trim_policy();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -277,6 +277,11 @@ impl Metrics {
     /// name), by their increase since `seen` (updated). A counter that went down started over
     /// (its id was handed to a new Service port, or re-named): its whole value is the
     /// increase. Service ports that are gone leave the families.
+    ///
+    /// A Service port's series appear when one of its counters first moves (all of its series
+    /// at once, so a port with traffic shows the same lines as before): most Service ports of
+    /// a large cluster see no traffic on a given node, and 8 series each (label sets of four
+    /// strings, hash-map slots) cost ~2 KiB per port, ~20 MiB at 10k ports.
     pub fn observe_svc_stats(
         &self,
         stats: &[SvcStats],
@@ -301,6 +306,10 @@ impl Metrics {
             // ports, touching every series each second took ~35 ms of the agent's loop, which
             // an endpoint change arriving then had to wait for.
             if seen.get(id).is_some_and(|s| s.label == *label && s.stats == *now) {
+                continue;
+            }
+            // No series yet and nothing counted: nothing to show (nor to remember).
+            if !seen.contains_key(id) && *now == SvcStats::default() {
                 continue;
             }
             let prev = seen.get(id).map(|s| s.stats).unwrap_or_default();
@@ -472,6 +481,38 @@ mod tests {
         assert!(t.lines().any(|l| l == r#"xlb_service_packets_total{namespace="default",name="api",port="http",protocol="TCP"} 4"#), "{t}");
         m.observe_svc_stats(&stats, &BTreeMap::new(), &mut seen);
         assert!(!text(&r).contains("xlb_service_packets_total{"), "no Service port left");
+    }
+
+    #[test]
+    fn a_service_port_gets_its_series_when_a_counter_first_moves() {
+        let (m, r) = Metrics::new();
+        let label = |name: &str| SvcLabel {
+            namespace: "default".into(),
+            name: name.into(),
+            port: "".into(),
+            protocol: "UDP".into(),
+        };
+        let live = BTreeMap::from([(1, label("idle")), (2, label("busy"))]);
+        let mut seen = BTreeMap::new();
+        let mut stats = vec![SvcStats::default(); 3];
+        m.observe_svc_stats(&stats, &live, &mut seen);
+        let text = || {
+            let mut t = String::new();
+            encode(&mut t, &r).unwrap();
+            t
+        };
+        let t = text();
+        assert!(!t.lines().any(|l| l.starts_with("xlb_service_") && l.contains("namespace=")), "{t}");
+        assert!(seen.is_empty());
+        // One drop is enough for all eight series of the port, zeros included.
+        stats[2].dropped_source_range = 1;
+        m.observe_svc_stats(&stats, &live, &mut seen);
+        let t = text();
+        let busy = t.lines().filter(|l| l.starts_with("xlb_service_") && l.contains(r#"name="busy""#));
+        assert_eq!(busy.count(), 8, "{t}");
+        let zero = r#"xlb_service_new_flows_total{namespace="default",name="busy",port="",protocol="UDP"} 0"#;
+        assert!(t.lines().any(|l| l == zero), "{t}");
+        assert!(!t.contains(r#"name="idle""#), "{t}");
     }
 
     #[test]

@@ -559,11 +559,9 @@ impl<D: Dataplane> Agent<D> {
         self.update_health();
         // The initial parse and plan peak far above the steady state; hand the freed pages back
         // to the OS (glibc keeps them otherwise).
-        // SAFETY: malloc_trim only releases free heap memory.
-        #[cfg(target_env = "gnu")]
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        let trim = Instant::now();
+        crate::memtrim::release_freed_memory();
+        tracing::info!(micros = trim.elapsed().as_micros() as u64, "freed memory returned");
         self.metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(frontends = self.applied.frontends.len(), backends = self.applied.backends.len(), "agent ready");
     }

@@ -29,10 +29,12 @@ use tokio::sync::mpsc;
 
 use super::AgentEvent;
 
-type ObjKey = (String, String);
+/// (namespace, name). Shared: the entry of the file defining an object and `defs` hold one
+/// allocation (at 10k files, 20k keys).
+type ObjKey = Arc<(String, String)>;
 
 fn obj_key(m: &ObjectMeta) -> ObjKey {
-    (m.namespace.clone().unwrap_or_else(|| "default".into()), m.name.clone().unwrap_or_default())
+    Arc::new((m.namespace.clone().unwrap_or_else(|| "default".into()), m.name.clone().unwrap_or_default()))
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -135,7 +137,7 @@ impl DirState {
         let mut problems = Vec::new();
         // One event per object: files are read in path order, so a later winner replaces an
         // earlier one's event.
-        let mut events: BTreeMap<(ObjKind, ObjKey), SourceEvent> = BTreeMap::new();
+        let mut events: BTreeMap<(ObjKind, ObjKey), Pending> = BTreeMap::new();
         let mut orphaned: BTreeSet<(ObjKind, ObjKey)> = BTreeSet::new();
         // The files to re-read, in path order, with their stamps (None: gone).
         let stale: Vec<(PathBuf, Option<(SystemTime, u64)>)> = candidates
@@ -147,9 +149,9 @@ impl DirState {
                 (stamp.is_none() || self.files.get(path.as_path()).map(|f| f.stamp) != Some(stamp)).then_some((path, stamp))
             })
             .collect();
-        let parsed_all = parse_files(&stale);
-        for ((path, stamp), (parsed, file_problems)) in stale.into_iter().zip(parsed_all) {
-            problems.extend(file_problems);
+        let mut parsed_all = parse_files(&stale);
+        for (i, ((path, stamp), (parsed, file_problems))) in stale.into_iter().zip(parsed_all.iter_mut()).enumerate() {
+            problems.extend(std::mem::take(file_problems));
             // The file's shared path: the one already held, else a new one.
             let (path, old) = match self.files.remove_entry(path.as_path()) {
                 Some((p, old)) => (p, old),
@@ -162,11 +164,19 @@ impl DirState {
             }
             // `parsed.events` is a BTreeMap: its keys come sorted and unique.
             let mut keys = Vec::with_capacity(parsed.events.len());
-            for (key, ev) in parsed.events {
+            for key in parsed.events.keys() {
+                // The key as held from now on: the one `defs` has, else a copy made on this
+                // thread. The parsed key was allocated by a parser thread, whose allocator
+                // arena otherwise holds only freed temporaries: a long-lived key there would
+                // keep a page of it resident.
+                let key = match self.defs.get_key_value(key) {
+                    Some((held, _)) => held.clone(),
+                    None => (key.0, Arc::new((*key.1).clone())),
+                };
                 let files = self.defs.entry(key.clone()).or_default();
                 insert_sorted(files, &path);
                 if files.last() == Some(&path) {
-                    events.insert(key.clone(), ev); // this file's version wins
+                    events.insert(key.clone(), Pending::Parsed(i)); // this file's version wins
                 }
                 keys.push(key);
             }
@@ -182,24 +192,42 @@ impl DirState {
             match winner {
                 None => {
                     self.defs.remove(&key);
-                    let (kind, (namespace, name)) = key.clone();
+                    let (kind, (namespace, name)) = (key.0, (*key.1).clone());
                     let ev = match kind {
                         ObjKind::Service => SourceEvent::ServiceDelete { namespace, name },
                         ObjKind::Slice => SourceEvent::SliceDelete { namespace, name },
                     };
-                    events.insert(key, ev);
+                    events.insert(key, Pending::Event(Box::new(ev)));
                 }
                 Some(file) if !events.contains_key(&key) => {
                     // Rare (the same object in two files): re-read the file now in charge.
                     if let Some(ev) = parse_file(&file, &mut problems).events.remove(&key) {
-                        events.insert(key, ev);
+                        events.insert(key, Pending::Event(Box::new(ev)));
                     }
                 }
                 Some(_) => {} // the file in charge was re-read in this refresh already
             }
         }
-        Ok((events.into_values().collect(), problems))
+        // The parsed objects move only now, after the bookkeeping above was allocated: the
+        // events are large (a Service ~0.8 KiB), and filed in between they would leave the
+        // bookkeeping spread thinly over this thread's arena once freed.
+        let events = events
+            .into_iter()
+            .filter_map(|(key, p)| match p {
+                Pending::Event(ev) => Some(*ev),
+                Pending::Parsed(i) => parsed_all[i].0.events.remove(&key),
+            })
+            .collect();
+        Ok((events, problems))
     }
+}
+
+/// An event of [`DirState::refresh`]: still in its parsed file (the index), or made here
+/// (boxed: the map of pending events is allocated among the bookkeeping, small entries keep it
+/// dense).
+enum Pending {
+    Parsed(usize),
+    Event(Box<SourceEvent>),
 }
 
 /// Files at least this many are parsed on several threads.
