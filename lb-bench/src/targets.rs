@@ -312,9 +312,19 @@ pub fn evaluate(r: &Results) -> Vec<TargetCheck> {
     );
     out.push(TargetCheck::new(
         "agent memory under 100 MiB at 10k Services / 100k endpoints",
+        // Both sources when both were measured: the manifests directory (the VM demo's) and
+        // the Kubernetes API (a node's); the worse one decides.
         cold.and_then(|c| {
             let mib = c.xlb_rss_mib?;
-            Some((format!("{mib:.1} MiB ({})", size(c)), mib < 100.0))
+            let kube = c
+                .kube_rss_mib
+                .map(|k| format!(", {k:.1} MiB from the Kubernetes API"))
+                .unwrap_or_default();
+            let worst = mib.max(c.kube_rss_mib.unwrap_or(0.0));
+            Some((
+                format!("{mib:.1} MiB from manifests{kube} ({})", size(c)),
+                worst < 100.0,
+            ))
         }),
     ));
     out.push(TargetCheck::new(
