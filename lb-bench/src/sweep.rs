@@ -44,7 +44,8 @@ pub struct SweepResults {
 }
 
 /// A flow `i` as the datapath stores it: (client, frontend) forward, (backend, client) reply.
-fn flow(i: u32, expires_ns: u64, state: u8) -> [(CtKey, CtValue); 2] {
+/// Clients are in 10.200.0.0/13, which no other part of the bench uses.
+pub(crate) fn flow(i: u32, expires_ns: u64, state: u8) -> [(CtKey, CtValue); 2] {
     let client = ip4([10, 200 + (i >> 24) as u8, (i >> 16) as u8, (i >> 8) as u8]);
     let cport = port(1024 + (i & 0xff) as u16 * 200);
     let frontend = ip4([10, 96, 0, 1]);

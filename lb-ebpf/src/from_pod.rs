@@ -127,14 +127,16 @@ pub fn stale_reason(pkt: &Packet, ct: &CtValue, client: Client) -> Option<Stat> 
         // The established path: nothing more to look up.
         return None;
     }
+    if pkt.is_tcp() && lb_common::ct_state::is_closing(ct.state) {
+        // A SYN after a close always starts over: no lookup decides it (a busy client's
+        // re-used ports meet this on every connection).
+        return Some(Stat::CtTupleReused);
+    }
     let frontend = lb::frontend(pkt, client);
     let member = |(key, _): &(lb_common::ServiceKey, lb_common::ServiceValue)| {
         lb::is_member(key, ct.backend_id, ct.nat_addr, ct.nat_port)
     };
     if pkt.is_tcp() {
-        if lb_common::ct_state::is_closing(ct.state) {
-            return Some(Stat::CtTupleReused);
-        }
         let same_service = frontend.is_some_and(|f| f.1.rev_nat_id == ct.rev_nat_id);
         if same_service && frontend.as_ref().is_some_and(member) {
             return None;

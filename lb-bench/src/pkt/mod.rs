@@ -7,6 +7,12 @@
 //! samples and the reported figure is the median of several rounds. The kernel's per-run timer
 //! overhead is in every figure, the no-op's included, so ratios to the floor stay meaningful.
 //!
+//! Before each size the conntrack map is filled to its capacity with live flows of other
+//! clients (`Loaded::fill_conntrack`): every size is measured on the same table, full as on a
+//! busy node (each insert evicts), so the sizes differ only in their Services. Filled once and
+//! left to fill up, the first sizes' SYNs inserted into an emptier table than the last's, and
+//! the scaling target measured conntrack fill (1.34x) instead of the number of Services.
+//!
 //! The external path (issue 10): `from_net_xdp` (XDP) and `from_net` (tc ingress) on packets from
 //! a client outside the node to a NodePort on the node's address, next to the XDP and tc no-ops,
 //! at the same numbers of Services (the two NodePort frontends are programmed beside the ClusterIP
@@ -34,7 +40,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context as _};
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, IterableMap as _, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use aya::Ebpf;
 use lb_common::{
@@ -128,9 +134,19 @@ pub fn floors_of(probes: &[(String, f64)]) -> Vec<PktFloor> {
         *kind != "established" || *probe == HIT_PROBE || get(HIT_PROBE).is_none()
     })
     .filter_map(|(kind, probe, what)| {
+        let mut what = format!("{what}, probe {probe}");
+        if kind == "syn" {
+            // What any flow table of this size costs a SYN, one entry per flow or two: the
+            // lookup that finds the tuple new.
+            if let Some(lookup) = get("floor_ct_lookup") {
+                what.push_str(&format!(
+                    "; the lookup that finds a tuple new costs {lookup:.0} ns alone, probe floor_ct_lookup"
+                ));
+            }
+        }
         Some(PktFloor {
             kind: kind.into(),
-            what: format!("{what}, probe {probe}"),
+            what,
             ns: get(probe)?,
         })
     })
@@ -336,6 +352,20 @@ impl Loaded {
             .with_context(|| format!("programming {n} Services"))?;
         self.filled = self.filled.max(n);
         Ok(())
+    }
+
+    /// Fill the conntrack map to its capacity with live flows of other clients, so every size
+    /// is measured on the same table: full, as on a busy node, where each insert evicts.
+    /// Without it the rows of the first sizes insert into a table that is still filling and
+    /// look cheaper, and the scaling target would measure conntrack fill, not Services.
+    fn fill_conntrack(&mut self) -> anyhow::Result<()> {
+        let capacity = self.conntrack.map().info()?.max_entries();
+        let live = lb_userspace::ct_gc::now_coarse_ns() + 3_600 * 1_000_000_000;
+        let (keys, values): (Vec<CtKey>, Vec<CtValue>) = (0..capacity / 2)
+            .flat_map(|i| crate::sweep::flow(i, live, lb_common::ct_state::TCP_ESTABLISHED))
+            .unzip();
+        lb_userspace::bpf_batch::hash_update(self.conntrack.map(), &keys, &values)
+            .map_err(|(n, e)| anyhow!("wrote {n} of {} entries: {e}", keys.len()))
     }
 
     /// Plan the `touched` frontends and run the plan, as the agent does.
@@ -594,6 +624,8 @@ fn run_in_namespace(
 
     for (salt, &n) in sizes.iter().enumerate() {
         l.fill_to(n)?;
+        l.fill_conntrack()
+            .with_context(|| format!("filling conntrack before {n} Services"))?;
         let probe = cluster_ip(n - 1).octets();
         let from_pod = l.prog(prog_names::FROM_POD)?;
         let to_pod = l.prog(prog_names::TO_POD)?;
@@ -867,6 +899,7 @@ mod tests {
         assert_eq!(ns("established"), Some(160.0));
         assert_eq!(ns("non_service"), Some(100.0));
         assert!(f[0].what.contains("floor_ct_pair"), "{:?}", f[0]);
+        assert!(f[0].what.contains("costs 150 ns alone"), "{:?}", f[0]);
         // With the hit probe, the established floor is the lookup that finds the flow plus the
         // DNAT, and only that one.
         let f = floors_of(&probes(&[
