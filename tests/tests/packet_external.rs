@@ -548,3 +548,116 @@ fn icmp_errors_about_snated_flows_reach_the_client_and_the_backend() -> Result<(
     ensure!(out.verdict == NetHook::Xdp.pass() && out.frame == err.frame());
     Ok(())
 }
+
+/// Busy external clients over time, as a NodePort meets them: four client ports each run
+/// connection after connection (SYN, the backend's SYN-ACK, data, RST), each port re-used at
+/// once, while the Service's endpoints change (the local pod only, both, the remote pod only,
+/// both again). Every connection must reach a current endpoint with the translation that
+/// endpoint needs (SNAT to the node only for the remote one), its answer must come back from the
+/// NodePort, and conntrack must hold exactly one pair per port: the last connection's. An answer
+/// the remote pod sends late to a SNAT port whose flow is over is not translated.
+#[test]
+#[ignore = "needs root"]
+fn busy_clients_reuse_their_ports_through_endpoint_changes_with_one_pair_per_port() -> Result<()> {
+    let node = Node::new("busy")?;
+    let local = BackendSpec { id: 1, addr: pod(LOCAL_POD) };
+    let remote = BackendSpec { id: 2, addr: pod(REMOTE_POD) };
+    let phases: [Vec<BackendSpec>; 4] = [
+        vec![local],
+        vec![local, remote],
+        vec![remote],
+        vec![local, remote],
+    ];
+    let ports = [43_001u16, 43_002, 43_003, 43_004];
+    let extras = Extras {
+        local: vec![pod(LOCAL_POD)],
+        ..Extras::default()
+    };
+    for hook in NetHook::ALL {
+        let mut svc = nodeport(LOCAL_POD, 0);
+        let mut dp = datapath(&node, &LoadOptions::default(), &svc, true)?;
+        // The SNAT port each client port's last connection to the remote pod used, while no
+        // later connection on that client port holds it.
+        let mut old_snat: Vec<Option<SocketAddrV4>> = vec![None; ports.len()];
+        // Connections of the phases with both endpoints, by where they went.
+        let (mut to_local, mut to_remote) = (0, 0);
+        for (phase, members) in phases.iter().enumerate() {
+            svc.backends = members.clone();
+            dp.set_service_with(&svc, &extras)?;
+            for round in 0..6 {
+                for (i, &p) in ports.iter().enumerate() {
+                    let cl = client(p);
+                    let at = format!("{hook:?}, phase {phase}, round {round}, port {p}");
+                    let out = node.from_net(&dp, hook, &from_client(cl, node_port(), TcpFlags::SYN))?;
+                    let (src, dst) = tcp_ports(&out.frame)?;
+                    ensure!(
+                        members.iter().any(|m| m.addr == dst),
+                        "{at}: SYN went to {dst}, members {members:?}"
+                    );
+                    let remote_flow = dst == pod(REMOTE_POD);
+                    if remote_flow {
+                        ensure!(out.verdict == hook.sent(node.eth0, node.eth0), "{at}: SYN verdict {}", out.verdict);
+                        ensure!(*src.ip() == NODE_IP, "{at}: SNAT to the node, got {src}");
+                    } else {
+                        ensure!(out.verdict == hook.pass(), "{at}: SYN verdict {}", out.verdict);
+                        ensure!(src == cl, "{at}: no SNAT to a local pod, got {src}");
+                    }
+                    if members.len() == 2 {
+                        *(if remote_flow { &mut to_remote } else { &mut to_local }) += 1;
+                    }
+                    // A late answer of the remote pod to the SNAT port of this port's previous
+                    // flow: that flow is over, so it is not translated (unless the new flow
+                    // holds the same SNAT port, when it is the new flow's answer).
+                    if let Some(old) = old_snat[i].take() {
+                        if !(remote_flow && src == old) {
+                            let mut late = Tcp::new(pod(REMOTE_POD), old, TcpFlags::ACK);
+                            late.macs = (OTHER_NODE_MAC, NODE_MAC);
+                            let late = late.frame();
+                            let out = node.from_net(&dp, hook, &late)?;
+                            ensure!(
+                                out.verdict == hook.pass() && out.frame == late,
+                                "{at}: a late answer to {old} was translated (verdict {})",
+                                out.verdict
+                            );
+                        }
+                    }
+                    // The answer comes back as from the NodePort.
+                    let answer = if remote_flow {
+                        let mut a = Tcp::new(pod(REMOTE_POD), src, TcpFlags::SYN_ACK);
+                        a.macs = (OTHER_NODE_MAC, NODE_MAC);
+                        let out = node.from_net(&dp, hook, &a.frame())?;
+                        ensure!(out.verdict == hook.sent(node.eth0, node.eth0), "{at}: answer verdict {}", out.verdict);
+                        out
+                    } else {
+                        let mut a = Tcp::new(pod(LOCAL_POD), cl, TcpFlags::SYN_ACK);
+                        a.macs = (NODE_MAC, CLIENT_MAC);
+                        let out = node.to_net(&dp, &a.frame())?;
+                        ensure!(out.verdict == 0, "{at}: to_net verdict {}", out.verdict);
+                        out
+                    };
+                    ensure!(tcp_ports(&answer.frame)? == (node_port(), cl), "{at}: answer not restored");
+                    // The rest of the connection keeps its translation, then ends with a RST.
+                    for flags in [TcpFlags::PSH_ACK, TcpFlags::RST] {
+                        let out = node.from_net(&dp, hook, &from_client(cl, node_port(), flags))?;
+                        ensure!(tcp_ports(&out.frame)? == (src, dst), "{at}: {flags:?} translated otherwise");
+                    }
+                    if remote_flow {
+                        old_snat[i] = Some(src);
+                    }
+                    let ct = dp.conntrack()?;
+                    let used = if phase == 0 && round == 0 { i + 1 } else { ports.len() };
+                    ensure!(ct.len() == 2 * used, "{at}: {} entries for {used} ports: {ct:?}", ct.len());
+                    let fwd = dp
+                        .ct_get(&ct_key(cl, node_port(), PROTO_TCP, CT_FORWARD))?
+                        .with_context(|| format!("{at}: forward entry"))?;
+                    ensure!(fwd.state == ct_state::TCP_CLOSED, "{at}: state {}", fwd.state);
+                    ensure!((fwd.nat_addr, fwd.nat_port) == (ip4(dst.ip().octets()), port(dst.port())));
+                }
+            }
+        }
+        // Random selection spread the 48 connections of those phases over both (fewer than 8
+        // on one side has a probability of about 1e-6).
+        ensure!(to_local >= 8 && to_remote >= 8, "{hook:?}: {to_local} local, {to_remote} remote");
+    }
+    Ok(())
+}
