@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::bed::{Backend, Bed};
 use crate::control::{endpoint_changes, ChangeResults};
 use crate::netfilter::{Installed, NfMode};
+use crate::noophooks::NoopHooks;
 use crate::progstats::{self, ProgCost, StatsOn};
 use crate::rules::{xlb_dir, ServiceSet, SERVICE_PORT};
 use crate::socklb::BenchCgroup;
@@ -79,10 +80,13 @@ impl Mode {
 pub const DIRECT_HOST: &str = "direct-host";
 /// ...and to the ClusterIP through `--socket-lb host`.
 pub const XLB_SOCKLB_HOST: &str = "xlb-socklb-host";
+/// The client pod to a pod directly through no-op tc programs at xlb's pod hooks: the floor of
+/// the connection-rate and real-traffic targets (see [`crate::noophooks`]).
+pub const DIRECT_NOOP: &str = "direct-noop-tc";
 
 /// Every label of the ClusterIP rows, in table and plot order.
 pub fn row_labels() -> Vec<&'static str> {
-    let mut v = vec![Mode::Direct.label(), DIRECT_HOST];
+    let mut v = vec![Mode::Direct.label(), DIRECT_HOST, DIRECT_NOOP];
     v.extend([Mode::Xlb, Mode::XlbSocket].map(Mode::label));
     v.push(XLB_SOCKLB_HOST);
     v.extend(NfMode::ALL.map(NfMode::label));
@@ -136,6 +140,9 @@ pub fn external_labels() -> Vec<&'static str> {
     v
 }
 
+/// The traffic of the no-op station's statistics point: the client pod to a pod.
+pub const NOOP_TRAFFIC: &str = "to a pod, untranslated";
+
 /// What to measure and for how long.
 #[derive(Clone, Copy, Debug)]
 pub struct DpPlan {
@@ -160,7 +167,7 @@ impl DpPlan {
 
     /// The beds of a run, in table order.
     fn stations(&self) -> Vec<Station> {
-        let mut v = vec![Station::Direct];
+        let mut v = vec![Station::Direct, Station::DirectNoop];
         v.push(Station::Xlb(self.first_xdp()));
         v.extend(self.xdp_modes.iter().skip(1).map(|&m| Station::Xlb(m)));
         v.extend([Station::SockAll, Station::SockHost]);
@@ -193,6 +200,8 @@ enum Station {
     /// Nothing: the no-translation baselines (client pod, host-network client, external client
     /// to a pod).
     Direct,
+    /// The client pod to a pod, through `noop_tc` at xlb's pod hooks ([`DIRECT_NOOP`]).
+    DirectNoop,
     /// xlb's agent, `--socket-lb off`, `--xdp-mode` this; the plan's first mode also carries the
     /// ClusterIP row "xlb", the others only their external rows.
     Xlb(XdpMode),
@@ -230,6 +239,7 @@ impl Station {
         let ext = Backend::ALL.map(Point::External);
         match self {
             Station::Direct => [Point::Pod, Point::Host].into_iter().chain(ext).collect(),
+            Station::DirectNoop => vec![Point::Pod],
             Station::Xlb(m) if m == plan.first_xdp() => {
                 std::iter::once(Point::Pod).chain(ext).collect()
             }
@@ -245,6 +255,7 @@ impl Station {
         match (self, point) {
             (Station::Direct, Point::Host) => DIRECT_HOST,
             (Station::Direct, _) => Mode::Direct.label(),
+            (Station::DirectNoop, _) => DIRECT_NOOP,
             (Station::Xlb(m), Point::External(_)) => m.label(),
             (Station::Xlb(_), _) => Mode::Xlb.label(),
             (Station::SockAll, _) => Mode::XlbSocket.label(),
@@ -265,13 +276,16 @@ impl Station {
 
     /// Whether the real-traffic cost of the station's programs is read after its rounds.
     fn counts_programs(self, plan: &DpPlan) -> bool {
-        self == Station::Xlb(plan.first_xdp()) || self == Station::SockAll
+        self == Station::Xlb(plan.first_xdp())
+            || self == Station::SockAll
+            || self == Station::DirectNoop
     }
 
     fn name(self) -> String {
         match self {
             Station::Xlb(m) => format!("xlb --xdp-mode {}", m.arg()),
             Station::Direct => "direct".into(),
+            Station::DirectNoop => "direct through no-op tc programs".into(),
             Station::SockAll => "xlb --socket-lb all".into(),
             Station::SockHost => "xlb --socket-lb host".into(),
             Station::Netfilter(m) => m.label().into(),
@@ -361,6 +375,8 @@ struct Live {
     /// Installed for the current size.
     ready: bool,
     cgroup: Option<BenchCgroup>,
+    /// [`Station::DirectNoop`]: the no-op programs on node1's pod veths.
+    noop: Option<NoopHooks>,
     bed: Bed,
 }
 
@@ -383,6 +399,7 @@ impl Live {
             setup_s: 0.0,
             ready: false,
             cgroup,
+            noop: None,
             bed,
         })
     }
@@ -393,6 +410,7 @@ impl Live {
         self.ready = false;
         self.agent = None;
         self.rules = None;
+        self.noop = None;
         self.svc = None;
         self.probe_file = None;
         if let Some(dir) = self.manifests.take() {
@@ -412,6 +430,16 @@ impl Live {
         let timeout = Duration::from_secs(300);
         match self.station {
             Station::Direct => self.setup_s = 0.0,
+            Station::DirectNoop => {
+                let started = std::time::Instant::now();
+                let bed = &self.bed;
+                let devices: Vec<String> = std::iter::once(&bed.client)
+                    .chain(&bed.backends)
+                    .map(|p| p.host_veth.clone())
+                    .collect();
+                self.noop = Some(NoopHooks::attach(bed.node(), &devices)?);
+                self.setup_s = started.elapsed().as_secs_f64();
+            }
             Station::Xlb(_) | Station::SockAll | Station::SockHost => {
                 let dir = self.bed.scratch().join(format!("manifests-{n}"));
                 self.manifests = Some(dir.clone());
@@ -467,7 +495,9 @@ impl Live {
             through_sockets(bed, cg, || from(client, svc))
         };
         match (self.station, point) {
-            (Station::Direct, Point::Pod) => from(&bed.client.ns, bed.direct(0)),
+            (Station::Direct | Station::DirectNoop, Point::Pod) => {
+                from(&bed.client.ns, bed.direct(0))
+            }
             (Station::Direct, Point::Host) => from(bed.node(), bed.direct(0)),
             (Station::Direct, Point::External(b)) => {
                 measure_external(bed, plan, b, bed.direct_external(b))
@@ -711,17 +741,25 @@ fn program_costs(live: &Live, plan: &DpPlan, n: usize, res: &mut DpResults) -> a
     let on = StatsOn::enable()?;
     res.stats_method = Some(on.method.to_string());
     let pin = live.bed.pin_path();
-    let mut before = progstats::snapshot(&pin)?;
+    // The agent's programs, behind its pinned links; the no-op station's own program.
+    let snapshot = || match &live.noop {
+        Some(noop) => Ok(progstats::snapshot_of(&noop.programs())),
+        None => progstats::snapshot(&pin),
+    };
+    let mut before = snapshot()?;
     for point in live.station.points(plan) {
         let conn = live.measure(point, plan)?;
-        let after = progstats::snapshot(&pin)?;
+        let after = snapshot()?;
         // The first request (greeting check) and the warm-up ran the programs too.
         let connections = 1 + WARM_UP + conn.requests + conn.errors;
         for c in progstats::delta(&before, &after) {
             res.prog_costs.push(ProgCost {
                 services: n,
                 mode: live.station.label(point).to_string(),
-                traffic: point.traffic(),
+                traffic: match live.station {
+                    Station::DirectNoop => NOOP_TRAFFIC.to_string(),
+                    _ => point.traffic(),
+                },
                 program: c.name,
                 runs: c.run_cnt,
                 run_time_ns: c.run_time_ns,
@@ -1036,7 +1074,7 @@ mod tests {
                 .iter()
                 .filter(|s| s.counts_programs(&plan))
                 .count();
-            assert_eq!(stats, 2);
+            assert_eq!(stats, 3);
         }
     }
 }

@@ -8,6 +8,7 @@ mod control;
 mod datapath;
 mod interrupt;
 mod netfilter;
+mod noophooks;
 mod pkt;
 mod plot;
 mod progstats;

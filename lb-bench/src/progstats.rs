@@ -102,6 +102,11 @@ pub fn snapshot(pin_root: &Path) -> anyhow::Result<BTreeMap<u32, Counters>> {
         ids.entry(info.program_id())
             .or_insert_with(|| hook_of_pin(&file).to_string());
     }
+    Ok(snapshot_of(&ids))
+}
+
+/// The counters of the programs `ids` (id -> the name to use when the program has none).
+pub fn snapshot_of(ids: &BTreeMap<u32, String>) -> BTreeMap<u32, Counters> {
     let mut out = BTreeMap::new();
     for p in aya::programs::loaded_programs() {
         let Ok(p) = p else { continue };
@@ -121,7 +126,7 @@ pub fn snapshot(pin_root: &Path) -> anyhow::Result<BTreeMap<u32, Counters>> {
             );
         }
     }
-    Ok(out)
+    out
 }
 
 /// The hook part of a link pin's name: `<ifindex>-<ifname>-<hook>` or `cgroup-<prog>`.

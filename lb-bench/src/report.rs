@@ -257,6 +257,19 @@ pub fn render(r: &Results) -> String {
                  in `sock_translated`.\n"
             );
         }
+        if d.rows
+            .iter()
+            .any(|r| r.mode == crate::datapath::DIRECT_NOOP)
+        {
+            let _ = writeln!(
+                md,
+                "{}: the client pod to a pod, as direct, through the object's no-op tc program \
+                 (`noop_tc`) attached where the agent attaches from_pod and to_pod (TCX ingress and \
+                 egress of node1's pod veths): what any tc datapath costs this traffic before it \
+                 does any work, the floor of the connection-rate target.\n",
+                crate::datapath::DIRECT_NOOP
+            );
+        }
         let _ = writeln!(md, "{}", rounds_text(d));
         let _ = writeln!(
             md,
@@ -358,10 +371,12 @@ pub fn render(r: &Results) -> String {
                 md,
                 "## Real-traffic cost per program run (kernel run statistics)\n\n\
                  One more connection-rate point per kind of traffic after the rounds of each size, on the xlb \
-                 agent of the rows above and on the `--socket-lb all` agent, with the kernel's run statistics on \
-                 ({}); never during the rounds (counting adds two clock reads to every run). \
-                 `run_time_ns / run_cnt` of each program behind the agent's pinned links \
-                 (`BPF_OBJ_GET_INFO_BY_FD`), over the point; connections include the warm-up.\n",
+                 agent of the rows above, on the `--socket-lb all` agent and on the no-op programs of {}, with \
+                 the kernel's run statistics on ({}); never during the rounds (counting adds two clock reads to \
+                 every run). `run_time_ns / run_cnt` of each program behind the agent's pinned links \
+                 (`BPF_OBJ_GET_INFO_BY_FD`), over the point; connections include the warm-up. The no-op's cost \
+                 per run is the floor of the real-traffic target: the hook, the program call and the counting.\n",
+                crate::datapath::DIRECT_NOOP,
                 d.stats_method.as_deref().unwrap_or("kernel.bpf_stats_enabled")
             );
             let _ = writeln!(
