@@ -29,9 +29,13 @@
 //! `sock_translated` counter must account for every connection, so a row can never silently
 //! measure the tc path.
 //!
-//! After the rounds of a size, one more point of each kind of traffic runs on the xlb and
-//! `--socket-lb all` beds with the kernel's run statistics on ([`crate::progstats`]): what each
-//! program cost per run on real traffic. Never during the rounds: counting costs every run two
+//! The floor of the ClusterIP rows ([`DIRECT_NOOP`]): a bed whose client connects to a pod
+//! directly through the object's no-op tc program at xlb's pod hooks ([`crate::noophooks`]).
+//! No tc datapath can be faster than that row, nor cost less per run than its program.
+//!
+//! After the rounds of a size, one more point of each kind of traffic runs on the xlb,
+//! `--socket-lb all` and no-op beds with the kernel's run statistics on ([`crate::progstats`]):
+//! what each program cost per run on real traffic. Never during the rounds: counting costs every run two
 //! clock reads, which would lower xlb's compared rates.
 
 use std::net::{SocketAddr, SocketAddrV4};
