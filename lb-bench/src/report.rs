@@ -529,6 +529,25 @@ pub fn render(r: &Results) -> String {
             opt(c.restart_rss_mib, 1, " MiB"),
             opt(c.kube_rss_mib, 1, " MiB")
         );
+        if !c.runs.is_empty() {
+            // One cold start varies by 5-20% on a shared VM: the targets' figures are medians.
+            let runs: Vec<String> = c
+                .runs
+                .iter()
+                .map(|(what, secs)| {
+                    let each: Vec<String> = secs.iter().map(|s| format!("{s:.3}")).collect();
+                    format!("{what}: {} s", each.join(", "))
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "xlb (both sources, RSS included) and iptables-legacy-restore are the medians of \
+                 {} cold starts each, the other netfilter modes one run; the restart is of the \
+                 last xlb run. Runs: {}.\n",
+                crate::control::COLD_RUNS,
+                runs.join("; ")
+            );
+        }
     }
 
     let pkt_external_error = r
