@@ -78,12 +78,56 @@ pub fn setup() -> Result<()> {
              namespaces. Run it as root (e.g. `sudo -E env PATH=$PATH cargo xtask ...`)."
         );
     }
+    disk();
     apt()?;
     nightly()?;
     musl_target()?;
     bpf_linker()?;
     bpffs()?;
     Ok(())
+}
+
+/// Free space a clean `cargo xtask test` needs under the target directory. Measured: ~2.3 GB of
+/// test build (dev profile, line tables only, no incremental cache as in CI; 3.6 GB with it),
+/// ~0.8 GB for the image's musl build and the previous release's agent, plus headroom.
+const DISK_NEEDED_GIB: u64 = 6;
+
+/// Warn, before hours of building, when the target directory's file system is short of space:
+/// a full disk shows up much later as a linker "Bus error" or "No space left on device".
+/// Only a warning: an incremental run needs far less than a clean one.
+fn disk() {
+    let target = crate::build::target_dir();
+    let dir = target
+        .ancestors()
+        .find(|d| d.exists())
+        .unwrap_or(std::path::Path::new("/"))
+        .canonicalize()
+        .unwrap_or_else(|_| "/".into());
+    let dir = dir.as_path();
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(st) => {
+            let free_gib = st.blocks_available() as u64 * st.fragment_size() as u64 >> 30;
+            if free_gib < DISK_NEEDED_GIB {
+                line(
+                    "WARNING",
+                    &format!(
+                        "disk: {free_gib} GiB free at {}; a clean build and test run needs about \
+                         {DISK_NEEDED_GIB} GiB (free space, or set CARGO_TARGET_DIR elsewhere)",
+                        dir.display()
+                    ),
+                );
+            } else {
+                line(
+                    "ok",
+                    &format!("disk: {free_gib} GiB free at {}", dir.display()),
+                );
+            }
+        }
+        Err(e) => line(
+            "WARNING",
+            &format!("disk: cannot read free space at {}: {e}", dir.display()),
+        ),
+    }
 }
 
 fn apt_installed(pkg: &str) -> bool {
@@ -201,7 +245,12 @@ fn musl_target() -> Result<()> {
     run(Command::new("rustup")
         .args(["target", "add", target])
         .current_dir(crate::build::workspace_root()))
-    .inspect_err(|_| line("FAILED", &format!("rust target: run `rustup target add {target}`")))?;
+    .inspect_err(|_| {
+        line(
+            "FAILED",
+            &format!("rust target: run `rustup target add {target}`"),
+        )
+    })?;
     line("ok", &format!("rust target {target} (installed)"));
     Ok(())
 }
