@@ -271,7 +271,13 @@ impl Agent {
             .map_err(io_err(format!("opening {}", self.spec.log_path.display())))?;
         self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let log2 = log.try_clone().map_err(io_err("cloning log fd"))?;
-        let mut cmd = crate::netns::command_in(&self.spec.netns, &bin)?;
+        // The demo's detached agent needs setsid between fork and exec; every other start is
+        // spawned from inside the namespace (no fork of this process, see `netns::spawn_in`).
+        let mut cmd = if self.spec.detach {
+            crate::netns::command_in(&self.spec.netns, &bin)?
+        } else {
+            Command::new(&bin)
+        };
         cmd.arg("agent");
         // An empty manifests path: the source is given in `extra_args` (e.g. --kubeconfig).
         if !self.spec.manifests.as_os_str().is_empty() {
@@ -325,9 +331,12 @@ impl Agent {
         }
         self.ready_after = Duration::ZERO;
         self.spawned_at = Instant::now();
-        let child = cmd
-            .spawn()
-            .map_err(io_err(format!("starting {}", bin.display())))?;
+        let child = if self.spec.detach {
+            cmd.spawn()
+                .map_err(io_err(format!("starting {}", bin.display())))?
+        } else {
+            crate::netns::spawn_in(&self.spec.netns, &mut cmd)?
+        };
         self.child = Some(child);
         Ok(())
     }
