@@ -231,6 +231,13 @@ mod tests {
             // A child process runs inside too.
             let out = run_cmd(ns.command("ip").unwrap().args(["-o", "link", "show"])).unwrap();
             assert!(out.contains("dummy0"), "{out}");
+            // So does one spawned from a thread inside (posix_spawn, no pre_exec), while this
+            // thread stays where it was.
+            let mut cmd = Command::new("ip");
+            cmd.args(["-o", "link", "show"]).stdout(std::process::Stdio::piped());
+            let out = spawn_in(&name, &mut cmd).unwrap().wait_with_output().unwrap();
+            assert!(String::from_utf8_lossy(&out.stdout).contains("dummy0"));
+            assert!(ip(&["link", "show", "dummy0"]).is_err());
             assert!(list_with_prefix(&name).contains(&name));
         }
         assert!(list_with_prefix(&name).is_empty());
