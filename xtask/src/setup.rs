@@ -106,7 +106,7 @@ fn disk() {
     let dir = dir.as_path();
     match nix::sys::statvfs::statvfs(dir) {
         Ok(st) => {
-            let free_gib = st.blocks_available() as u64 * st.fragment_size() as u64 >> 30;
+            let free_gib = (st.blocks_available() as u64 * st.fragment_size() as u64) >> 30;
             if free_gib < DISK_NEEDED_GIB {
                 line(
                     "WARNING",
