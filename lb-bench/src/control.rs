@@ -273,14 +273,13 @@ fn xlb_cold_once(set: &ServiceSet, restart: bool) -> anyhow::Result<ColdResults>
             crate::rules::SERVICE_CIDR.to_string(),
         ],
     );
-    let agent = match agent {
+    let mut agent = match agent {
         Ok(a) => a,
         Err(e) => {
             let _ = std::fs::remove_dir(&pin_root);
             return Err(e);
         }
     };
-    let mut agent = agent;
     one.xlb_s = Some(agent.ready_after.as_secs_f64());
     one.xlb_rss_mib = agent.rss_mib();
     let log = agent.log_since_start();
@@ -296,25 +295,21 @@ fn xlb_cold_once(set: &ServiceSet, restart: bool) -> anyhow::Result<ColdResults>
     // Restart on the pins, as after an upgrade or a crash: the new agent reads the maps
     // back before it syncs.
     crate::interrupt::check()?;
-    let restarted = if restart {
-        agent.restart().map(Some)
-    } else {
-        Ok(None)
-    };
-    match restarted {
-        Ok(None) => {}
-        Ok(Some(())) => {
-            one.restart_s = Some(agent.ready_after.as_secs_f64());
-            one.restart_rss_mib = agent.rss_mib();
-            if let Some(rb) = agentlog::read_back(&agent.log_since_start()) {
-                one.readback_s = Some(secs(rb.micros));
-                one.readback_frontends = rb.frontends;
-                one.readback_backends = rb.backends;
+    if restart {
+        match agent.restart() {
+            Ok(()) => {
+                one.restart_s = Some(agent.ready_after.as_secs_f64());
+                one.restart_rss_mib = agent.rss_mib();
+                if let Some(rb) = agentlog::read_back(&agent.log_since_start()) {
+                    one.readback_s = Some(secs(rb.micros));
+                    one.readback_frontends = rb.frontends;
+                    one.readback_backends = rb.backends;
+                }
             }
-        }
-        Err(e) => {
-            crate::interrupt::check()?;
-            one.errors.push(format!("xlb restart on its pins: {e:#}"));
+            Err(e) => {
+                crate::interrupt::check()?;
+                one.errors.push(format!("xlb restart on its pins: {e:#}"));
+            }
         }
     }
     drop(agent);

@@ -208,29 +208,35 @@ pub fn evaluate(r: &Results) -> Vec<TargetCheck> {
         v.dedup();
         v
     };
+    // `mode`'s connection rate against direct's, at every size xlb was measured.
+    let vs_direct = |d: &crate::datapath::DpResults, mode: &str| -> Vec<(usize, f64)> {
+        xlb_sizes(d)
+            .into_iter()
+            .filter_map(|n| {
+                Some((
+                    n,
+                    ratio(conn_rate(&d.rows, mode, n), conn_rate(&d.rows, "direct", n))?,
+                ))
+            })
+            .collect()
+    };
+    let by_size = |per: &[(usize, f64)]| -> String {
+        per.iter()
+            .map(|(n, x)| format!("{n}: {x:.2}x"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let note = rounds_note(r);
     out.push(
         TargetCheck::new(
             "xlb new-connection rate >= 0.95x the no-translation baseline at every size",
             dp.and_then(|d| {
-                let per: Vec<(usize, f64)> = xlb_sizes(d)
-                    .into_iter()
-                    .filter_map(|n| {
-                        Some((
-                            n,
-                            ratio(
-                                conn_rate(&d.rows, "xlb", n),
-                                conn_rate(&d.rows, "direct", n),
-                            )?,
-                        ))
-                    })
-                    .collect();
+                let per = vs_direct(d, "xlb");
                 let (wn, worst) = per.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))?;
-                let all: Vec<String> = per.iter().map(|(n, x)| format!("{n}: {x:.2}x")).collect();
                 Some((
                     format!(
                         "worst {worst:.2}x at {wn} Services ({}{note})",
-                        all.join(", ")
+                        by_size(&per)
                     ),
                     worst >= 0.95,
                 ))
@@ -238,23 +244,11 @@ pub fn evaluate(r: &Results) -> Vec<TargetCheck> {
         )
         .with_floor(dp.and_then(|d| {
             // No tc datapath goes faster than no-op programs at its hooks.
-            let per: Vec<(usize, f64)> = xlb_sizes(d)
-                .into_iter()
-                .filter_map(|n| {
-                    Some((
-                        n,
-                        ratio(
-                            conn_rate(&d.rows, DIRECT_NOOP, n),
-                            conn_rate(&d.rows, "direct", n),
-                        )?,
-                    ))
-                })
-                .collect();
+            let per = vs_direct(d, DIRECT_NOOP);
             let lowest = per.iter().map(|p| p.1).min_by(f64::total_cmp)?;
-            let all: Vec<String> = per.iter().map(|(n, x)| format!("{n}: {x:.2}x")).collect();
             Some(format!(
                 "{DIRECT_NOOP} (no-op tc programs at xlb's pod hooks, to a pod) {}{}",
-                all.join(", "),
+                by_size(&per),
                 if lowest < 0.95 {
                     ": the target is below the floor"
                 } else {
