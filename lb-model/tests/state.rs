@@ -184,6 +184,38 @@ fn resync_reports_exactly_the_services_whose_objects_differ() {
     );
 }
 
+/// A list long enough to be freed on a helper thread (the agent's cold start at scale) is
+/// taken in whole, and a second resync of it, freed the same way, changes nothing.
+#[test]
+fn a_large_resync_is_absorbed_whole() {
+    const N: usize = 2_500;
+    let services = || -> Vec<_> {
+        (0..N)
+            .map(|i| cluster_svc(&format!("s{i}"), &format!("10.96.{}.{}", i / 250, 1 + i % 250)))
+            .collect()
+    };
+    let slices = || -> Vec<_> {
+        (0..N)
+            .map(|i| {
+                let ip = format!("10.244.{}.{}", i / 250, 1 + i % 250);
+                simple_slice(&format!("s{i}-1"), &format!("s{i}"), &[ip.as_str()])
+            })
+            .collect()
+    };
+    let mut st = ClusterState::default();
+    let c = st.apply(SourceEvent::Resync {
+        services: Some(services()),
+        slices: Some(slices()),
+    });
+    assert_eq!(c.services.len(), N);
+    assert_eq!((st.services.len(), st.slices.len(), st.slice_owner.len()), (N, N, N));
+    let again = st.apply(SourceEvent::Resync {
+        services: Some(services()),
+        slices: Some(slices()),
+    });
+    assert_eq!(again, Changes::default());
+}
+
 #[test]
 fn node_changes_recompute_everything_and_first_sync_too() {
     let mut st = ClusterState::default();
