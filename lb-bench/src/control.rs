@@ -193,6 +193,8 @@ pub fn cold(
         let outcome = (0..repeats)
             .map(|_| -> anyhow::Result<f64> {
                 let ns = NetNs::create(&format!("{}cold", unique_prefix()))?;
+                // Not timed against the cleanup of the run before (see `settle`).
+                crate::settle::wait_quiet();
                 let installed = Installed::apply(ns.name(), mode, &text)?;
                 let took = installed.took.as_secs_f64();
                 drop(installed);
@@ -259,6 +261,8 @@ fn xlb_cold_once(set: &ServiceSet, restart: bool) -> anyhow::Result<ColdResults>
     let dir = scratch.path().join("manifests");
     xlb_dir::write_all(set, &dir)?;
     let pin_root = Path::new(lb_testkit::cluster::BPFFS).join(prefix.trim_end_matches('-'));
+    // After the manifests are written (their writeback included): see `settle`.
+    crate::settle::wait_quiet();
     let agent = start_agent(
         &ns,
         &dir,
@@ -361,6 +365,7 @@ fn kube_cold(set: &ServiceSet, res: &mut ColdResults) -> anyhow::Result<()> {
     let kubeconfig = scratch.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
     let pin_root = Path::new(lb_testkit::cluster::BPFFS).join(prefix.trim_end_matches('-'));
+    crate::settle::wait_quiet();
     let agent = start_agent(
         &ns,
         Path::new(""),

@@ -15,6 +15,7 @@ mod progstats;
 mod report;
 mod results;
 mod rules;
+mod settle;
 mod socklb;
 mod stats;
 mod sweep;
