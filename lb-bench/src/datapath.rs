@@ -738,9 +738,13 @@ fn measure_rounds(
     Ok(())
 }
 
-/// One more point of each of the station's kinds of traffic with the kernel's run statistics
-/// on, outside the rounds (counting slows every program run a little): what each of its
-/// programs cost per run on that traffic.
+/// Times each program-cost point is counted ([`program_costs`]): the median is reported.
+const COST_REPEATS: usize = 3;
+
+/// [`COST_REPEATS`] more points of each of the station's kinds of traffic with the kernel's run
+/// statistics on, outside the rounds (counting slows every program run a little): what each of
+/// its programs cost per run on that traffic, the median over the repeats
+/// ([`progstats::median_of_repeats`]).
 fn program_costs(live: &Live, plan: &DpPlan, n: usize, res: &mut DpResults) -> anyhow::Result<()> {
     let on = StatsOn::enable()?;
     res.stats_method = Some(on.method.to_string());
@@ -751,29 +755,36 @@ fn program_costs(live: &Live, plan: &DpPlan, n: usize, res: &mut DpResults) -> a
         None => progstats::snapshot(&pin),
     };
     let mut before = snapshot()?;
-    for point in live.station.points(plan) {
-        let conn = live.measure(point, plan)?;
-        let after = snapshot()?;
-        // The first request (greeting check) and the warm-up ran the programs too.
-        let connections = 1 + WARM_UP + conn.requests + conn.errors;
-        for c in progstats::delta(&before, &after) {
-            res.prog_costs.push(ProgCost {
-                services: n,
-                mode: live.station.label(point).to_string(),
-                traffic: match live.station {
-                    Station::DirectNoop => NOOP_TRAFFIC.to_string(),
-                    _ => point.traffic(),
-                },
-                program: c.name,
-                runs: c.run_cnt,
-                run_time_ns: c.run_time_ns,
-                connections,
-                conns_per_s: conn.conns_per_s,
-            });
+    let mut repeats = Vec::new();
+    for _ in 0..COST_REPEATS {
+        let mut costs = Vec::new();
+        for point in live.station.points(plan) {
+            let conn = live.measure(point, plan)?;
+            let after = snapshot()?;
+            // The first request (greeting check) and the warm-up ran the programs too.
+            let connections = 1 + WARM_UP + conn.requests + conn.errors;
+            for c in progstats::delta(&before, &after) {
+                costs.push(ProgCost {
+                    services: n,
+                    mode: live.station.label(point).to_string(),
+                    traffic: match live.station {
+                        Station::DirectNoop => NOOP_TRAFFIC.to_string(),
+                        _ => point.traffic(),
+                    },
+                    program: c.name,
+                    runs: c.run_cnt,
+                    run_time_ns: c.run_time_ns,
+                    connections,
+                    conns_per_s: conn.conns_per_s,
+                    ..ProgCost::default()
+                });
+            }
+            before = after;
         }
-        before = after;
+        repeats.push(costs);
     }
     drop(on);
+    res.prog_costs.extend(progstats::median_of_repeats(repeats));
     Ok(())
 }
 

@@ -370,29 +370,37 @@ pub fn render(r: &Results) -> String {
             let _ = writeln!(
                 md,
                 "## Real-traffic cost per program run (kernel run statistics)\n\n\
-                 One more connection-rate point per kind of traffic after the rounds of each size, on the xlb \
+                 More connection-rate points per kind of traffic after the rounds of each size, on the xlb \
                  agent of the rows above, on the `--socket-lb all` agent and on the no-op programs of {}, with \
                  the kernel's run statistics on ({}); never during the rounds (counting adds two clock reads to \
                  every run). `run_time_ns / run_cnt` of each program behind the agent's pinned links \
-                 (`BPF_OBJ_GET_INFO_BY_FD`), over the point; connections include the warm-up. The no-op's cost \
-                 per run is the floor of the real-traffic target: the hook, the program call and the counting.\n",
+                 (`BPF_OBJ_GET_INFO_BY_FD`), over a point; connections include the warm-up. Each point is \
+                 counted {} times in turn: ns / run and the counts are of the repeat of median cost, range is \
+                 the lowest and highest repeat. The no-op's cost per run is the floor of the real-traffic \
+                 target: the hook, the program call and the counting.\n",
                 crate::datapath::DIRECT_NOOP,
-                d.stats_method.as_deref().unwrap_or("kernel.bpf_stats_enabled")
+                d.stats_method.as_deref().unwrap_or("kernel.bpf_stats_enabled"),
+                d.prog_costs.iter().map(|c| c.repeats.max(1)).max().unwrap_or(1)
             );
             let _ = writeln!(
                 md,
-                "| Services | mode | traffic | program | ns / run | runs / connection | runs | conn/s while counting |"
+                "| Services | mode | traffic | program | ns / run | range | runs / connection | runs | conn/s while counting |"
             );
-            let _ = writeln!(md, "|---:|---|---|---|---:|---:|---:|---:|");
+            let _ = writeln!(md, "|---:|---|---|---|---:|---:|---:|---:|---:|");
             for c in &d.prog_costs {
+                let range = c
+                    .ns_range
+                    .map(|(lo, hi)| format!("{lo:.0}–{hi:.0}"))
+                    .unwrap_or_default();
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
                     c.services,
                     c.mode,
                     c.traffic,
                     c.program,
                     opt(c.ns_per_run(), 0, ""),
+                    range,
                     opt(c.runs_per_conn(), 1, ""),
                     c.runs,
                     c.conns_per_s
@@ -802,6 +810,8 @@ mod tests {
                     run_time_ns: 2_000_000,
                     connections: 1000,
                     conns_per_s: 9000.0,
+                    repeats: 3,
+                    ns_range: Some((480.0, 610.0)),
                 }],
                 stats_method: Some("BPF_ENABLE_STATS".into()),
                 ..Default::default()
@@ -833,7 +843,7 @@ mod tests {
         );
         assert!(md.contains("| 10 | xlb | 990 | 700–1000 | 0.99x |"), "{md}");
         assert!(
-            md.contains("| 10 | xlb | ClusterIP | from_pod | 500 | 4.0 | 4000 | 9000 |"),
+            md.contains("| 10 | xlb | ClusterIP | from_pod | 500 | 480–610 | 4.0 | 4000 | 9000 |"),
             "{md}"
         );
         assert!(md.contains("(BPF_ENABLE_STATS)"), "{md}");

@@ -452,6 +452,7 @@ mod tests {
             run_time_ns: ns * 1000,
             connections: 250,
             conns_per_s: 10_000.0,
+            ..ProgCost::default()
         }
     }
 
