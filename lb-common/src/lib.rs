@@ -51,13 +51,20 @@ pub mod map_names {
     /// LRU hash: (socket cookie, backend) -> frontend, written by the connect / sendmsg socket
     /// hooks so recvmsg and getpeername show the Service address.
     pub const SOCK_REV: &str = "XLB_SOCKREV_V1";
-    /// Array of [`crate::FEFILTER_WORDS`] `u64`: the frontend pre-filter, one bit per
-    /// [`crate::fefilter_bit`] of an address. A set bit: the address may be a frontend (or a
-    /// live flow's original destination) outside the Service CIDR; clear: it is neither, and a
-    /// packet to it outside the Service CIDR passes without a map lookup. Bits are set before a
-    /// master with the address is written and cleared only by the agent's sweep; pinned, so a
-    /// restarted agent keeps them.
-    pub const FEFILTER: &str = "XLB_FEFILTER_V1";
+    /// Array of [`crate::FEFILTER_MAP_WORDS`] `u64`, two pre-filters in one map:
+    /// - words `0..FEFILTER_WORDS`, the frontend pre-filter: one bit per
+    ///   [`crate::fefilter_bit`] of an address. A set bit: the address may be a frontend (or a
+    ///   live flow's original destination) outside the Service CIDR; clear: it is neither, and a
+    ///   packet to it outside the Service CIDR passes without a map lookup;
+    /// - words [`crate::PORTFILTER_OFFSET`]`..`, the reply pre-filter: bit `port` (host order)
+    ///   of every backend port. Every reply entry of conntrack has a backend's port as its
+    ///   source port, so a packet whose source port's bit is clear cannot be an answer of a
+    ///   translated flow and passes the answer paths without a conntrack lookup.
+    ///
+    /// Bits are set before a master (address) or a member (port) that needs them is written
+    /// and cleared only by the agent's sweep; pinned, so a restarted agent keeps them. V2: the
+    /// reply half (V1 had the frontend half only).
+    pub const FEFILTER: &str = "XLB_FEFILTER_V2";
     /// Hash: Service port id (`u32`, [`crate::ServiceValue::svc_port_id`]) ->
     /// [`crate::SvcName`]. Written by the agent before a master names the id; pinned, so
     /// `xlb inspect` shows names while the agent is down. Never read by the datapath.
@@ -122,8 +129,8 @@ pub mod global_names {
     /// `--socket-lb host`: the network-namespace cookie of the node's own namespace (`u64`);
     /// the socket hooks translate only sockets of that namespace. 0 (`all`): every socket.
     pub const HOST_NETNS_COOKIE: &str = "XLB_HOST_NETNS_COOKIE";
-    /// `u32`: 1 when the agent maintains [`crate::map_names::FEFILTER`], so the datapath may
-    /// trust a clear bit; 0 (the object's default): the filter is not consulted.
+    /// `u32`: 1 when the agent maintains [`crate::map_names::FEFILTER`] (both halves), so the
+    /// datapath may trust a clear bit; 0 (the object's default): the filters are not consulted.
     pub const FEFILTER_ON: &str = "XLB_FEFILTER_ON";
     /// `u32`: 1 in the copy of the object `xlb trace` loads to run a packet through with
     /// BPF_PROG_TEST_RUN: the programs read every map but write none (no conntrack, affinity,
@@ -134,6 +141,13 @@ pub mod global_names {
 
 /// Words (`u64`) of the frontend pre-filter [`map_names::FEFILTER`]: 65536 bits.
 pub const FEFILTER_WORDS: u32 = 1024;
+/// First word of the reply pre-filter in [`map_names::FEFILTER`]: 1024 words, bit `port` (host
+/// order) of each port, `port / 64` its word, `port % 64` its bit.
+pub const PORTFILTER_OFFSET: u32 = FEFILTER_WORDS;
+/// Words of the reply pre-filter: one bit per port.
+pub const PORTFILTER_WORDS: u32 = 65536 / 64;
+/// Length of the [`map_names::FEFILTER`] array: both pre-filters.
+pub const FEFILTER_MAP_WORDS: u32 = FEFILTER_WORDS + PORTFILTER_WORDS;
 
 /// The pre-filter bit (`0..FEFILTER_WORDS * 64`) of an IPv4 address given as it sits in a
 /// packet or a map key (`addr_be`: the network-order bytes read as a native `u32`, e.g.

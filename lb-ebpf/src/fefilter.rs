@@ -6,21 +6,46 @@
 //! of one array word (inlined by the verifier) replaces two hash lookups on the path of every
 //! non-Service packet.
 
-use lb_common::{fefilter_bit, FEFILTER_WORDS};
+//!
+//! The same map holds the reply pre-filter (words from `PORTFILTER_OFFSET`): one bit per port,
+//! set for every backend port. A reply entry of conntrack is keyed by its backend's address
+//! and port as the source (`CtKey::pair`), so a packet whose source port's bit is clear is no
+//! answer of a translated flow: the answer paths (`to_pod`, `to_net`) pass it without the
+//! conntrack lookup, which for such packets could only miss. Those are the request direction of
+//! every connection into a pod from an ephemeral port (a Service flow's forward packets, and
+//! every direct one), whose miss meets a cold bucket of the large conntrack table once per
+//! flow; a SYN's stale-flow check (`to_pod`) is such a lookup on every new connection.
+
+use lb_common::{fefilter_bit, FEFILTER_WORDS, PORTFILTER_OFFSET};
 
 use crate::maps::FEFILTER;
 
 /// See `lb_common::global_names::FEFILTER_ON`: set by the agent at load time when it keeps the
-/// filter; 0 (the default, and any loader that does not know the filter): not consulted.
+/// filters; 0 (the default, and any loader that does not know them): not consulted.
 #[unsafe(no_mangle)]
 static XLB_FEFILTER_ON: u32 = 0;
+
+#[inline(always)]
+fn on() -> bool {
+    // SAFETY: a plain read of a load-time constant; volatile so the loader's value is used.
+    let on = unsafe { core::ptr::read_volatile(&XLB_FEFILTER_ON) };
+    on != 0
+}
+
+/// Whether bit `bit % 64` of map word `word` is set (true when the word cannot be read).
+#[inline(always)]
+fn bit_set(word: u32, bit: u32) -> bool {
+    match FEFILTER.get(word) {
+        Some(w) => *w & (1u64 << (bit % 64)) != 0,
+        None => true,
+    }
+}
 
 /// Whether `daddr` (network order) may be a frontend or a live flow's original destination.
 /// False only when the filter is on and the address's bit is clear.
 #[inline(always)]
 pub fn may_be_frontend(daddr: u32) -> bool {
-    // SAFETY: a plain read of a load-time constant; volatile so the loader's value is used.
-    if unsafe { core::ptr::read_volatile(&XLB_FEFILTER_ON) } == 0 {
+    if !on() {
         return true;
     }
     let bit = fefilter_bit(daddr);
@@ -28,8 +53,17 @@ pub fn may_be_frontend(daddr: u32) -> bool {
     if word >= FEFILTER_WORDS {
         return true;
     }
-    match FEFILTER.get(word) {
-        Some(w) => *w & (1u64 << (bit % 64)) != 0,
-        None => true,
+    bit_set(word, bit)
+}
+
+/// Whether a conntrack reply entry may have `sport` (network order) as its source port, i.e.
+/// whether `sport` may be a backend's port. False only when the filter is on and the port's
+/// bit is clear.
+#[inline(always)]
+pub fn may_be_reply(sport: u16) -> bool {
+    if !on() {
+        return true;
     }
+    let port = u32::from(u16::from_be(sport));
+    bit_set(PORTFILTER_OFFSET + port / 64, port)
 }

@@ -268,6 +268,11 @@ fn forget(pkt: &Packet, reuse: &Option<Reuse>) {
 /// Removes the Service flow whose reply tuple is the answer tuple of the direct SYN `pkt`.
 #[inline(always)]
 fn forget_stale_reply(pkt: &Packet) {
+    // The stale flow's reply entry has the destination port as its source: none when no
+    // backend uses that port (see `fefilter`).
+    if !fefilter::may_be_reply(pkt.dport) {
+        return;
+    }
     let key: CtKey = answer_key_of(pkt);
     // SAFETY: copied out at once.
     if let Some(stale) = unsafe { CONNTRACK.get(&key) }.copied() {

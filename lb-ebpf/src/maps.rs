@@ -12,7 +12,7 @@ use lb_common::{
     SrcRangeKey, SvcName, SvcStats, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
     DEFAULT_DEVICES_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MAGLEV_M, DEFAULT_MAGLEV_TABLES,
     DEFAULT_MEMBERS_MAX, DEFAULT_RR_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_MAX,
-    DEFAULT_SRC_RANGES_MAX, DEFAULT_SVC_PORTS_MAX, FEFILTER_WORDS, STATS_SLOTS,
+    DEFAULT_SRC_RANGES_MAX, DEFAULT_SVC_PORTS_MAX, FEFILTER_MAP_WORDS, STATS_SLOTS,
 };
 
 /// Frontends: master entries (slot 0) and backend slots `1..=count`. A reply is restored from
@@ -91,9 +91,9 @@ pub static LAST_FWD: PerCpuArray<lb_common::CtKey> = PerCpuArray::with_max_entri
 #[map(name = "XLB_CLOCK")]
 pub static CLOCK: PerCpuArray<lb_common::ClockCache> = PerCpuArray::with_max_entries(1, 0);
 
-/// The frontend pre-filter (see `fefilter`), written by the agent.
-#[map(name = "XLB_FEFILTER_V1")]
-pub static FEFILTER: Array<u64> = Array::with_max_entries(FEFILTER_WORDS, 0);
+/// The frontend and reply pre-filters (see `fefilter`), written by the agent.
+#[map(name = "XLB_FEFILTER_V2")]
+pub static FEFILTER: Array<u64> = Array::with_max_entries(FEFILTER_MAP_WORDS, 0);
 
 /// Service port id -> (namespace, name, port name). Written by the agent, read by `xlb
 /// inspect` / `xlb trace`; the programs never read it (declared here so it is created and
@@ -135,7 +135,7 @@ const _: () = assert!(same("XLB_MEMBER_V1", map_names::MEMBERS));
 const _: () = assert!(same("XLB_FRAG_V1", map_names::FRAGS));
 const _: () = assert!(same("XLB_AFF_V1", map_names::AFFINITY));
 const _: () = assert!(same("XLB_STATS_V3", map_names::STATS));
-const _: () = assert!(same("XLB_FEFILTER_V1", map_names::FEFILTER));
+const _: () = assert!(same("XLB_FEFILTER_V2", map_names::FEFILTER));
 const _: () = assert!(same("XLB_SVCNAME_V1", map_names::SVCNAME));
 const _: () = assert!(same("XLB_SVCSTATS_V1", map_names::SVCSTATS));
 const _: () = assert!(same("XLB_TRACE", map_names::TRACE));

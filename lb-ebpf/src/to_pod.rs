@@ -11,6 +11,7 @@ use lb_common::{ct_state, Stat, CT_F_SNAT, PROTO_SCTP};
 use crate::{
     conntrack::{self, alive, now_ns, reply_key_of, Dir},
     fault::Fault,
+    fefilter,
     frame::Frame,
     icmp,
     maps::CONNTRACK,
@@ -43,6 +44,11 @@ fn to_client<C: Frame>(ctx: &C) -> Result<i32, Fault> {
         // The packet this CPU just translated towards its backend: the forward direction of
         // its flow, whose reply lookup could only miss (see `lastfwd`).
         bump(Stat::ForwardPassed);
+        return Ok(C::PASS);
+    }
+    if !fefilter::may_be_reply(pkt.sport) {
+        // No backend uses the source port: no reply entry has this tuple (and a SYN has no
+        // stale flow to remove), see `fefilter`.
         return Ok(C::PASS);
     }
     let key = reply_key_of(&pkt);

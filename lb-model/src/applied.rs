@@ -93,6 +93,8 @@ pub struct Applied {
     /// The frontend pre-filter's words and the clears a sweep decided (not compared: the
     /// filter is a cache of the other maps and the conntrack table).
     pub filter: crate::fefilter::Filter,
+    /// The reply pre-filter (bit = backend port, see `fefilter`), kept like `filter`.
+    pub port_filter: crate::fefilter::Filter,
     /// SVCNAME: Service port id -> its name.
     pub svc_names: BTreeMap<u32, SvcPortName>,
     /// The Service port ids SVCNAME / SVCSTATS have room for (`1..=` this; the maps' size,

@@ -15,11 +15,22 @@
 //!
 //! Addresses inside the Service CIDR need no bit (the datapath always looks them up); with no
 //! Service CIDR configured, every frontend address needs one.
+//!
+//! The reply pre-filter (the map's words from `lb_common::PORTFILTER_OFFSET`, bit = port) is
+//! kept by the same rules with ports for addresses (`Applied::port_filter`, a [`Filter`] used
+//! through its `*_bits` methods): a clear bit means "no reply entry of conntrack has this
+//! source port", and answer paths pass such packets without a lookup. Every reply entry's
+//! source port is its backend's port, so a port's bit is set before any member (or backend)
+//! with the port is written, and cleared only when neither a backend (desired or in the maps)
+//! nor a live reply entry uses it, as two consecutive sweeps found.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use lb_common::{fefilter_bit, FEFILTER_WORDS};
+use lb_common::{fefilter_bit, FEFILTER_WORDS, PORTFILTER_OFFSET, PORTFILTER_WORDS};
+
+// One `Filter` shape serves both halves of the map.
+const _: () = assert!(FEFILTER_WORDS == PORTFILTER_WORDS);
 
 use crate::cidr::{self, Cidr};
 use crate::planner::{MapOp, Plan};
@@ -59,7 +70,22 @@ impl Default for Filter {
 
 /// The (word index, bit mask) of an address.
 pub fn position(addr: Ipv4Addr) -> (u32, u64) {
-    let bit = fefilter_bit(u32::from_ne_bytes(addr.octets()));
+    bit_position(fefilter_bit(u32::from_ne_bytes(addr.octets())))
+}
+
+/// The bits of those of `addrs` that need one when `service_cidr` is the Service CIDR.
+fn bits_of(
+    addrs: impl IntoIterator<Item = Ipv4Addr>,
+    service_cidr: Option<Cidr>,
+) -> impl Iterator<Item = u32> {
+    addrs
+        .into_iter()
+        .filter(move |a| needs_bit(*a, service_cidr))
+        .map(|a| fefilter_bit(u32::from_ne_bytes(a.octets())))
+}
+
+/// The (word index, bit mask) of bit `bit`.
+pub fn bit_position(bit: u32) -> (u32, u64) {
     (bit / 64, 1u64 << (bit % 64))
 }
 
@@ -91,6 +117,12 @@ impl Filter {
         self.words[w as usize] & m != 0
     }
 
+    /// Whether bit `bit` is set (the reply pre-filter: `bit` is a port, host order).
+    pub fn contains_bit(&self, bit: u32) -> bool {
+        let (w, m) = bit_position(bit);
+        self.words.get(w as usize).is_some_and(|v| v & m != 0)
+    }
+
     /// Records a word as written.
     pub fn set_word(&mut self, word: u32, value: u64) {
         let i = word as usize;
@@ -111,16 +143,21 @@ impl Filter {
     /// The words to write so that every address of `addrs` that needs a bit has one, on top of
     /// the pending clears: (word index, new value), each word once, in index order.
     pub fn to_set(&self, addrs: impl IntoIterator<Item = Ipv4Addr>) -> Vec<(u32, u64)> {
+        self.to_set_bits(bits_of(addrs, self.service_cidr))
+    }
+
+    /// [`Filter::to_set`] by bit: every bit of `bits` set, on top of the pending clears.
+    pub fn to_set_bits(&self, bits: impl IntoIterator<Item = u32>) -> Vec<(u32, u64)> {
         let mut changed: BTreeMap<u32, u64> = self
             .pending
             .iter()
             .map(|(w, clear)| (*w, self.words[*w as usize] & !clear))
             .collect();
-        for addr in addrs {
-            if !needs_bit(addr, self.service_cidr) {
+        for bit in bits {
+            let (w, m) = bit_position(bit);
+            if w as usize >= self.words.len() {
                 continue;
             }
-            let (w, m) = position(addr);
             let cur = changed.get(&w).copied().unwrap_or(self.words[w as usize]);
             changed.insert(w, cur | m);
         }
@@ -137,11 +174,16 @@ impl Filter {
     /// previous one ended, so after every frontend the previous one did not see was removed,
     /// and it saw every live flow such a frontend left.
     pub fn sweep_done(&mut self, needed: impl IntoIterator<Item = Ipv4Addr>) {
+        self.sweep_done_bits(bits_of(needed, self.service_cidr));
+    }
+
+    /// [`Filter::sweep_done`] by bit: `needed` holds every bit still in use.
+    pub fn sweep_done_bits(&mut self, needed: impl IntoIterator<Item = u32>) {
         let mut keep = vec![0u64; self.words.len()];
-        for addr in needed {
-            if needs_bit(addr, self.service_cidr) {
-                let (w, m) = position(addr);
-                keep[w as usize] |= m;
+        for bit in needed {
+            let (w, m) = bit_position(bit);
+            if let Some(k) = keep.get_mut(w as usize) {
+                *k |= m;
             }
         }
         let drop: Vec<u64> = self.words.iter().zip(&keep).map(|(w, k)| w & !k).collect();
@@ -164,49 +206,100 @@ impl Filter {
 }
 
 /// Writes the filter words `plan` needs before anything of it is written: every bit of every
-/// address a master of the plan is written for (and first, when the map's content is unknown,
-/// every bit), together with the clears a sweep decided. Returns the plan entries whose bit
-/// could not be written: they must not be written now (their master would be invisible to
-/// packets the filter lets pass); the agent retries them like any failed frontend.
+/// address a master of the plan is written for, and of every port a member or backend of the
+/// plan is written with (and first, when a half's content is unknown, every bit of it),
+/// together with the clears a sweep decided. Returns the plan entries whose bit could not be
+/// written: they must not be written now (their master would be invisible to packets the
+/// frontend filter lets pass, their backend's answers to the reply filter); the agent retries
+/// them like any failed frontend.
 pub fn write_before<S: MapStore + ?Sized>(
     store: &mut S,
     plan: &Plan,
     filter: &mut Filter,
+    ports: &mut Filter,
 ) -> BTreeSet<Frontend> {
-    if filter.fill {
-        let mut ok = true;
-        for w in 0..filter.words.len() as u32 {
-            match store.put_filter_word(w, u64::MAX) {
-                Ok(()) => filter.set_word(w, u64::MAX),
-                Err(e) => {
-                    tracing::warn!(word = w, error = %e, "writing the frontend filter failed");
-                    ok = false;
-                }
-            }
-        }
-        filter.fill = !ok;
-        if !ok {
-            // Nothing may be trusted yet: hold back every master of the plan.
-            return masters(plan).map(|(label, _)| label).collect();
-        }
+    let mut blocked = BTreeSet::new();
+    if !fill(store, filter, 0, "frontend") {
+        // Nothing may be trusted yet: hold back every master of the plan.
+        blocked.extend(masters(plan).map(|(label, _)| label));
+    } else {
+        let writes = filter.to_set(masters(plan).map(|(_, addr)| addr));
+        let failed = put_words(store, filter, 0, writes, "frontend");
+        blocked.extend(
+            masters(plan)
+                .filter(|(_, addr)| {
+                    needs_bit(*addr, filter.service_cidr) && failed.contains(&position(*addr).0)
+                })
+                .map(|(label, _)| label),
+        );
     }
-    let writes = filter.to_set(masters(plan).map(|(_, addr)| addr));
-    let mut failed_words = BTreeSet::new();
-    for (w, v) in writes {
-        match store.put_filter_word(w, v) {
-            Ok(()) => filter.set_word(w, v),
+    let backend_ports = plan.prepare.iter().filter_map(|op| match op {
+        MapOp::PutBackend { backend, .. } => Some(u32::from(backend.port)),
+        _ => None,
+    });
+    let port_failed = if fill(store, ports, PORTFILTER_OFFSET, "reply") {
+        let writes = ports.to_set_bits(backend_ports.chain(members(plan).map(|(_, p)| p)));
+        !put_words(store, ports, PORTFILTER_OFFSET, writes, "reply").is_empty()
+    } else {
+        true
+    };
+    if port_failed {
+        // A backend whose port's bit may be clear must not be given to a flow (its answers
+        // would pass untranslated): hold back every frontend of the plan that adds members.
+        // (Writing an array word fails only when the map itself is broken.)
+        blocked.extend(members(plan).map(|(label, _)| label));
+    }
+    blocked
+}
+
+/// With `f.fill`: sets every bit of the half at `offset`. False while that failed.
+fn fill<S: MapStore + ?Sized>(store: &mut S, f: &mut Filter, offset: u32, what: &str) -> bool {
+    if !f.fill {
+        return true;
+    }
+    let mut ok = true;
+    for w in 0..f.words.len() as u32 {
+        match store.put_filter_word(offset + w, u64::MAX) {
+            Ok(()) => f.set_word(w, u64::MAX),
             Err(e) => {
-                tracing::warn!(word = w, error = %e, "writing the frontend filter failed");
-                failed_words.insert(w);
+                tracing::warn!(word = offset + w, filter = what, error = %e, "writing a pre-filter failed");
+                ok = false;
             }
         }
     }
-    masters(plan)
-        .filter(|(_, addr)| {
-            needs_bit(*addr, filter.service_cidr) && failed_words.contains(&position(*addr).0)
+    f.fill = !ok;
+    ok
+}
+
+/// Writes `writes` (words of the half at `offset`); returns the words that failed.
+fn put_words<S: MapStore + ?Sized>(
+    store: &mut S,
+    f: &mut Filter,
+    offset: u32,
+    writes: Vec<(u32, u64)>,
+    what: &str,
+) -> BTreeSet<u32> {
+    let mut failed = BTreeSet::new();
+    for (w, v) in writes {
+        match store.put_filter_word(offset + w, v) {
+            Ok(()) => f.set_word(w, v),
+            Err(e) => {
+                tracing::warn!(word = offset + w, filter = what, error = %e, "writing a pre-filter failed");
+                failed.insert(w);
+            }
+        }
+    }
+    failed
+}
+
+/// (plan entry, port) of every member the plan writes.
+fn members(plan: &Plan) -> impl Iterator<Item = (Frontend, u32)> + '_ {
+    plan.frontends.iter().flat_map(|(label, ops)| {
+        ops.iter().filter_map(move |op| match op {
+            MapOp::PutMember { backend, .. } => Some((*label, u32::from(backend.port))),
+            _ => None,
         })
-        .map(|(label, _)| label)
-        .collect()
+    })
 }
 
 /// (plan entry, address) of every master the plan writes.
@@ -335,6 +428,26 @@ mod tests {
         let w = f.to_set([b]);
         apply(&mut f, w);
         assert!(f.contains(b));
+    }
+
+    #[test]
+    fn port_bits_are_exact_and_cleared_after_two_sweeps() {
+        let mut ports = Filter::default();
+        let w = ports.to_set_bits([8080, 53, 65535]);
+        apply(&mut ports, w);
+        assert!(ports.contains_bit(8080) && ports.contains_bit(53) && ports.contains_bit(65535));
+        // One bit per port: neighbours stay clear.
+        assert!(!ports.contains_bit(8081) && !ports.contains_bit(52) && !ports.contains_bit(40000));
+        // Out of range: ignored, never a panic.
+        assert!(ports.to_set_bits([70000]).is_empty());
+        assert!(!ports.contains_bit(70000));
+        // 53 is still used (a backend, or a live reply entry); 8080 and 65535 no more.
+        ports.sweep_done_bits([53]);
+        assert_eq!(ports.pending(), 0);
+        ports.sweep_done_bits([53, 65535]);
+        let w = ports.to_set_bits([]);
+        apply(&mut ports, w);
+        assert!(ports.contains_bit(53) && ports.contains_bit(65535) && !ports.contains_bit(8080));
     }
 
     #[test]

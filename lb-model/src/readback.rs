@@ -47,11 +47,12 @@ impl ReadBack {
         Self::maglev_tables(&mut applied, store.maglev_geometry(), |t| {
             store.read_maglev_table(t)
         })?;
-        // The frontend pre-filter: kept as pinned, never cleared on start (see `fefilter`).
-        applied.filter = crate::fefilter::Filter::from_words(
-            &store.read_filter_words()?,
-            !applied.frontends.is_empty(),
-        );
+        // The pre-filters: kept as pinned, never cleared on start (see `fefilter`).
+        let words = store.read_filter_words()?;
+        let half = (lb_common::PORTFILTER_OFFSET as usize).min(words.len());
+        let has_frontends = !applied.frontends.is_empty();
+        applied.filter = crate::fefilter::Filter::from_words(&words[..half], has_frontends);
+        applied.port_filter = crate::fefilter::Filter::from_words(&words[half..], has_frontends);
         Ok(applied)
     }
 

@@ -183,6 +183,12 @@ pub struct SweepReport {
     /// The original destinations (network order) of the live forward entries: the addresses
     /// the frontend pre-filter must keep (`lb_model::fefilter`).
     pub destinations: std::collections::BTreeSet<u32>,
+    /// The backend ports (host order) of the live entries: the source ports of the reply
+    /// entries, and of those the forward entries would re-create (`recreate_pair` after an LRU
+    /// eviction): the ports the reply pre-filter must keep (`lb_model::fefilter`). A bitmap
+    /// (bit = port, empty until the first one): one store per entry, in every slice of a large
+    /// table.
+    pub reply_ports: Vec<u64>,
     pub affinity_scanned: u64,
     pub affinity_deleted: u64,
     pub max_entries: u32,
@@ -356,9 +362,23 @@ impl CtGc {
                 run.report.scanned += run.ct.keys().len() as u64;
                 classify_ct(run.ct.keys(), run.ct.values(), now, &mut run.report.live, &mut run.ct_doomed);
                 for (k, v) in run.ct.keys().iter().zip(run.ct.values()) {
-                    if k.dir == lb_common::CT_FORWARD && !ct_expired(v, now) {
-                        run.report.destinations.insert(k.daddr);
+                    if ct_expired(v, now) {
+                        continue;
                     }
+                    // The reply entry's source port is the backend's: its own key's, or for a
+                    // forward entry the one its lost pair would be re-created with.
+                    let reply_port = if k.dir == lb_common::CT_FORWARD {
+                        run.report.destinations.insert(k.daddr);
+                        v.nat_port
+                    } else {
+                        k.sport
+                    };
+                    let port = usize::from(u16::from_be(reply_port));
+                    let ports = &mut run.report.reply_ports;
+                    if ports.is_empty() {
+                        ports.resize(65536 / 64, 0);
+                    }
+                    ports[port / 64] |= 1 << (port % 64);
                 }
                 if !run.ct_doomed.is_empty() {
                     run.report.deleted += self.ct.delete(&run.ct_doomed)? as u64;

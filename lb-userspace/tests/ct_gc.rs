@@ -81,7 +81,9 @@ fn flow(i: u32, state: u8, expires_ns: u64, hairpin: bool) -> [(CtKey, CtValue);
         expires_ns,
         ..CtValue::default()
     };
-    let fv = value(backend, port(9376));
+    // A backend port of its own per flow, so the sweep's report of the live flows' backend
+    // ports (the reply pre-filter's) can be checked exactly.
+    let fv = value(backend, port(20_000 + i as u16));
     let rev = fwd.pair(&fv);
     if hairpin {
         assert_eq!(rev.daddr, ip4(HAIRPIN_ADDR));
@@ -188,6 +190,19 @@ fn check_report(r: &SweepReport, live: &BTreeMap<CtKey, CtValue>, deleted: usize
         assert_eq!(r.live.get(s), live_by_state(live, s), "state {}", ct_state::name(s));
     }
     assert_eq!(r.max_entries, CT_MAX);
+    // The backend ports of the live flows: a reply entry's source port, a forward entry's
+    // backend port (its lost pair would be re-created with it); none of an expired flow.
+    let want: std::collections::BTreeSet<u16> = live
+        .iter()
+        .map(|(k, v)| u16::from_be(if k.dir == CT_FORWARD { v.nat_port } else { k.sport }))
+        .collect();
+    let got: std::collections::BTreeSet<u16> = r
+        .reply_ports
+        .iter()
+        .enumerate()
+        .flat_map(|(w, bits)| (0..64u16).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u16 * 64 + b))
+        .collect();
+    assert_eq!(got, want, "backend ports of the live flows");
     assert!((r.fill_ratio - live.len() as f64 / f64::from(CT_MAX)).abs() < 1e-9);
 }
 

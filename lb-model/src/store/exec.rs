@@ -64,8 +64,9 @@ pub fn execute<S: MapStore + ?Sized>(
     let mut report = ExecReport::default();
     // Entries the planner left out (no free Maglev table): nothing of them is written.
     report.failed.extend(plan.unplanned.iter().cloned());
-    // The frontend pre-filter bits of the plan's masters before anything of the plan.
-    let filter_blocked = crate::fefilter::write_before(store, plan, &mut applied.filter);
+    // The pre-filter bits of the plan's masters and backends before anything of the plan.
+    let filter_blocked =
+        crate::fefilter::write_before(store, plan, &mut applied.filter, &mut applied.port_filter);
     let mut failed_prepare = Vec::new();
     write_independent(
         store,

@@ -96,13 +96,14 @@ pub trait MapStore {
         lb_common::DEFAULT_SVC_PORTS_MAX
     }
 
-    /// Write word `word` of the frontend pre-filter (`lb_common::map_names::FEFILTER`, see
-    /// [`crate::fefilter`]). The default keeps nothing (stores without the filter map: the
-    /// in-memory one, whose plans and read-backs the filter does not change).
+    /// Write word `word` of the pre-filter map (`lb_common::map_names::FEFILTER`: the frontend
+    /// half, then the reply half from `lb_common::PORTFILTER_OFFSET`; see [`crate::fefilter`]).
+    /// The default keeps nothing (stores without the filter map: the in-memory one, whose
+    /// plans and read-backs the filter does not change).
     fn put_filter_word(&mut self, _word: u32, _value: u64) -> Result<(), Self::Error> {
         Ok(())
     }
-    /// Every word of the frontend pre-filter (empty: the store keeps none).
+    /// Every word of the pre-filter map, both halves (empty: the store keeps none).
     fn read_filter_words(&self) -> Result<Vec<u64>, Self::Error> {
         Ok(Vec::new())
     }

@@ -126,11 +126,12 @@ impl BpfDataplane {
             backends = applied.backends.len(),
             "maps read back"
         );
-        // The frontend pre-filter: addresses in the Service CIDR need no bit. Pinned by an agent
-        // that did not keep it (all zero next to frontends): every bit is set now, before the
-        // new programs, which trust it, are attached (the sweeps clear what is not needed).
+        // The pre-filters: addresses in the Service CIDR need no bit. Pinned by an agent that
+        // did not keep them (a half all zero next to frontends): every bit of it is set now,
+        // before the new programs, which trust it, are attached (the sweeps clear what is not
+        // needed).
         applied.filter.service_cidr = cfg.service_cidr;
-        if applied.filter.fill {
+        if applied.filter.fill || applied.port_filter.fill {
             datapath.execute(&lb_model::Plan::default(), &mut applied);
         }
                 if let Some(old) = stale_maglev {

@@ -351,7 +351,8 @@ impl<D: Dataplane> Agent<D> {
     }
 
     /// After a complete conntrack sweep: the frontend pre-filter keeps the bits of every
-    /// frontend (desired or in the maps) and of every live flow's original destination, and
+    /// frontend (desired or in the maps) and of every live flow's original destination, the
+    /// reply pre-filter those of every backend port and every live flow's backend port; each
     /// clears the rest once two sweeps agree (`lb_model::fefilter`); the clears go out now.
     fn sweep_filter(&mut self, report: &crate::ct_gc::SweepReport) {
         let needed = self
@@ -363,10 +364,24 @@ impl<D: Dataplane> Agent<D> {
             .chain(report.destinations.iter().map(|a| Ipv4Addr::from(a.to_ne_bytes())))
             .collect::<Vec<_>>();
         self.applied.filter.sweep_done(needed);
-        if self.applied.filter.pending() > 0 {
-            let n = self.applied.filter.pending();
+        // The reply pre-filter keeps every backend's port (desired or in the maps) and every
+        // live flow's backend port (the source port of its reply entry).
+        let live = report.reply_ports.iter().enumerate().flat_map(|(w, bits)| {
+            (0..64u32).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u32 * 64 + b)
+        });
+        let ports = self
+            .desired
+            .frontends
+            .values()
+            .flat_map(|f| f.backends.iter().map(|b| u32::from(b.port)))
+            .chain(self.applied.backends.values().map(|(b, _)| u32::from(b.port)))
+            .chain(live);
+        self.applied.port_filter.sweep_done_bits(ports);
+        let n = self.applied.filter.pending() + self.applied.port_filter.pending();
+        if n > 0 {
             self.dataplane.execute(&lb_model::Plan::default(), &mut self.applied);
-            tracing::debug!(words = n, left = self.applied.filter.pending(), "frontend filter bits cleared");
+            let left = self.applied.filter.pending() + self.applied.port_filter.pending();
+            tracing::debug!(words = n, left, "pre-filter bits cleared");
         }
     }
 

@@ -178,6 +178,14 @@ pub const PREDECESSORS: &[Predecessor] = &[
     },
     Predecessor { name: "XLB_STATS_V2", rule: Rule::Retire { to: map_names::STATS, why: "packet counters restart from 0" } },
     Predecessor { name: "XLB_STATS_V1", rule: Rule::Retire { to: map_names::STATS, why: "packet counters restart from 0" } },
+    Predecessor {
+        name: "XLB_FEFILTER_V1",
+        rule: Rule::Retire {
+            to: map_names::FEFILTER,
+            why: "the pre-filters start over: every bit set at start (next to pinned frontends), the conntrack \
+                  sweeps clear what is not needed",
+        },
+    },
     Predecessor { name: "XLB_RNAT_V1", rule: Rule::Retire { to: map_names::SERVICES, why: "no longer used" } },
 ];
 
