@@ -30,7 +30,7 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    conntrack::{self, alive, forward_key, now_ns, reply_key_of, Dir, Target},
+    conntrack::{self, alive, forward_key, now_ns, reply_key_of, Dir, Reuse, Target},
     fault::Fault,
     frame::Frame,
     from_pod::stale_reason,
@@ -257,6 +257,10 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     }
     let key = forward_key(&pkt);
     let mut reason = None;
+    // The live entry of a flow that is over on this tuple: a new flow of the same client
+    // takes its entries over (`conntrack::create`), as in `from_pod`; every other way out
+    // below removes them first (`forget`), so no answer is restored to a stale frontend.
+    let mut reuse = None;
     if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: a live map value; copied out before any other map operation.
         let ct = unsafe { *entry };
@@ -269,14 +273,21 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
                 Some(stat) => reason = Some(stat),
             }
         }
-        conntrack::remove_flow(&key, &ct);
+        reuse = Some(Reuse { entry, old: ct });
     }
+    let forget = |reuse: &Option<Reuse>| {
+        if let Some(r) = reuse {
+            conntrack::remove_flow(&key, &r.old);
+        }
+    };
     if in_snat_range(pkt.dport) {
         if let Some(verdict) = snat_reply(ctx, &pkt)? {
+            forget(&reuse);
             return Ok(verdict);
         }
     }
     if !pkt.has_l4 {
+        forget(&reuse);
         return Ok(Skip::Fragment.pass::<C>());
     }
     // Not a frontend: not ours. (Unlike `from_pod`, a bare SYN here does not remove a stale
@@ -284,6 +295,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     // entry is the new flow's. `to_client` drops a closed flow's entries when its tuple answers
     // a new connection instead.)
     let Some((master_key, master)) = lb::frontend(&pkt, Client::Outside) else {
+        forget(&reuse);
         return Ok(C::PASS);
     };
     if let Some(stat) = reason {
@@ -291,11 +303,13 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     }
     let id = master.svc_port_id;
     if !lb::source_allowed(&pkt, &master) {
+        forget(&reuse);
         bump(Stat::DropSourceRange);
         svcstats::dropped(id, Drop::SourceRange);
         return Ok(C::DROP);
     }
     if master.count == 0 {
+        forget(&reuse);
         if master.flags & SVC_FLAG_DROP_NO_LOCAL != 0 {
             bump(Stat::DropNoLocalEndpoint);
             svcstats::dropped(id, Drop::NoLocalEndpoint);
@@ -309,6 +323,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     }
     let now = now_ns();
     let selected = lb::select(&pkt, &master_key, &master, now).inspect_err(|_| {
+        forget(&reuse);
         svcstats::dropped(id, Drop::NoBackend);
     })?;
     let mut target = Target {
@@ -323,6 +338,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     };
     if !selected.local {
         let Some(node) = snat_source(ctx, &pkt, master.flags) else {
+            forget(&reuse);
             bump(Stat::DropNoRoute);
             return Ok(C::DROP);
         };
@@ -332,17 +348,19 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     let snat = target.flags & CT_F_SNAT != 0;
     let exit = exit(ctx, &pkt, snat, target.snat_addr, target.addr);
     if matches!(exit, Exit::NoRoute) {
+        forget(&reuse);
         return Ok(stay::<C>(&exit).unwrap_or(C::DROP));
     }
     if snat {
         let Some(port) = snat_port(&pkt, &target, now) else {
+            forget(&reuse);
             bump(Stat::DropSnatPortsExhausted);
             svcstats::dropped(id, Drop::SnatPortsExhausted);
             return Ok(C::DROP);
         };
         target.snat_port = port;
     }
-    if !conntrack::create(&pkt, &target, now, None) {
+    if !conntrack::create(&pkt, &target, now, reuse.as_ref()) {
         bump(Stat::CtInsertFailed);
     }
     bump(Stat::NewFlow);

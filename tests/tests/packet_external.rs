@@ -378,6 +378,46 @@ fn a_reused_client_tuple_after_a_reset_gets_a_new_snat_flow() -> Result<()> {
     Ok(())
 }
 
+/// A client port re-used after a closed flow takes the old flow's entries over when a new flow
+/// starts on it (`a_reused_client_tuple_after_a_reset_gets_a_new_snat_flow`); when none starts
+/// (the Service lost its endpoints), the closed flow's pair is removed all the same, so no
+/// answer on its tuples is restored to the frontend any more.
+#[test]
+#[ignore = "needs root"]
+fn a_reused_tuple_that_starts_no_flow_leaves_no_entry_of_the_old_one() -> Result<()> {
+    let node = Node::new("forget")?;
+    for (backend, tag) in [(LOCAL_POD, "local"), (REMOTE_POD, "remote")] {
+        for hook in NetHook::ALL {
+            let svc = nodeport(backend, 0);
+            let mut dp = datapath(&node, &LoadOptions::default(), &svc, true)?;
+            let syn = from_client(client(42100), node_port(), TcpFlags::SYN);
+            node.from_net(&dp, hook, &syn)?;
+            node.from_net(&dp, hook, &from_client(client(42100), node_port(), TcpFlags::RST))?;
+            let ct = dp.conntrack()?;
+            ensure!(
+                ct.len() == 2 && ct.iter().all(|(_, v)| v.state == ct_state::TCP_CLOSED),
+                "{tag} {hook:?}: a closed pair: {ct:?}"
+            );
+            let mut empty = svc.clone();
+            empty.backends.clear();
+            dp.set_service(&empty)?;
+            let out = node.from_net(&dp, hook, &syn)?;
+            // Refused: tc bounces a RST|ACK back out, XDP hands the SYN to tc untouched.
+            let refused = match hook {
+                NetHook::Xdp => out.verdict == hook.pass() && out.frame == syn,
+                NetHook::Tc => decode_checked(&out.frame)?.tcp()?.rst,
+            };
+            ensure!(refused, "{tag} {hook:?}: the SYN was not refused");
+            ensure!(
+                dp.conntrack()?.is_empty(),
+                "{tag} {hook:?}: the closed flow's entries stayed: {:?}",
+                dp.conntrack()?
+            );
+        }
+    }
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs root"]
 fn a_load_balancer_ip_is_snated_to_the_device_address() -> Result<()> {

@@ -184,6 +184,11 @@ pub struct ExtPktRow {
     /// NodePort, backend on this node: DNAT, pass to the stack.
     pub established_local_ns: f64,
     pub new_flow_local_ns: f64,
+    /// A SYN to the local NodePort on the tuple of a closed flow of the same client port (an
+    /// outside client re-using its ports within the close timeout), which the new flow takes
+    /// over. 0 in results of older runs.
+    #[serde(default)]
+    pub syn_reuse_local_ns: f64,
     /// NodePort, backend on another node: DNAT + SNAT, FIB lookup, redirect.
     pub established_remote_ns: f64,
     pub new_flow_remote_ns: f64,
@@ -832,6 +837,21 @@ fn external_row(
         Ok(r.duration)
     };
     let new_flow_local_ns = measure(plan, |k| new_flow(conntrack, k, NP_LOCAL, 2 * salt, pass))?;
+    // A client re-using its ports: a SYN on the tuple its RST (untimed) closed in the round
+    // before; the untimed warm-up round creates them. With XDP the RST reaches the stack too.
+    let reuse_pool = plan.samples_per_round;
+    let syn_reuse_local_ns = measure(plan, |k| {
+        let (src, sp) = new_flow_src(k % reuse_pool, 150 + salt);
+        let syn = frame::tcp(src, sp, NODE_ADDR, NP_LOCAL, frame::SYN);
+        let took = run_expect(prog, hook, &syn, pass, "SYN on a re-used tuple")?.duration;
+        let rst = frame::tcp(src, sp, NODE_ADDR, NP_LOCAL, frame::RST);
+        run_expect(prog, hook, &rst, pass, "RST of a local NodePort flow")?;
+        Ok(took)
+    })?;
+    for k in 0..reuse_pool {
+        let (src, sp) = new_flow_src(k, 150 + salt);
+        forget_flow(conntrack, src, sp, NODE_ADDR, NP_LOCAL);
+    }
 
     // Remote backend: SNAT to the node, FIB lookup, redirect.
     let syn = frame::tcp(EXT_CLIENT, sport + 1, NODE_ADDR, NP_REMOTE, frame::SYN);
@@ -872,6 +892,7 @@ fn external_row(
         hook: hook.label().into(),
         established_local_ns,
         new_flow_local_ns,
+        syn_reuse_local_ns,
         established_remote_ns,
         new_flow_remote_ns,
         reply_remote_ns,
@@ -958,6 +979,7 @@ mod tests {
             for v in [
                 r.established_local_ns,
                 r.new_flow_local_ns,
+                r.syn_reuse_local_ns,
                 r.established_remote_ns,
                 r.new_flow_remote_ns,
                 r.reply_remote_ns,
