@@ -147,23 +147,25 @@ impl Filter {
     }
 
     /// [`Filter::to_set`] by bit: every bit of `bits` set, on top of the pending clears.
+    ///
+    /// The words are built in a copy of the whole filter (8 KiB): a first sync names every
+    /// backend port of 100k endpoints, one store each.
     pub fn to_set_bits(&self, bits: impl IntoIterator<Item = u32>) -> Vec<(u32, u64)> {
-        let mut changed: BTreeMap<u32, u64> = self
-            .pending
-            .iter()
-            .map(|(w, clear)| (*w, self.words[*w as usize] & !clear))
-            .collect();
+        let mut next = self.words.clone();
+        for (w, clear) in &self.pending {
+            next[*w as usize] &= !clear;
+        }
         for bit in bits {
             let (w, m) = bit_position(bit);
-            if w as usize >= self.words.len() {
-                continue;
+            if let Some(v) = next.get_mut(w as usize) {
+                *v |= m;
             }
-            let cur = changed.get(&w).copied().unwrap_or(self.words[w as usize]);
-            changed.insert(w, cur | m);
         }
-        changed
-            .into_iter()
-            .filter(|(w, v)| self.words[*w as usize] != *v)
+        next.iter()
+            .zip(&self.words)
+            .enumerate()
+            .filter(|(_, (new, old))| new != old)
+            .map(|(w, (new, _))| (w as u32, *new))
             .collect()
     }
 
