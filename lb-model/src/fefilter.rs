@@ -22,7 +22,8 @@
 //! source port", and answer paths pass such packets without a lookup. Every reply entry's
 //! source port is its backend's port, so a port's bit is set before any member (or backend)
 //! with the port is written, and cleared only when neither a backend (desired or in the maps)
-//! nor a live reply entry uses it, as two consecutive sweeps found.
+//! nor a live flow (its reply entry, or the one its forward entry would re-create) uses it, as
+//! two consecutive sweeps found.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
