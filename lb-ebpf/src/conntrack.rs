@@ -271,6 +271,15 @@ pub struct Reuse {
     pub old: CtValue,
 }
 
+/// The flow that was over on `pkt`'s tuple (`reuse`) gets no successor: drop it with its pair,
+/// so no reply is restored to a stale frontend.
+#[inline(always)]
+pub fn forget(pkt: &Packet, reuse: &Option<Reuse>) {
+    if let Some(r) = reuse {
+        remove_flow(&forward_key(pkt), &r.old);
+    }
+}
+
 /// Inserts the forward and reply entries of a new flow of `pkt` to `t`.
 /// Returns false when an insert failed (the flow is still translated, just not pinned).
 ///

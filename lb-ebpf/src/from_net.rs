@@ -259,7 +259,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     let mut reason = None;
     // The live entry of a flow that is over on this tuple: a new flow of the same client
     // takes its entries over (`conntrack::create`), as in `from_pod`; every other way out
-    // below removes them first (`forget`), so no answer is restored to a stale frontend.
+    // below removes them first (`conntrack::forget`), so no answer is restored to a stale frontend.
     let mut reuse = None;
     if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: a live map value; copied out before any other map operation.
@@ -275,19 +275,14 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
         }
         reuse = Some(Reuse { entry, old: ct });
     }
-    let forget = |reuse: &Option<Reuse>| {
-        if let Some(r) = reuse {
-            conntrack::remove_flow(&key, &r.old);
-        }
-    };
     if in_snat_range(pkt.dport) {
         if let Some(verdict) = snat_reply(ctx, &pkt)? {
-            forget(&reuse);
+            conntrack::forget(&pkt, &reuse);
             return Ok(verdict);
         }
     }
     if !pkt.has_l4 {
-        forget(&reuse);
+        conntrack::forget(&pkt, &reuse);
         return Ok(Skip::Fragment.pass::<C>());
     }
     // Not a frontend: not ours. (Unlike `from_pod`, a bare SYN here does not remove a stale
@@ -295,7 +290,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     // entry is the new flow's. `to_client` drops a closed flow's entries when its tuple answers
     // a new connection instead.)
     let Some((master_key, master)) = lb::frontend(&pkt, Client::Outside) else {
-        forget(&reuse);
+        conntrack::forget(&pkt, &reuse);
         return Ok(C::PASS);
     };
     if let Some(stat) = reason {
@@ -303,13 +298,13 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     }
     let id = master.svc_port_id;
     if !lb::source_allowed(&pkt, &master) {
-        forget(&reuse);
+        conntrack::forget(&pkt, &reuse);
         bump(Stat::DropSourceRange);
         svcstats::dropped(id, Drop::SourceRange);
         return Ok(C::DROP);
     }
     if master.count == 0 {
-        forget(&reuse);
+        conntrack::forget(&pkt, &reuse);
         if master.flags & SVC_FLAG_DROP_NO_LOCAL != 0 {
             bump(Stat::DropNoLocalEndpoint);
             svcstats::dropped(id, Drop::NoLocalEndpoint);
@@ -323,7 +318,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     }
     let now = now_ns();
     let selected = lb::select(&pkt, &master_key, &master, now).inspect_err(|_| {
-        forget(&reuse);
+        conntrack::forget(&pkt, &reuse);
         svcstats::dropped(id, Drop::NoBackend);
     })?;
     let mut target = Target {
@@ -338,7 +333,7 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     };
     if !selected.local {
         let Some(node) = snat_source(ctx, &pkt, master.flags) else {
-            forget(&reuse);
+            conntrack::forget(&pkt, &reuse);
             bump(Stat::DropNoRoute);
             return Ok(C::DROP);
         };
@@ -348,12 +343,12 @@ fn from_outside<C: Hook>(ctx: &C) -> Result<i32, Fault> {
     let snat = target.flags & CT_F_SNAT != 0;
     let exit = exit(ctx, &pkt, snat, target.snat_addr, target.addr);
     if matches!(exit, Exit::NoRoute) {
-        forget(&reuse);
+        conntrack::forget(&pkt, &reuse);
         return Ok(stay::<C>(&exit).unwrap_or(C::DROP));
     }
     if snat {
         let Some(port) = snat_port(&pkt, &target, now) else {
-            forget(&reuse);
+            conntrack::forget(&pkt, &reuse);
             bump(Stat::DropSnatPortsExhausted);
             svcstats::dropped(id, Drop::SnatPortsExhausted);
             return Ok(C::DROP);

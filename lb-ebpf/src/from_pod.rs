@@ -196,7 +196,7 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Fault> {
 #[inline(always)]
 fn new_flow(ctx: &TcContext, pkt: &Packet, reuse: Option<Reuse>) -> Result<i32, Fault> {
     let Some((master_key, master)) = lb::frontend(pkt, Client::Pod) else {
-        forget(pkt, &reuse);
+        conntrack::forget(pkt, &reuse);
         // An unallocated ClusterIP (or a port the Service does not have): refuse at once
         // instead of letting the packet leave untranslated and time out.
         if in_service_cidr(pkt.daddr) {
@@ -211,19 +211,19 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, reuse: Option<Reuse>) -> Result<i32, 
     };
     let id = master.svc_port_id;
     if !lb::source_allowed(pkt, &master) {
-        forget(pkt, &reuse);
+        conntrack::forget(pkt, &reuse);
         bump(Stat::DropSourceRange);
         svcstats::dropped(id, Drop::SourceRange);
         return Ok(TC_ACT_SHOT);
     }
     if master.count == 0 {
-        forget(pkt, &reuse);
+        conntrack::forget(pkt, &reuse);
         svcstats::dropped(id, Drop::Refused);
         return refuse(ctx, pkt);
     }
     let now = now_ns();
     let selected = lb::select(pkt, &master_key, &master, now).inspect_err(|_| {
-        forget(pkt, &reuse);
+        conntrack::forget(pkt, &reuse);
         svcstats::dropped(id, Drop::NoBackend);
     })?;
     let flags = if selected.addr == pkt.saddr {
@@ -254,15 +254,6 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, reuse: Option<Reuse>) -> Result<i32, 
         ..CtValue::default()
     };
     forward(ctx, pkt, &ct)
-}
-
-/// The flow that was over on `pkt`'s tuple gets no successor: drop it with its pair, so no
-/// reply is restored to a stale frontend.
-#[inline(always)]
-fn forget(pkt: &Packet, reuse: &Option<Reuse>) {
-    if let Some(r) = reuse {
-        conntrack::remove_flow(&forward_key(pkt), &r.old);
-    }
 }
 
 /// Removes the Service flow whose reply tuple is the answer tuple of the direct SYN `pkt`.

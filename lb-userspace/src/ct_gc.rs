@@ -207,6 +207,15 @@ pub struct SweepReport {
     pub next_interval: Duration,
 }
 
+impl SweepReport {
+    /// The ports of [`SweepReport::reply_ports`], ascending.
+    pub fn live_backend_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.reply_ports.iter().enumerate().flat_map(|(w, bits)| {
+            (0..64u16).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u16 * 64 + b)
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Conntrack,
@@ -376,7 +385,7 @@ impl CtGc {
                     let port = usize::from(u16::from_be(reply_port));
                     let ports = &mut run.report.reply_ports;
                     if ports.is_empty() {
-                        ports.resize(65536 / 64, 0);
+                        ports.resize(lb_common::PORTFILTER_WORDS as usize, 0);
                     }
                     ports[port / 64] |= 1 << (port % 64);
                 }

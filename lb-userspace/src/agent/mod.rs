@@ -366,16 +366,13 @@ impl<D: Dataplane> Agent<D> {
         self.applied.filter.sweep_done(needed);
         // The reply pre-filter keeps every backend's port (desired or in the maps) and every
         // live flow's backend port (the source port of its reply entry).
-        let live = report.reply_ports.iter().enumerate().flat_map(|(w, bits)| {
-            (0..64u32).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u32 * 64 + b)
-        });
         let ports = self
             .desired
             .frontends
             .values()
             .flat_map(|f| f.backends.iter().map(|b| u32::from(b.port)))
             .chain(self.applied.backends.values().map(|(b, _)| u32::from(b.port)))
-            .chain(live);
+            .chain(report.live_backend_ports().map(u32::from));
         self.applied.port_filter.sweep_done_bits(ports);
         let n = self.applied.filter.pending() + self.applied.port_filter.pending();
         if n > 0 {
